@@ -1,0 +1,7 @@
+"""llama_jax: LLaMA and Llama 2 in JAX/Flax."""
+
+from llama_jax.config import PRESETS, LlamaConfig
+from llama_jax.model import Llama, forward, init_cache, init_params, param_axes, param_shapes
+
+__all__ = ["PRESETS", "Llama", "LlamaConfig", "forward", "init_cache", "init_params", "param_axes",
+           "param_shapes"]

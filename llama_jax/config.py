@@ -1,0 +1,245 @@
+"""Model configuration: the LLaMA / Llama 2 presets and conversions to and from Meta/HF configs.
+
+`LlamaConfig` is a frozen (hashable) dataclass so it can be a static argument of `jax.jit`.
+Architecture fields come first; the last few fields (`dtype`, `param_dtype`, `remat`,
+`scan_layers`, `attention`) choose how the same architecture runs, not what it computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's FFN width rule: 2/3 of 4*dim, optionally scaled, rounded up to `multiple_of`."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    hidden_dim: int | None = None  # None: Meta's rule from dim/multiple_of/ffn_dim_multiplier
+    # How to run it (does not change the numbers beyond dtype rounding):
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters
+    remat: str = "none"  # none | full | save_dots: what the backward pass recomputes
+    scan_layers: bool = True  # False unrolls the layer loop (same params, longer compile)
+    attention: str = "xla"  # xla (everywhere) | cudnn (NVIDIA GPUs)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.hidden_dim is None:
+            object.__setattr__(
+                self, "hidden_dim", meta_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+            )
+        self._validate()
+
+    def _validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"LlamaConfig: {message}")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
+        need(self.dim % self.n_heads == 0, f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        need(
+            self.n_heads % self.n_kv_heads == 0,
+            f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}",
+        )
+        need(self.head_dim % 2 == 0, f"head_dim {self.head_dim} (dim/n_heads) must be even for RoPE")
+        need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        need(self.dtype in DTYPES, f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        need(self.param_dtype in DTYPES, f"param_dtype {self.param_dtype!r} is not one of {sorted(DTYPES)}")
+        need(self.remat in REMAT_POLICIES, f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
+        need(
+            self.attention in ATTENTION_IMPLEMENTATIONS,
+            f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}",
+        )
+
+    # --- derived sizes -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self) -> Any:
+        return DTYPES[self.param_dtype]
+
+    def num_params(self) -> int:
+        """Exact parameter count (untied embedding and output, no biases)."""
+        d, hd = self.dim, self.head_dim
+        attention = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
+        feed_forward = 3 * d * self.hidden_dim
+        per_layer = attention + feed_forward + 2 * d
+        return 2 * self.vocab_size * d + self.n_layers * per_layer + d
+
+    def replace(self, **changes: Any) -> "LlamaConfig":
+        """A copy with some fields changed (hidden_dim is kept unless given)."""
+        return dataclasses.replace(self, **changes)
+
+    # --- presets -------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+        """A named architecture (see PRESETS), with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # --- Meta params.json ----------------------------------------------------------------
+    @classmethod
+    def from_meta_params(
+        cls, params: dict, vocab_size: int = 32000, max_seq_len: int = 4096, **overrides: Any
+    ) -> "LlamaConfig":
+        """From Meta's params.json; its vocab_size of -1 means "use `vocab_size`"."""
+        known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                 "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "max_batch_size",
+                 "use_scaled_rope"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"params.json has keys this model does not know: {unknown}")
+        if params.get("use_scaled_rope"):
+            raise ValueError("params.json asks for scaled RoPE (Llama 3.1); only LLaMA/Llama 2 are supported")
+        for key in ("dim", "n_layers", "n_heads"):
+            if key not in params:
+                raise ValueError(f"params.json is missing {key!r}")
+        file_vocab = params.get("vocab_size", -1)
+        return cls(
+            vocab_size=vocab_size if file_vocab in (None, -1) else int(file_vocab),
+            dim=int(params["dim"]),
+            n_layers=int(params["n_layers"]),
+            n_heads=int(params["n_heads"]),
+            n_kv_heads=params.get("n_kv_heads"),
+            multiple_of=int(params.get("multiple_of", 256)),
+            ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+            norm_eps=float(params.get("norm_eps", 1e-5)),
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            max_seq_len=int(params.get("max_seq_len", max_seq_len)),
+            **overrides,
+        )
+
+    # --- Hugging Face config.json ----------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, config: dict, **overrides: Any) -> "LlamaConfig":
+        """From a transformers LlamaConfig dict (old top-level rope_theta or v5 rope_parameters)."""
+        model_type = config.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"config.json model_type is {model_type!r}, expected 'llama'")
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if key not in config:
+                raise ValueError(f"config.json is missing {key!r}: not a Llama config")
+        if config.get("tie_word_embeddings", False):
+            raise ValueError("config.json ties embeddings and lm_head; LLaMA keeps them separate")
+        if config.get("attention_bias", False) or config.get("mlp_bias", False):
+            raise ValueError("config.json asks for biases; LLaMA has none")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json hidden_act is {config['hidden_act']!r}, expected 'silu'")
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
+        rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        head_dim = config.get("head_dim")
+        if head_dim is not None and int(head_dim) != dim // heads:
+            raise ValueError(f"config.json head_dim {head_dim} != hidden_size/heads {dim // heads}")
+        return cls(
+            vocab_size=int(config.get("vocab_size", 32000)),
+            dim=dim,
+            n_layers=int(config["num_hidden_layers"]),
+            n_heads=heads,
+            n_kv_heads=int(config.get("num_key_value_heads") or heads),
+            hidden_dim=int(config["intermediate_size"]),
+            norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            max_seq_len=int(config.get("max_position_embeddings", 4096)),
+            **overrides,
+        )
+
+    def to_hf_config(self, torch_dtype: str = "float32") -> dict:
+        """A config.json that transformers' LlamaForCausalLM loads (v4 and v5 styles both present)."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.hidden_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "initializer_range": 0.02,
+            "pretraining_tp": 1,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": torch_dtype,
+        }
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig fields: {unknown}")
+        return cls(**d)
+
+
+_LLAMA1 = dict(vocab_size=32000, multiple_of=256, max_seq_len=2048)
+_LLAMA2 = dict(vocab_size=32000, multiple_of=256, max_seq_len=4096, norm_eps=1e-5)
+
+PRESETS: dict[str, dict] = {
+    "llama-7b": dict(_LLAMA1, dim=4096, n_layers=32, n_heads=32, norm_eps=1e-6),
+    "llama-13b": dict(_LLAMA1, dim=5120, n_layers=40, n_heads=40, norm_eps=1e-6),
+    "llama-33b": dict(_LLAMA1, dim=6656, n_layers=60, n_heads=52, norm_eps=1e-6),
+    "llama-65b": dict(_LLAMA1, dim=8192, n_layers=80, n_heads=64, norm_eps=1e-5),
+    "llama2-7b": dict(_LLAMA2, dim=4096, n_layers=32, n_heads=32),
+    "llama2-13b": dict(_LLAMA2, dim=5120, n_layers=40, n_heads=40),
+    "llama2-70b": dict(_LLAMA2, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       multiple_of=4096, ffn_dim_multiplier=1.3),
+    # ~0.95B, the benchmark's "1B" (Llama-2 shapes: head_dim 128, 32000 vocab).
+    "llama-1b": dict(_LLAMA2, dim=2048, n_layers=16, n_heads=16),
+    # Tiny models for tests and the CPU demo (vocab matches the shipped 512-piece tokenizer).
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, multiple_of=32, max_seq_len=256),
+    "tiny-gqa": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
+                     max_seq_len=256),
+    "demo": dict(vocab_size=512, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=64,
+                 max_seq_len=256),
+}

@@ -1,0 +1,171 @@
+"""The ONE table that maps our parameter names to Meta's and Hugging Face's, both directions.
+
+Torch checkpoints store linear weights as (out, in); we store (in, ..., out) with separate head
+axes. Meta rotates interleaved RoPE pairs and HF (and this model) half-split pairs, so Meta's
+wq/wk rows are permuted per head on the way in and back on the way out. Every converter
+(Meta -> ours, HF -> ours, ours -> HF) goes through `to_ours` / `from_ours` and `TABLE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+from llama_jax.config import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    path: tuple[str, ...]  # where it lives in our params pytree
+    hf: str  # HF name; "{i}" is the layer index
+    meta: str  # Meta name
+    kind: str  # how torch (out, in) maps to ours: copy | transpose | heads_out | heads_in
+    meta_split_dim: int | None  # axis Meta's model-parallel shards are concatenated on (None: replicated)
+    rope_heads: str | None = None  # "n_heads" / "n_kv_heads": Meta rows need the RoPE permutation
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf
+
+
+TABLE: tuple[Entry, ...] = (
+    Entry(("tok_embeddings",), "model.embed_tokens.weight", "tok_embeddings.weight", "copy", 1),
+    Entry(("layers", "attention_norm", "weight"), "model.layers.{i}.input_layernorm.weight",
+          "layers.{i}.attention_norm.weight", "copy", None),
+    Entry(("layers", "attention", "wq"), "model.layers.{i}.self_attn.q_proj.weight",
+          "layers.{i}.attention.wq.weight", "heads_out", 0, "n_heads"),
+    Entry(("layers", "attention", "wk"), "model.layers.{i}.self_attn.k_proj.weight",
+          "layers.{i}.attention.wk.weight", "heads_out", 0, "n_kv_heads"),
+    Entry(("layers", "attention", "wv"), "model.layers.{i}.self_attn.v_proj.weight",
+          "layers.{i}.attention.wv.weight", "heads_out", 0),
+    Entry(("layers", "attention", "wo"), "model.layers.{i}.self_attn.o_proj.weight",
+          "layers.{i}.attention.wo.weight", "heads_in", 1),
+    Entry(("layers", "ffn_norm", "weight"), "model.layers.{i}.post_attention_layernorm.weight",
+          "layers.{i}.ffn_norm.weight", "copy", None),
+    Entry(("layers", "feed_forward", "w1"), "model.layers.{i}.mlp.gate_proj.weight",
+          "layers.{i}.feed_forward.w1.weight", "transpose", 0),
+    Entry(("layers", "feed_forward", "w3"), "model.layers.{i}.mlp.up_proj.weight",
+          "layers.{i}.feed_forward.w3.weight", "transpose", 0),
+    Entry(("layers", "feed_forward", "w2"), "model.layers.{i}.mlp.down_proj.weight",
+          "layers.{i}.feed_forward.w2.weight", "transpose", 1),
+    Entry(("norm", "weight"), "model.norm.weight", "norm.weight", "copy", None),
+    Entry(("output",), "lm_head.weight", "output.weight", "transpose", 0),
+)
+
+META_IGNORED = ("rope.freqs",)  # an unused buffer in Meta's checkpoints
+
+
+def names(cfg: LlamaConfig, fmt: str) -> Iterator[tuple[Entry, int | None, str]]:
+    """Every (entry, layer index or None, torch name) of a model in format "hf" or "meta"."""
+    for entry in TABLE:
+        template = getattr(entry, fmt)
+        if entry.per_layer:
+            for i in range(cfg.n_layers):
+                yield entry, i, template.format(i=i)
+        else:
+            yield entry, None, template
+
+
+def torch_shape(entry: Entry, cfg: LlamaConfig) -> tuple[int, ...]:
+    """The full (unsharded) torch shape of one tensor (one layer's, for per-layer entries)."""
+    d, hd, f = cfg.dim, cfg.head_dim, cfg.hidden_dim
+    shapes = {
+        ("tok_embeddings",): (cfg.vocab_size, d),
+        ("output",): (cfg.vocab_size, d),
+        ("norm", "weight"): (d,),
+        ("layers", "attention_norm", "weight"): (d,),
+        ("layers", "ffn_norm", "weight"): (d,),
+        ("layers", "attention", "wq"): (cfg.n_heads * hd, d),
+        ("layers", "attention", "wk"): (cfg.n_kv_heads * hd, d),
+        ("layers", "attention", "wv"): (cfg.n_kv_heads * hd, d),
+        ("layers", "attention", "wo"): (d, cfg.n_heads * hd),
+        ("layers", "feed_forward", "w1"): (f, d),
+        ("layers", "feed_forward", "w3"): (f, d),
+        ("layers", "feed_forward", "w2"): (d, f),
+    }
+    return shapes[entry.path]
+
+
+def meta_to_hf_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Permute wq/wk rows from Meta's interleaved RoPE pairs to half-split pairs (per head)."""
+    out_dim, in_dim = w.shape
+    return w.reshape(heads, out_dim // heads // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+
+
+def hf_to_meta_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Inverse of `meta_to_hf_rows`."""
+    out_dim, in_dim = w.shape
+    return w.reshape(heads, 2, out_dim // heads // 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+
+
+def to_ours(entry: Entry, w: np.ndarray, cfg: LlamaConfig, fmt: str = "hf") -> np.ndarray:
+    """One full torch-layout tensor (HF or Meta) -> our layout (for one layer if per-layer)."""
+    expected = torch_shape(entry, cfg)
+    if tuple(w.shape) != expected:
+        raise ValueError(f"{getattr(entry, fmt)}: shape {tuple(w.shape)} does not match the config's {expected}")
+    if fmt == "meta" and entry.rope_heads:
+        w = meta_to_hf_rows(w, getattr(cfg, entry.rope_heads))
+    if entry.kind == "copy":
+        return w
+    if entry.kind == "transpose":
+        return w.T
+    if entry.kind == "heads_out":  # (heads*hd, dim) -> (dim, heads, hd)
+        return w.T.reshape(cfg.dim, -1, cfg.head_dim)
+    if entry.kind == "heads_in":  # (dim, heads*hd) -> (heads, hd, dim)
+        return w.T.reshape(-1, cfg.head_dim, cfg.dim)
+    raise AssertionError(entry.kind)
+
+
+def from_ours(entry: Entry, w: np.ndarray, cfg: LlamaConfig, fmt: str = "hf") -> np.ndarray:
+    """Inverse of `to_ours`: our layout -> full torch-layout tensor (HF or Meta)."""
+    if entry.kind == "copy":
+        out = w
+    elif entry.kind == "transpose":
+        out = w.T
+    elif entry.kind == "heads_out":
+        out = w.reshape(cfg.dim, -1).T
+    elif entry.kind == "heads_in":
+        out = w.reshape(-1, cfg.dim).T
+    else:
+        raise AssertionError(entry.kind)
+    if fmt == "meta" and entry.rope_heads:
+        out = hf_to_meta_rows(out, getattr(cfg, entry.rope_heads))
+    return np.ascontiguousarray(out)
+
+
+def params_from_state_dict(state_dict: dict, cfg: LlamaConfig, fmt: str = "hf", dtype=np.float32) -> dict:
+    """Build our params pytree (numpy) from a complete in-memory state dict of numpy arrays.
+
+    For small models and tests; big checkpoints stream through llama_jax.convert instead.
+    """
+    missing = [name for _, _, name in names(cfg, fmt) if name not in state_dict]
+    if missing:
+        raise KeyError(f"state dict is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    params: dict = {}
+    for entry, layer, name in names(cfg, fmt):
+        w = to_ours(entry, np.asarray(state_dict[name]), cfg, fmt).astype(dtype)
+        node = params
+        for key in entry.path[:-1]:
+            node = node.setdefault(key, {})
+        if layer is None:
+            node[entry.path[-1]] = w
+        else:
+            node.setdefault(entry.path[-1], [None] * cfg.n_layers)[layer] = w
+    def stack(tree):
+        return {k: (np.stack(v) if isinstance(v, list) else stack(v) if isinstance(v, dict) else v)
+                for k, v in tree.items()}
+    return stack(params)
+
+
+def state_dict_from_params(params: dict, cfg: LlamaConfig, fmt: str = "hf") -> dict:
+    """Inverse of `params_from_state_dict` (numpy in, numpy out)."""
+    out = {}
+    for entry, layer, name in names(cfg, fmt):
+        w = params
+        for key in entry.path:
+            w = w[key]
+        w = np.asarray(w if layer is None else w[layer])
+        out[name] = from_ours(entry, w, cfg, fmt)
+    return out

@@ -1,0 +1,266 @@
+"""LLaMA / Llama 2 as functional Flax linen modules.
+
+Read top to bottom: RMSNorm, rotary embeddings, attention (one function, GQA without repeating
+K/V), the SwiGLU feed-forward, the pre-norm block, and the causal LM that scans the blocks.
+
+Layout decisions that matter for checkpoints and sharding:
+- Parameters are named after Meta's code (wq, wk, wv, wo, w1, w2, w3, ...) and stored as
+  (in, ..., out) kernels with separate head axes, e.g. wq is (dim, n_heads, head_dim).
+- RoPE rotates the half-split pairs (i, i + head_dim/2) as Hugging Face does; Meta checkpoints
+  have their wq/wk rows permuted at conversion (llama_jax/convert.py), never inside the model.
+- Every parameter carries logical axis names and activations are constrained with logical
+  names; `sharding/` maps them to mesh axes. Outside a mesh the constraints do nothing.
+- The layers are one `nn.scan` over a stacked "layers" axis, so compile time does not grow
+  with depth; `scan_layers=False` unrolls the same loop (same parameters).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from llama_jax.config import LlamaConfig
+from sharding.rules import active_mesh, constrain, param_shardings  # no-ops outside a mesh
+
+Array = jax.Array
+KVCache = dict  # {"k": (layers, batch, slots, kv_heads, head_dim), "v": same}
+
+
+def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, init=None) -> Array:
+    init = init or nn.initializers.normal(stddev=0.02)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.cfg.weight_dtype)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps), statistics in float32, then scaled by a learned weight."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = _param(self, "weight", (self.cfg.dim,), ("embed",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return normed.astype(self.cfg.compute_dtype) * weight.astype(self.cfg.compute_dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding on (batch, seq, heads, head_dim) at integer `positions` (batch, seq).
+
+    Pairs are (i, i + head_dim/2) (HF's layout); angles and rotation in float32.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # (B, T, 1, half)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None, causal: bool, implementation: str) -> Array:
+    """Scaled dot-product attention with grouped-query heads.
+
+    q: (B, T, H, hd); k, v: (B, S, KV, hd) with H a multiple of KV; query head h reads kv head
+    h // (H // KV). mask: boolean (B, T, S), True = may attend, combined with the causal
+    (index) mask when `causal`. Softmax in float32. Returns (B, T, H, hd).
+    """
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=None if mask is None else mask[:, None], is_causal=causal, implementation="cudnn"
+        )
+    b, t, h, hd = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, hd)  # group the query heads that share one kv head
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * hd**-0.5
+    allowed = jnp.ones((b, t, s), bool) if mask is None else mask
+    if causal:
+        allowed = allowed & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None]
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+def _write_cache(cache: Array, new: Array, start: Array) -> Array:
+    """Write new (B, T, KV, hd) into cache (B, S, KV, hd) at per-row slot `start` (B,)."""
+    return jax.vmap(lambda c, n, s: lax.dynamic_update_slice(c, n, (s, 0, 0)))(cache, new.astype(cache.dtype), start)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, segment_ids: Array | None, cache: KVCache | None):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        d, h, kv, hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        wq = _param(self, "wq", (d, h, hd), ("embed", "heads", "head_dim")).astype(dt)
+        wk = _param(self, "wk", (d, kv, hd), ("embed", "kv_heads", "head_dim")).astype(dt)
+        wv = _param(self, "wv", (d, kv, hd), ("embed", "kv_heads", "head_dim")).astype(dt)
+        wo = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed")).astype(dt)
+
+        q = constrain(jnp.einsum("btd,dhk->bthk", x, wq), ("act_batch", "act_seq", "act_heads", None))
+        k = constrain(jnp.einsum("btd,dhk->bthk", x, wk), ("act_batch", "act_seq", "act_kv_heads", None))
+        v = constrain(jnp.einsum("btd,dhk->bthk", x, wv), ("act_batch", "act_seq", "act_kv_heads", None))
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+
+        if cache is None:  # training / full forward: causal by index, never across segments
+            mask = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
+            out = attend(q, k, v, mask, causal=True, implementation=cfg.attention)
+        else:  # decoding: slot = position; attend to every slot at or before the query position
+            cache = {"k": _write_cache(cache["k"], k, positions[:, 0]),
+                     "v": _write_cache(cache["v"], v, positions[:, 0])}
+            slots = jnp.arange(cache["k"].shape[1])
+            mask = slots[None, None, :] <= positions[:, :, None]
+            out = attend(q, cache["k"].astype(dt), cache["v"].astype(dt), mask, causal=False,
+                         implementation=cfg.attention)
+        out = constrain(out, ("act_batch", "act_seq", "act_heads", None))
+        return jnp.einsum("bthk,hkd->btd", out, wo), cache
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        w1 = _param(self, "w1", (cfg.dim, cfg.hidden_dim), ("embed", "mlp")).astype(dt)
+        w3 = _param(self, "w3", (cfg.dim, cfg.hidden_dim), ("embed", "mlp")).astype(dt)
+        w2 = _param(self, "w2", (cfg.hidden_dim, cfg.dim), ("mlp", "embed")).astype(dt)
+        gate = jax.nn.silu(x @ w1) * (x @ w3)
+        gate = constrain(gate, ("act_batch", "act_seq", "act_mlp"))
+        return gate @ w2
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, segment_ids: Array | None, cache: KVCache | None):
+        h, cache = Attention(self.cfg, name="attention")(
+            RMSNorm(self.cfg, name="attention_norm")(x), positions, segment_ids, cache)
+        x = x + h
+        x = x + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
+        return constrain(x, ("act_batch", "act_seq", "act_embed")), cache
+
+
+REMAT_POLICY = {
+    "full": None,  # save nothing inside a block, recompute it all
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+class Llama(nn.Module):
+    """The causal LM. `apply({"params": p}, tokens)` -> float32 logits (B, T, vocab).
+
+    positions: (B, T) int, default 0..T-1 per row (packed rows restart per document).
+    segment_ids: (B, T) int, tokens attend only within their segment (packing, padding).
+    cache: a KVCache from `init_cache`; then returns (logits, new_cache) (see generate.py).
+    """
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
+                 cache: KVCache | None = None):
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        embedding = _param(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), ("vocab", "embed"))
+        x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICY[cfg.remat], prevent_cse=not cfg.scan_layers)
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0),
+            length=cfg.n_layers,
+            unroll=1 if cfg.scan_layers else cfg.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, cache = stack(cfg, name="layers")(x, positions, segment_ids, cache)
+
+        x = RMSNorm(cfg, name="norm")(x)
+        output = _param(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
+        logits = jnp.einsum("btd,dv->btv", x, output.astype(cfg.compute_dtype),
+                            preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+        return logits if cache is None else (logits, cache)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, slots: int) -> KVCache:
+    """An empty KV cache: kv heads (not query heads) x `slots` positions, in the compute dtype."""
+    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+
+# --- public functional API ------------------------------------------------------------------
+
+
+def param_axes(cfg: LlamaConfig) -> Any:
+    """The logical axis names of every parameter, as a pytree shaped like the params."""
+    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _init(cfg: LlamaConfig, rng: Array) -> Any:
+    params = Llama(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return nn.meta.unbox(params)
+
+
+def param_shapes(cfg: LlamaConfig) -> Any:
+    """jax.ShapeDtypeStruct of every parameter, computed without allocating anything."""
+    return jax.eval_shape(functools.partial(_init, cfg), jax.random.key(0))
+
+
+def init_params(cfg: LlamaConfig, rng: Array | int = 0) -> Any:
+    """Random parameters (normal(0.02) weights, unit norms) as a plain pytree in param_dtype.
+
+    Under an active mesh (`with mesh:`) the parameters are created already sharded by the
+    logical-axis rules, so a model larger than one host's memory is never materialised.
+    """
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    mesh = active_mesh()
+    out_shardings = None if mesh is None else param_shardings(cfg, mesh)
+    return jax.jit(_init, static_argnums=0, out_shardings=out_shardings)(cfg, rng)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _forward(params: Any, tokens: Array, cfg: LlamaConfig, positions: Array | None, segment_ids: Array | None):
+    return Llama(cfg).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def check_tokens(tokens: Any, cfg: LlamaConfig) -> None:
+    """Raise a clear error for token arrays the model cannot take (shape, dtype, range, length)."""
+    shape, dtype = jnp.shape(tokens), jnp.result_type(tokens)
+    if len(shape) != 2:
+        raise ValueError(f"tokens must be 2-D (batch, seq), got shape {shape}")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"tokens must be an integer array (int32), got dtype {dtype}")
+    if shape[1] > cfg.max_seq_len:
+        raise ValueError(f"sequence length {shape[1]} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    if not isinstance(tokens, jax.core.Tracer) and shape[0] * shape[1] > 0:
+        low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+        if low < 0 or high >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got range [{low}, {high}]")
+
+
+def forward(params: Any, tokens: Array, cfg: LlamaConfig, positions: Array | None = None,
+            segment_ids: Array | None = None) -> Array:
+    """Jit-compiled forward pass: int tokens (B, T) -> float32 logits (B, T, vocab)."""
+    check_tokens(tokens, cfg)
+    return _forward(params, jnp.asarray(tokens, jnp.int32), cfg, positions, segment_ids)
