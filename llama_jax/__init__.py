@@ -2,6 +2,8 @@
 
 from llama_jax.config import PRESETS, LlamaConfig
 from llama_jax.model import Llama, forward, init_cache, init_params, param_axes, param_shapes
+from llama_jax.tokenizer import Tokenizer, format_alpaca
 
 __all__ = ["PRESETS", "Llama", "LlamaConfig", "forward", "init_cache", "init_params", "param_axes",
-           "param_shapes"]
+           "param_shapes",
+           "Tokenizer", "format_alpaca"]
