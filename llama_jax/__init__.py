@@ -1,9 +1,11 @@
 """llama_jax: LLaMA and Llama 2 in JAX/Flax."""
 
+from llama_jax.checkpoint import load_checkpoint, save_checkpoint
 from llama_jax.config import PRESETS, LlamaConfig
 from llama_jax.model import Llama, forward, init_cache, init_params, param_axes, param_shapes
 from llama_jax.tokenizer import Tokenizer, format_alpaca
 
 __all__ = ["PRESETS", "Llama", "LlamaConfig", "forward", "init_cache", "init_params", "param_axes",
            "param_shapes",
-           "Tokenizer", "format_alpaca"]
+           "Tokenizer", "format_alpaca",
+           "load_checkpoint", "save_checkpoint"]
