@@ -1,7 +1,10 @@
-"""Meshes, logical-axis sharding rules and placement of params and batches."""
+"""Meshes, logical-axis sharding rules, placement of params and batches, multi-host start-up."""
 
+from sharding.distributed import batch_sharding, global_batch, initialize, is_main_process
+from sharding.mesh import check_mesh, make_mesh, parse_mesh
 from sharding.rules import (LOGICAL_RULES, MESH_AXES, active_mesh, constrain, logical_to_spec,
                             param_shardings, shard_params)
 
-__all__ = ["LOGICAL_RULES", "MESH_AXES", "active_mesh", "constrain", "logical_to_spec",
-           "param_shardings", "shard_params"]
+__all__ = ["LOGICAL_RULES", "MESH_AXES", "active_mesh", "batch_sharding", "check_mesh", "constrain",
+           "global_batch", "initialize", "is_main_process", "logical_to_spec", "make_mesh", "param_shardings",
+           "parse_mesh", "shard_params"]
