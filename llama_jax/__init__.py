@@ -2,10 +2,12 @@
 
 from llama_jax.checkpoint import load_checkpoint, save_checkpoint
 from llama_jax.config import PRESETS, LlamaConfig
+from llama_jax.generate import Generator, filter_probs, generate, generate_stream
 from llama_jax.model import Llama, forward, init_cache, init_params, param_axes, param_shapes
 from llama_jax.tokenizer import Tokenizer, format_alpaca
 
 __all__ = ["PRESETS", "Llama", "LlamaConfig", "forward", "init_cache", "init_params", "param_axes",
            "param_shapes",
            "Tokenizer", "format_alpaca",
-           "load_checkpoint", "save_checkpoint"]
+           "load_checkpoint", "save_checkpoint",
+           "Generator", "filter_probs", "generate", "generate_stream"]

@@ -1,0 +1,451 @@
+"""Text generation: a jitted prefill, an on-device decode loop over a preallocated KV cache, and
+Meta's samplers; `Generator` and the CLI put a tokenizer and the prompt formats in front.
+
+How a batch runs (read `generate`):
+- Prompts of different lengths are right-padded into one (batch, length) array. The prefill runs
+  the whole array at positions 0..T-1 and fills cache slots 0..T-1; row b then decodes at
+  positions len_b, len_b + 1, ..., so its padding slots are overwritten before any query can read
+  them (attention reads slots <= the query position). No position shift, no attention mask.
+- The decode is one `lax.while_loop` on device (buffers donated) that stops when every row has
+  produced `eos_id` or `max_new_tokens` tokens: no Python per token.
+- Batch and prompt length are rounded up to powers of two and the cache to prompt bucket +
+  power-of-two new tokens, so a handful of compiled programs serve every request. Temperature,
+  top-p, top-k, seed and max_new_tokens are traced values: changing them never recompiles
+  (greedy vs sampling is the one static switch).
+- Streaming (`generate_stream`) runs the same compiled decode loop a chunk of steps at a time.
+- Sampling draws row r's step-s token with key fold_in(fold_in(key(seed), r), s), so a prompt's
+  text depends only on (seed, its index, the settings), not on the batch bucket or on streaming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import os
+import sys
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama, init_cache
+from llama_jax.tokenizer import Tokenizer, format_alpaca
+from sharding.rules import constrain
+
+Array = jax.Array
+CACHE_AXES = ("layers", "act_batch", "act_seq", "act_kv_heads", None)
+MIN_LENGTH_BUCKET = 16
+
+
+# --- samplers ---------------------------------------------------------------------------------
+
+
+def _sorted_filtered(probs: Array, top_p: Array, top_k: Array) -> tuple[Array, Array]:
+    """Sort probs (..., V) descending; keep the top_k ranks (0 = all), renormalise, then keep
+    tokens whose preceding cumulative mass is <= top_p (the token that crosses p stays, Meta's
+    rule), renormalise. Returns (kept probs in sorted order, the sort order)."""
+    order = jnp.argsort(-probs, axis=-1, stable=True)
+    p = jnp.take_along_axis(probs, order, axis=-1)
+    rank = jnp.arange(p.shape[-1])
+    p = jnp.where((top_k <= 0) | (rank < top_k), p, 0.0)
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    preceding = jnp.cumsum(p, axis=-1) - p
+    p = jnp.where((top_p >= 1.0) | (preceding <= top_p), p, 0.0)
+    return p / jnp.sum(p, axis=-1, keepdims=True), order
+
+
+def filter_probs(probs: Array, top_p: float = 1.0, top_k: int = 0) -> Array:
+    """The renormalised distribution (..., V) that nucleus / top-k sampling draws from."""
+    p, order = _sorted_filtered(jnp.asarray(probs, jnp.float32), jnp.float32(top_p), jnp.int32(top_k))
+    inverse = jnp.argsort(order, axis=-1)
+    return jnp.take_along_axis(p, inverse, axis=-1)
+
+
+def sample(keys: Array, logits: Array, temperature: Array, top_p: Array, top_k: Array, greedy: bool) -> Array:
+    """One token per row of logits (B, V): argmax when `greedy`, else temperature, then top-k,
+    then top-p (Meta's keep rule), then a draw with each row's key (B,)."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    p, order = _sorted_filtered(probs, top_p, top_k)
+    index = jax.vmap(jax.random.categorical)(keys, jnp.log(p))
+    return jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _logprob(logits: Array, tokens: Array) -> Array:
+    """log p(token) under the model's own distribution (before temperature/top-p), as Meta reports."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+
+# --- the compiled prefill and decode loop ------------------------------------------------------
+
+
+def _step_keys(row_keys: Array, step: Array) -> Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "new_bucket", "greedy", "echo"))
+def _prefill(params: Any, tokens: Array, lengths: Array, active: Array, sampling: dict, *, cfg: LlamaConfig,
+             slots: int, new_bucket: int, greedy: bool, echo: bool) -> tuple[dict, Array | None]:
+    """Run the padded prompts (B, T), sample each row's first new token, return the loop state."""
+    b, t = tokens.shape
+    cache = jax.tree.map(lambda c: constrain(c, CACHE_AXES), init_cache(cfg, b, slots))
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, cache = Llama(cfg).apply({"params": params}, tokens, positions, None, cache)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+    seed_key = jax.random.key(sampling["seed"])
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(seed_key, jnp.arange(b))
+    token = sample(_step_keys(row_keys, 0), last, sampling["temperature"], sampling["top_p"],
+                   sampling["top_k"], greedy)
+    token = jnp.where(active, token, -1)
+    out = jnp.full((b, new_bucket), -1, jnp.int32).at[:, 0].set(token)
+    logprobs = jnp.zeros((b, new_bucket), jnp.float32).at[:, 0].set(_logprob(last, token))
+    state = {"cache": cache, "tokens": out, "logprobs": logprobs, "step": jnp.int32(1), "last": token,
+             "lengths": lengths, "done": ~active | (token == sampling["eos_id"]), "row_keys": row_keys}
+    prompt_logprobs = _logprob(logits[:, :-1], tokens[:, 1:]) if echo else None
+    return state, prompt_logprobs
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "greedy"), donate_argnums=1)
+def _decode(params: Any, state: dict, until: Array, sampling: dict, *, cfg: LlamaConfig, greedy: bool) -> dict:
+    """Decode on device until every row is done or `until` tokens exist (state["step"] counts them)."""
+    model = Llama(cfg)
+
+    def cond(s):
+        return (s["step"] < until) & ~jnp.all(s["done"])
+
+    def body(s):
+        step = s["step"]
+        positions = (s["lengths"] + step - 1)[:, None]  # where the last token goes
+        logits, cache = model.apply({"params": params}, jnp.maximum(s["last"], 0)[:, None], positions, None,
+                                    s["cache"])
+        cache = jax.tree.map(lambda c: constrain(c, CACHE_AXES), cache)
+        logits = logits[:, 0]
+        token = sample(_step_keys(s["row_keys"], step), logits, sampling["temperature"], sampling["top_p"],
+                       sampling["top_k"], greedy)
+        token = jnp.where(s["done"], -1, token)
+        logprob = jnp.where(s["done"], 0.0, _logprob(logits, jnp.maximum(token, 0)))
+        return {**s, "cache": cache, "step": step + 1, "last": token,
+                "tokens": s["tokens"].at[:, step].set(token), "logprobs": s["logprobs"].at[:, step].set(logprob),
+                "done": s["done"] | (token == sampling["eos_id"])}
+
+    return lax.while_loop(cond, body, state)
+
+
+# --- the public token-level API ------------------------------------------------------------------
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _check_request(cfg: LlamaConfig, prompts: Any, max_new_tokens: Any, temperature: Any, top_p: Any,
+                   top_k: Any, seed: Any, eos_id: Any) -> list[list[int]]:
+    """Raise a clear error for anything generate cannot honour; return the prompts as int lists."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists, e.g. [[1, 15043]], "
+                         f"got {type(prompts).__name__}")
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise TypeError(f"prompts[{i}] must be a list of token ids, got {type(prompt).__name__} "
+                            "(use Generator to generate from text)")
+        row = [int(x) for x in prompt]
+        if len(row) == 0:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token (e.g. BOS = 1)")
+        bad = [x for x in row if not 0 <= x < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}] has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+        rows.append(row)
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context max_seq_len={cfg.max_seq_len}; shorten the prompt or ask for at most "
+                         f"{max(cfg.max_seq_len - longest, 0)} new tokens")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = no top-k), got {top_k!r}")
+    if not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if eos_id is not None and not (isinstance(eos_id, (int, np.integer)) and 0 <= eos_id < cfg.vocab_size):
+        raise ValueError(f"eos_id must be None or a token id in [0, {cfg.vocab_size}), got {eos_id!r}")
+    return rows
+
+
+def _start(params: Any, cfg: LlamaConfig, prompts: Any, max_new_tokens: int, temperature: float, top_p: float,
+           top_k: int, seed: int, eos_id: int | None, echo: bool):
+    """Validate, pad into buckets and prefill. Returns (rows, state, prompt logprobs, sampling, greedy)."""
+    rows = _check_request(cfg, prompts, max_new_tokens, temperature, top_p, top_k, seed, eos_id)
+    batch = _pow2(len(rows))
+    length = min(max(_pow2(max(len(r) for r in rows)), MIN_LENGTH_BUCKET), cfg.max_seq_len)
+    new_bucket = _pow2(max_new_tokens)
+    slots = min(length + new_bucket, cfg.max_seq_len)
+    tokens = np.zeros((batch, length), np.int32)
+    lengths = np.ones((batch,), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = row
+        lengths[i] = len(row)
+    greedy = temperature == 0
+    sampling = {"temperature": jnp.float32(temperature if not greedy else 1.0), "top_p": jnp.float32(top_p),
+                "top_k": jnp.int32(top_k), "seed": jnp.int32(seed),
+                "eos_id": jnp.int32(-1 if eos_id is None else eos_id)}
+    active = np.arange(batch) < len(rows)
+    state, prompt_logprobs = _prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(active),
+                                      sampling, cfg=cfg, slots=slots, new_bucket=new_bucket, greedy=greedy,
+                                      echo=echo)
+    return rows, state, prompt_logprobs, sampling, greedy
+
+
+def _cut(tokens: np.ndarray, logprobs: np.ndarray, eos_id: int | None) -> tuple[list[int], list[float]]:
+    """A row's new tokens up to (not including) EOS or the first unused slot."""
+    stop = [i for i, t in enumerate(tokens) if t < 0 or t == eos_id]
+    n = stop[0] if stop else len(tokens)
+    return tokens[:n].tolist(), logprobs[:n].tolist()
+
+
+def generate(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+             eos_id: int | None = 2, logprobs: bool = False, echo: bool = False) -> Any:
+    """New tokens for each prompt (list of token-id lists, any lengths), EOS not included.
+
+    temperature 0 is greedy; otherwise temperature, then top-k (0 = off), then nucleus top-p with
+    Meta's keep rule, then a seeded draw. `eos_id=None` never stops early. With `logprobs=True`
+    returns (tokens, logprobs): the log-probability of each returned token under the model
+    (before temperature/top-p, as Meta reports). With `echo=True` the returned rows start with
+    the prompt, whose logprobs are those of each prompt token given the ones before (0.0 for the
+    first token), as in Meta's reference. Run it under `with mesh:` for sharded decoding.
+    """
+    rows, state, prompt_logprobs, sampling, greedy = _start(params, cfg, prompts, max_new_tokens, temperature,
+                                                            top_p, top_k, seed, eos_id, echo)
+    state = _decode(params, state, jnp.int32(max_new_tokens), sampling, cfg=cfg, greedy=greedy)
+    out_tokens, out_logprobs = np.asarray(state["tokens"]), np.asarray(state["logprobs"])
+    prompt_logprobs = None if prompt_logprobs is None else np.asarray(prompt_logprobs)
+    results, scores = [], []
+    for i, row in enumerate(rows):
+        new, new_lp = _cut(out_tokens[i, :max_new_tokens], out_logprobs[i, :max_new_tokens], eos_id)
+        if echo:
+            new = row + new
+            new_lp = [0.0] + prompt_logprobs[i, :len(row) - 1].tolist() + new_lp
+        results.append(new)
+        scores.append(new_lp)
+    return (results, scores) if logprobs else results
+
+
+def generate_stream(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                    eos_id: int | None = 2, chunk: int = 8) -> Iterator[list[list[int]]]:
+    """Like `generate`, but yields each row's new tokens as they come: a list (one entry per prompt)
+    of the tokens produced since the last yield (empty for rows that are done). The first yield
+    comes right after the prefill; then one per `chunk` decode steps, each chunk one call of the
+    same compiled on-device loop. Concatenating the yields gives exactly `generate`'s output."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    rows, state, _, sampling, greedy = _start(params, cfg, prompts, max_new_tokens, temperature, top_p, top_k,
+                                              seed, eos_id, echo=False)
+    stopped = [False] * len(rows)
+    done_until = 0
+    while True:
+        step = int(state["step"])
+        new = np.asarray(state["tokens"][: len(rows), done_until:step])
+        pieces = []
+        for i in range(len(rows)):
+            piece = [] if stopped[i] else _cut(new[i], new[i].astype(np.float32), eos_id)[0]
+            stopped[i] = stopped[i] or len(piece) < new.shape[1]
+            pieces.append(piece)
+        yield pieces
+        done_until = step
+        if step >= max_new_tokens or all(stopped):
+            return
+        state = _decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), sampling, cfg=cfg,
+                        greedy=greedy)
+
+
+# --- text level: Generator ----------------------------------------------------------------------
+
+
+class Generator:
+    """Text in, text out: a model (a checkpoint directory, or (cfg, params)) plus a tokenizer.
+
+    Sampling keywords of every method (defaults as in Meta's examples): max_new_tokens=None (up to
+    the model's context), temperature=0.6, top_p=0.9, top_k=0, seed=0. With `mesh`, params are
+    placed on it by the logical-axis rules and every call decodes under it.
+    """
+
+    defaults = {"max_new_tokens": None, "temperature": 0.6, "top_p": 0.9, "top_k": 0, "seed": 0}
+
+    def __init__(self, checkpoint_or_params: str | os.PathLike | tuple[LlamaConfig, Any],
+                 tokenizer: Tokenizer | str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
+                 dtype: str | None = None) -> None:
+        if isinstance(checkpoint_or_params, (str, os.PathLike)):
+            from llama_jax.checkpoint import load_checkpoint  # written by the conversion side; import lazily
+
+            self.cfg, self.params = load_checkpoint(checkpoint_or_params, mesh=mesh, dtype=dtype)
+        elif isinstance(checkpoint_or_params, tuple) and len(checkpoint_or_params) == 2:
+            self.cfg, self.params = checkpoint_or_params
+            if not isinstance(self.cfg, LlamaConfig):
+                raise TypeError(f"expected (LlamaConfig, params), got ({type(self.cfg).__name__}, ...)")
+            if dtype is not None:
+                self.params = jax.tree.map(lambda x: x.astype(dtype), self.params)
+            if mesh is not None:
+                from sharding.rules import shard_params
+
+                self.params = shard_params(self.params, self.cfg, mesh)
+        else:
+            raise TypeError("checkpoint_or_params must be a checkpoint directory or a (cfg, params) tuple, "
+                            f"got {type(checkpoint_or_params).__name__}")
+        self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+        if self.tokenizer.vocab_size != self.cfg.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} pieces but the model's vocab_size is "
+                             f"{self.cfg.vocab_size}: they do not belong together")
+        self.mesh = mesh
+
+    def _settings(self, prompts: list[list[int]], sampling: Mapping[str, Any]) -> dict:
+        unknown = sorted(set(sampling) - set(self.defaults))
+        if unknown:
+            raise TypeError(f"unknown sampling keyword(s) {unknown}; expected some of {sorted(self.defaults)}")
+        settings = {**self.defaults, **sampling}
+        if settings["max_new_tokens"] is None:
+            longest = max(len(p) for p in prompts)
+            if longest >= self.cfg.max_seq_len:
+                raise ValueError(f"prompt of {longest} tokens leaves no room in the context "
+                                 f"max_seq_len={self.cfg.max_seq_len}")
+            settings["max_new_tokens"] = self.cfg.max_seq_len - longest
+        return settings
+
+    def _run(self, prompts: list[list[int]], sampling: Mapping[str, Any]) -> list[str]:
+        settings = self._settings(prompts, sampling)
+        with self.mesh if self.mesh is not None else contextlib.nullcontext():
+            out = generate(self.params, self.cfg, prompts, eos_id=self.tokenizer.eos_id, **settings)
+        return [self.tokenizer.decode(t) for t in out]
+
+    def stream(self, prompt: str | Sequence[int], **sampling: Any) -> Iterator[str]:
+        """Yield the completion of one prompt (text gets BOS; a token list is used as is) piece by
+        piece as it is produced; the pieces join to exactly the decoded completion."""
+        ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+        settings = self._settings([ids], sampling)
+        new: list[int] = []
+        shown = ""
+        with self.mesh if self.mesh is not None else contextlib.nullcontext():
+            for pieces in generate_stream(self.params, self.cfg, [ids], eos_id=self.tokenizer.eos_id, **settings):
+                new += pieces[0]
+                text = self.tokenizer.decode(new)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):  # hold back half a UTF-8 char
+                    yield text[len(shown):]
+                    shown = text
+        text = self.tokenizer.decode(new)
+        if text != shown:
+            yield text[len(shown):]
+
+    def complete(self, texts: str | Sequence[str], **sampling: Any) -> str | list[str]:
+        """Plain completion of one text or a list of texts (each gets BOS)."""
+        single = isinstance(texts, str)
+        prompts = [self.tokenizer.encode(t, bos=True) for t in ([texts] if single else texts)]
+        out = self._run(prompts, sampling)
+        return out[0] if single else out
+
+    def chat(self, dialogs: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
+             **sampling: Any) -> dict | list[dict]:
+        """Llama-2-chat answers: one dialog ([{"role", "content"}, ...] ending with a user turn) or a
+        list of them -> {"role": "assistant", "content": ...} each."""
+        single = len(dialogs) > 0 and isinstance(dialogs[0], Mapping)
+        prompts = [self.tokenizer.encode_dialog(d) for d in ([dialogs] if single else dialogs)]
+        out = [{"role": "assistant", "content": text} for text in self._run(prompts, sampling)]
+        return out[0] if single else out
+
+    def alpaca(self, instruction: str, input: str = "", **sampling: Any) -> str:
+        """The response of an Alpaca-tuned model to one instruction (optional input), stripped."""
+        return self._run([self.tokenizer.encode(format_alpaca(instruction, input), bos=True)], sampling)[0].strip()
+
+    def prompt_ids(self, text: str, mode: str = "complete", input: str = "", history: Sequence[Mapping] = ()) -> list[int]:
+        """The token ids the model sees for `text` in a mode: complete | alpaca | chat (after `history`)."""
+        if mode == "complete":
+            return self.tokenizer.encode(text, bos=True)
+        if mode == "alpaca":
+            return self.tokenizer.encode(format_alpaca(text, input), bos=True)
+        if mode == "chat":
+            return self.tokenizer.encode_dialog([*history, {"role": "user", "content": text}])
+        raise ValueError(f"mode must be complete, alpaca or chat, got {mode!r}")
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m llama_jax.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a llama_jax checkpoint directory (or a training run)")
+    p.add_argument("--tokenizer", required=True, help="the SentencePiece tokenizer.model")
+    p.add_argument("--prompt", help="the prompt text (chat: the user message; alpaca: the instruction)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true", help="Llama-2-chat format")
+    mode.add_argument("--alpaca", action="store_true", help="Stanford Alpaca prompt format")
+    p.add_argument("--input", default="", help="alpaca: the optional input that goes with the instruction")
+    p.add_argument("--system", default=None, help="chat: an optional system message")
+    p.add_argument("--interactive", action="store_true", help="read prompts from stdin in a loop (chat keeps history)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: up to the model's context")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast params (default: as saved)")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="split heads/MLP over this many devices (a (1, 1, N) data/fsdp/tensor mesh)")
+    args = p.parse_args(argv)
+    if not args.interactive and args.prompt is None:
+        p.error("give --prompt TEXT or --interactive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse(argv)
+    mesh = None
+    if args.tensor_parallel > 1:
+        if args.tensor_parallel > jax.device_count():
+            raise SystemExit(f"--tensor-parallel {args.tensor_parallel} needs that many devices; "
+                             f"{jax.device_count()} are visible")
+        mesh = jax.make_mesh((1, 1, args.tensor_parallel), ("data", "fsdp", "tensor"),
+                             devices=jax.devices()[: args.tensor_parallel])
+    gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype)
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "seed": args.seed}
+    mode = "chat" if args.chat else "alpaca" if args.alpaca else "complete"
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.chat and args.system else []
+
+    def answer(text: str) -> str:
+        ids = gen.prompt_ids(text, mode, input=args.input, history=history)
+        reply = ""
+        for piece in gen.stream(ids, **sampling):
+            reply += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        return reply
+
+    if args.prompt is not None:
+        reply = answer(args.prompt)
+        if mode == "chat":
+            history += [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": reply}]
+    if args.interactive:
+        while True:
+            try:
+                text = input("> " if sys.stdin.isatty() else "")
+            except EOFError:
+                break
+            if text.strip() in ("", "exit", "quit"):
+                break
+            reply = answer(text)
+            if mode == "chat":
+                history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+
+
+if __name__ == "__main__":
+    main()
