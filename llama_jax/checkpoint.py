@@ -199,6 +199,15 @@ class StreamingWriter:
             future.result()
         self.pending = []
 
+    def settle(self) -> None:
+        """Wait for queued writes, ignoring their errors (used while failing anyway)."""
+        for future in self.pending:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+        self.pending = []
+
     def finish(self) -> None:
         """Wait for all writes, check every leaf was written, then write Orbax's metadata files."""
         self.flush()

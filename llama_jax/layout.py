@@ -55,6 +55,7 @@ TABLE: tuple[Entry, ...] = (
 )
 
 META_IGNORED = ("rope.freqs",)  # an unused buffer in Meta's checkpoints
+HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older HF checkpoints saved per layer
 
 
 def names(cfg: LlamaConfig, fmt: str) -> Iterator[tuple[Entry, int | None, str]]:
