@@ -1,0 +1,159 @@
+"""The model against Hugging Face transformers (float32, CPU) and independent formulas."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llama_jax as lj
+from llama_jax.model import rope
+from reference import hf_logits, hf_model, hf_params
+
+
+def rel_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
+TOKENS = np.random.RandomState(0).randint(0, 512, (2, 37))
+
+
+@pytest.mark.parametrize("preset, theta", [("tiny", 10000.0), ("tiny-gqa", 10000.0), ("tiny-gqa", 1e6)])
+def test_logits_match_hf_transformers(preset, theta):
+    cfg = lj.LlamaConfig.preset(preset, rope_theta=theta)
+    model = hf_model(cfg, seed=1)
+    ref = hf_logits(model, TOKENS)
+    ours = lj.forward(hf_params(model, cfg), TOKENS, cfg)
+    assert ours.dtype == jnp.float32 and ours.shape == (2, 37, 512)
+    assert rel_err(ours, ref) <= 1e-5
+
+
+def test_rope_theta_is_really_used():
+    cfg = lj.LlamaConfig.preset("tiny-gqa")
+    params = hf_params(hf_model(cfg), cfg)
+    a = lj.forward(params, TOKENS, cfg)
+    b = lj.forward(params, TOKENS, cfg.replace(rope_theta=1e6))
+    assert rel_err(a, np.asarray(b)) > 1e-3
+
+
+def test_bf16_compute_is_close_to_float32_reference():
+    """bf16 activations/matmuls (float32 norms, RoPE, softmax, logits): <= 3% of the logit range."""
+    cfg = lj.LlamaConfig.preset("tiny-gqa")
+    model = hf_model(cfg, seed=2)
+    ref = hf_logits(model, TOKENS)
+    params = hf_params(model, cfg)
+    bf16 = lj.forward(params, TOKENS, cfg.replace(dtype="bfloat16"))
+    bf16_params = jax.tree.map(lambda p: jnp.asarray(p, jnp.bfloat16), params)
+    bf16_all = lj.forward(bf16_params, TOKENS, cfg.replace(dtype="bfloat16", param_dtype="bfloat16"))
+    assert bf16.dtype == jnp.float32
+    assert rel_err(bf16, ref) <= 3e-2
+    assert rel_err(bf16_all, ref) <= 3e-2
+    assert rel_err(bf16, ref) > 1e-6  # it really computed in bf16
+
+
+def test_rope_matches_independent_formula():
+    """Half-split pairs (i, i + hd/2) rotate by angle pos * theta**(-2i/hd)."""
+    b, t, h, hd, theta = 2, 5, 3, 8, 500.0
+    x = np.random.RandomState(1).randn(b, t, h, hd).astype(np.float32)
+    pos = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 100, 1000]])
+    ours = np.asarray(rope(jnp.asarray(x), jnp.asarray(pos), theta))
+    expected = np.empty_like(x)
+    for bi in range(b):
+        for ti in range(t):
+            for i in range(hd // 2):
+                angle = pos[bi, ti] * theta ** (-2.0 * i / hd)
+                c, s = np.cos(angle), np.sin(angle)
+                a, z = x[bi, ti, :, i], x[bi, ti, :, i + hd // 2]
+                expected[bi, ti, :, i] = a * c - z * s
+                expected[bi, ti, :, i + hd // 2] = z * c + a * s
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    q = jnp.asarray(np.random.RandomState(2).randn(1, 1, 1, 16), jnp.float32)
+    k = jnp.asarray(np.random.RandomState(3).randn(1, 1, 1, 16), jnp.float32)
+    def score(m, n):
+        return float(jnp.sum(rope(q, jnp.array([[m]]), 1e4) * rope(k, jnp.array([[n]]), 1e4)))
+    assert score(5, 2) == pytest.approx(score(103, 100), rel=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+
+
+def test_gqa_query_head_uses_kv_head_h_over_group():
+    """Zero kv head 0's values: exactly query heads 0 and 1 (its group) must output nothing."""
+    cfg = lj.LlamaConfig.preset("tiny", n_heads=4, n_kv_heads=2, n_layers=1)
+    params = lj.init_params(cfg, 0)
+    attn = params["layers"]["attention"]
+    attn["wv"] = attn["wv"].at[:, :, 0, :].set(0.0)
+    params["layers"]["feed_forward"]["w2"] = jnp.zeros_like(params["layers"]["feed_forward"]["w2"])
+    silent = dict(params, layers=dict(params["layers"], attention=dict(attn, wo=jnp.zeros_like(attn["wo"]))))
+    baseline = lj.forward(silent, TOKENS[:, :8], cfg)
+    for head in range(4):  # let only one query head write to the residual stream
+        wo = jnp.zeros_like(attn["wo"]).at[:, head].set(attn["wo"][:, head])
+        one = dict(params, layers=dict(params["layers"], attention=dict(attn, wo=wo)))
+        moved = float(jnp.abs(lj.forward(one, TOKENS[:, :8], cfg) - baseline).max())
+        assert (moved > 1e-6) == (head >= 2), f"query head {head} moved the logits by {moved}"
+
+
+@functools.cache
+def _loss_and_grads(cfg, seed=3):
+    params = lj.init_params(lj.LlamaConfig.preset("tiny-gqa"), seed)
+    tokens = jnp.asarray(TOKENS[:, :16])
+
+    def loss(p):
+        logits = lj.Llama(cfg).apply({"params": p}, tokens)
+        return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1].take(0, axis=-1))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("changes", [dict(scan_layers=False), dict(remat="full"), dict(remat="save_dots"),
+                                     dict(remat="full", scan_layers=False)])
+def test_scan_and_remat_do_not_change_logits_or_gradients(changes):
+    cfg = lj.LlamaConfig.preset("tiny-gqa")
+    ref_loss, ref_grads = _loss_and_grads(cfg)
+    loss, grads = _loss_and_grads(cfg.replace(**changes))
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+def test_segment_ids_keep_packed_documents_apart():
+    cfg = lj.LlamaConfig.preset("tiny-gqa")
+    params = lj.init_params(cfg, 4)
+    doc_a, doc_b = TOKENS[0, :10], TOKENS[1, :6]
+    packed = np.concatenate([doc_a, doc_b])[None]
+    segments = np.array([[1] * 10 + [2] * 6])
+    positions = np.array([list(range(10)) + list(range(6))])
+    out = lj.forward(params, packed, cfg, positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
+    alone_a = lj.forward(params, doc_a[None], cfg)
+    alone_b = lj.forward(params, doc_b[None], cfg)
+    np.testing.assert_allclose(out[0, :10], alone_a[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[0, 10:], alone_b[0], rtol=1e-5, atol=1e-5)
+    unmasked = lj.forward(params, packed, cfg)
+    assert np.abs(np.asarray(unmasked[0, 10:] - alone_b[0])).max() > 1e-3  # the mask mattered
+
+
+def test_params_have_expected_layout_and_dtypes():
+    cfg = lj.LlamaConfig.preset("tiny-gqa", param_dtype="bfloat16")
+    params = lj.init_params(cfg, 0)
+    attn = params["layers"]["attention"]
+    assert attn["wq"].shape == (2, 64, 4, 16) and attn["wk"].shape == (2, 64, 2, 16)
+    assert attn["wo"].shape == (2, 4, 16, 64) and params["output"].shape == (64, 512)
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+    axes = lj.param_axes(cfg)
+    assert axes["layers"]["attention"]["wk"] == ("layers", "embed", "kv_heads", "head_dim")
+    assert axes["tok_embeddings"] == ("vocab", "embed")
+
+
+@pytest.mark.parametrize("tokens, error, message", [
+    (np.zeros((4,), np.int32), ValueError, "2-D"),
+    (np.zeros((1, 4), np.float32), TypeError, "integer"),
+    (np.full((1, 4), 512, np.int32), ValueError, r"\[0, 512\)"),
+    (np.full((1, 4), -1, np.int32), ValueError, r"\[0, 512\)"),
+    (np.zeros((1, 257), np.int32), ValueError, "max_seq_len 256"),
+])
+def test_bad_tokens_raise_clear_errors(tokens, error, message):
+    cfg = lj.LlamaConfig.preset("tiny")
+    params = lj.param_shapes(cfg)
+    with pytest.raises(error, match=message):
+        lj.forward(params, tokens, cfg)
