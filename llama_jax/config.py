@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 
 
 def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -43,7 +43,7 @@ class LlamaConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "none"  # none | full | save_dots: what the backward pass recomputes
     scan_layers: bool = True  # False unrolls the layer loop (same params, longer compile)
-    attention: str = "xla"  # xla (everywhere) | cudnn (NVIDIA GPUs)
+    attention: str = "xla"  # xla (everywhere) | cudnn (NVIDIA GPUs) | splash (TPUs)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
