@@ -1,0 +1,175 @@
+"""The train step: one jit-compiled function from (state, batch) to (new state, metrics).
+
+- float32 master params; the forward runs in the model config's `dtype` (bfloat16 on chips).
+- loss = sum of per-token cross-entropy over target tokens / number of target tokens in the
+  whole (global) batch: a token-level mean, not a mean of per-sequence means. Optional z-loss
+  adds z * mean(logsumexp(logits)^2) over the same tokens.
+- Gradient accumulation splits the batch into `grad_accum` microbatches inside the step and sums
+  token-level sums, so N x b microbatches give the same update as one batch of N*b.
+- AdamW (Optax) after global-norm clipping; weight decay on every matrix (embeddings and output
+  included, as Megatron and most LLaMA re-implementations do) but never on the RMSNorm weights.
+- Under a mesh, the state keeps the parameters' logical-axis shardings (optimizer moments shard
+  like their parameters), the batch is split over ("data", "fsdp"), and the state is donated.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama, param_shapes
+from sharding.rules import logical_to_spec, param_shardings
+
+State = dict  # {"params": pytree, "opt_state": optax state, "step": int32 scalar}
+BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
+
+
+def lr_schedule(lr: float, steps: int, schedule: str = "cosine", warmup_steps: int = 0,
+                min_lr_ratio: float = 0.1) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then cosine down to lr * min_lr_ratio at `steps` (or constant)."""
+    warmup_steps = min(warmup_steps, steps)
+    if schedule == "constant":
+        after = optax.constant_schedule(lr)
+    elif schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, max(steps - warmup_steps, 1), alpha=min_lr_ratio)
+    else:
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if warmup_steps == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for parameters that get weight decay: everything except the RMSNorm weights."""
+    def decays(path, _):
+        return not any("norm" in str(getattr(k, "key", k)) for k in path)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-5,
+                   weight_decay: float = 0.1, clip_norm: float = 1.0) -> optax.GradientTransformation:
+    """Global-norm clipping (clip_norm > 0) then AdamW with the decay mask."""
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm > 0 else adamw
+
+
+def token_sums(params: Any, batch: dict, cfg: LlamaConfig, z_loss: float) -> tuple[jax.Array, dict]:
+    """Sum over target tokens of cross-entropy (+ z-loss), and the counts the metrics need."""
+    logits = Llama(cfg).apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
+    logits = logits.astype(jnp.float32)
+    w = batch["weights"]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    ce = jnp.sum((lse - target_logit) * w)
+    z = jnp.sum(jnp.square(lse) * w)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * w)
+    return ce + z_loss * z, {"ce": ce, "z": z, "correct": correct, "count": jnp.sum(w)}
+
+
+def train_step(state: State, batch: dict, *, cfg: LlamaConfig, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule, grad_accum: int = 1, z_loss: float = 0.0) -> tuple[State, dict]:
+    """One optimizer update on a global batch, as `grad_accum` microbatches."""
+    params = state["params"]
+    grad_fn = jax.grad(token_sums, has_aux=True)
+    if grad_accum == 1:
+        grads, sums = grad_fn(params, batch, cfg, z_loss)
+    else:
+        # Microbatch j = rows j, j+A, j+2A, ...: each device keeps its own rows (no reshuffle).
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch)
+
+        def body(carry, mb):
+            g, s = grad_fn(params, mb, cfg, z_loss)
+            return jax.tree.map(jnp.add, carry, (g, s)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params),
+                 {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "correct", "count")})
+        (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+    count = jnp.maximum(sums["count"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {
+        "loss": sums["ce"] / count,
+        "z_loss": sums["z"] / count,
+        "accuracy": sums["correct"] / count,
+        "target_tokens": sums["count"],
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(new_params),
+        "lr": schedule(state["step"]),
+    }
+    return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation) -> State:
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> State:
+    """NamedShardings of the whole train state: moments like their params, scalars replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = param_shardings(cfg, mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, param_shapes(cfg))
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, params,
+                                transform_non_params=lambda _: replicated)
+    return {"params": params, "opt_state": opt, "step": replicated}
+
+
+def batch_sharding(mesh: Mesh, shape: tuple) -> NamedSharding:
+    """Rows over ("data", "fsdp"), the sequence unsplit."""
+    return NamedSharding(mesh, logical_to_spec(("act_batch", "act_seq"), shape, mesh))
+
+
+def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh: Mesh, batch_shape: tuple, grad_accum: int = 1, z_loss: float = 0.0) -> Callable:
+    """The jit-compiled step with explicit in/out shardings and the state donated.
+
+    Call it inside `with mesh:` so the model's activation constraints apply.
+    """
+    state_sh = state_shardings(cfg, optimizer, mesh)
+    batch_sh = {k: batch_sharding(mesh, batch_shape) for k in BATCH_KEYS}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
+                           grad_accum=grad_accum, z_loss=z_loss)
+    return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
+
+
+def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (params - input embedding) + 6 * layers * dim * seq_len.
+
+    The first term is the matmuls forward (2) and backward (4); the second is attention's
+    QK^T and PV, 12*L*d*T halved because a causal mask needs only half of the score matrix.
+    """
+    return 6.0 * (cfg.num_params() - cfg.vocab_size * cfg.dim) + 6.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+PEAK_TFLOPS = {  # dense bf16 per chip, from the vendors' data sheets
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0,
+}
+
+
+def peak_tflops(device: Any) -> float | None:
+    """Per-chip peak for MFU from the device kind, or None when unknown (e.g. CPUs)."""
+    kind = getattr(device, "device_kind", "")
+    for name, tflops in PEAK_TFLOPS.items():  # longer names first where they overlap
+        if name in kind:
+            return tflops
+    return None
+
+
+def mfu(tokens_per_s: float, cfg: LlamaConfig, seq_len: int, n_chips: int, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s over n_chips * peak (TFLOP/s per chip)."""
+    if not peak:
+        return None
+    return tokens_per_s * flops_per_token(cfg, seq_len) / (n_chips * peak * 1e12)
+
+
+def warmup_steps_for(steps: int, warmup_steps: int | None, warmup_ratio: float) -> int:
+    return warmup_steps if warmup_steps is not None else int(math.ceil(warmup_ratio * steps))
