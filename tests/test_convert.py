@@ -1,0 +1,324 @@
+"""python -m llama_jax.convert: Meta and HF PyTorch weights -> llama_jax, and back to HF.
+
+The reference is a tiny random HF transformers model. Meta checkpoints are synthesised from its
+state dict the way Meta's files are laid out: HF's RoPE row permutation undone per head, then
+split across model-parallel ranks the way fairscale's Column/RowParallelLinear and
+ParallelEmbedding split them (dim 0 / dim 1 per DESIGN.md), one consolidated.NN.pth per rank.
+"""
+
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import llama_jax as lj
+from llama_jax import convert, layout
+from reference import hf_logits, hf_model
+
+TOKENS = np.array([[1, 17, 300, 4, 99, 511, 42, 7, 250, 3]], np.int32)
+
+
+def rel_err(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b)))
+
+
+def ours_logits(out):
+    cfg, params = lj.load_checkpoint(out, dtype="float32")
+    return np.asarray(lj.forward(params, TOKENS, cfg.replace(max_seq_len=256)))
+
+
+_MODELS = {}
+
+
+def reference_model(preset, bf16=False, **overrides):
+    """A tiny random HF model (float32; weights rounded to bfloat16 values when bf16)."""
+    key = (preset, bf16, tuple(sorted(overrides.items())))
+    if key not in _MODELS:
+        cfg = lj.LlamaConfig.preset(preset, **overrides)
+        model = hf_model(cfg, seed=len(_MODELS))
+        if bf16:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.to(torch.bfloat16).float())
+        _MODELS[key] = (cfg, model, hf_logits(model, TOKENS))
+    return _MODELS[key]
+
+
+def write_meta(folder, cfg, model, shards, dtype=torch.float32, params_extra=None, rope_freqs=True):
+    """Meta's layout: params.json + consolidated.NN.pth, rows permuted back to interleaved RoPE."""
+    os.makedirs(folder, exist_ok=True)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    ranks = [{} for _ in range(shards)]
+    for entry, _, hf_name in layout.names(cfg, "hf"):
+        meta_name = entry.meta.format(i=hf_name.split(".")[2]) if entry.per_layer else entry.meta
+        w = sd[hf_name]
+        if entry.rope_heads:
+            w = layout.hf_to_meta_rows(w, getattr(cfg, entry.rope_heads))
+        w = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+        pieces = [w] * shards if entry.meta_split_dim is None else torch.chunk(w, shards, entry.meta_split_dim)
+        for rank, piece in zip(ranks, pieces):
+            rank[meta_name] = piece.clone()
+    for r, rank in enumerate(ranks):
+        if rope_freqs:
+            rank["rope.freqs"] = torch.zeros(cfg.head_dim // 2, dtype=dtype)
+        torch.save(rank, os.path.join(folder, f"consolidated.{r:02d}.pth"))
+    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "multiple_of": cfg.multiple_of,
+              "norm_eps": cfg.norm_eps, "vocab_size": -1}
+    if cfg.n_kv_heads != cfg.n_heads:
+        params["n_kv_heads"] = cfg.n_kv_heads
+    params.update(params_extra or {})
+    with open(os.path.join(folder, "params.json"), "w") as f:
+        json.dump(params, f)
+    return folder
+
+
+# --- Meta -> ours -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shards,preset,dtype", [
+    (1, "tiny", torch.float32),
+    (2, "tiny-gqa", torch.float32),  # one kv head per rank, like 70B on 8 ranks
+    (4, "tiny", torch.bfloat16),
+    (4, "tiny-gqa", torch.bfloat16),
+])
+def test_meta_shards_match_hf(tmp_path, shards, preset, dtype):
+    cfg, model, expected = reference_model(preset, bf16=dtype == torch.bfloat16)
+    src = write_meta(str(tmp_path / "meta"), cfg, model, shards, dtype)
+    out = str(tmp_path / "out")
+    got_cfg = convert.main(["meta", src, out, "--dtype", "float32", "--no-progress"])
+    assert got_cfg.vocab_size == cfg.vocab_size and got_cfg.hidden_dim == cfg.hidden_dim  # -1 -> from weights
+    assert got_cfg.n_kv_heads == cfg.n_kv_heads
+    assert rel_err(ours_logits(out), expected) <= 1e-5
+
+
+def test_meta_bf16_keeps_bits_reads_rope_theta_copies_tokenizer_and_verifies(tmp_path, capsys):
+    cfg, model, expected = reference_model("tiny-gqa", bf16=True, rope_theta=30000.0)
+    llama2 = tmp_path / "download"  # Llama-2's layout: tokenizer.model next to the model folder
+    src = write_meta(str(llama2 / "llama-2-tiny"), cfg, model, 2, torch.bfloat16, {"rope_theta": 30000.0})
+    (llama2 / "tokenizer.model").write_bytes(b"sentencepiece bytes")
+    out = str(tmp_path / "out")
+    convert.main(["meta", src, out, "--verify"])
+    stdout = capsys.readouterr().out
+    assert "max |logit diff|" in stdout
+    diff = float(stdout.split("max |logit diff| = ")[1].split()[0])
+    assert diff <= 1e-5 * np.max(np.abs(expected))
+    cfg_out, params = lj.load_checkpoint(out)
+    assert cfg_out.param_dtype == "bfloat16" and cfg_out.rope_theta == 30000.0
+    wq = np.asarray(params["layers"]["attention"]["wq"][1])
+    hf_wq = model.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(wq.reshape(cfg.dim, -1).T, hf_wq.astype(ml_dtypes.bfloat16))
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    assert rel_err(ours_logits(out), expected) <= 1e-5
+
+
+def test_meta_reference_forward_agrees_with_hf(tmp_path):
+    """The --verify reference (Meta's formulas, interleaved RoPE) on the synthesised Meta weights."""
+    cfg, model, expected = reference_model("tiny-gqa")
+    src = write_meta(str(tmp_path / "meta"), cfg, model, 2)
+    source = convert.MetaSource(src)
+    entries = {name: entry for entry, _, name in layout.names(source.cfg, "meta")}
+    logits = convert.meta_reference_logits(
+        lambda name: convert.to_numpy(source.get(entries[name], name)).astype(np.float32), source.cfg, TOKENS)
+    assert rel_err(logits, expected) <= 1e-5
+
+
+# --- HF -> ours -> HF -------------------------------------------------------------------------
+
+
+def save_bin(model, folder, shards):
+    """transformers 4.x's .bin layout (v5 only writes safetensors): pytorch_model*.bin (+ index)."""
+    model.config.save_pretrained(folder)
+    sd = model.state_dict()
+    names = list(sd)
+    if shards == 1:
+        torch.save({k: v.clone() for k, v in sd.items()}, os.path.join(folder, "pytorch_model.bin"))
+        return
+    weight_map = {}
+    for k in range(shards):
+        chunk = names[k::shards]
+        file = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        torch.save({name: sd[name].clone() for name in chunk}, os.path.join(folder, file))
+        weight_map.update({name: file for name in chunk})
+    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+@pytest.mark.parametrize("safe,shard,dtype,old_config", [
+    (True, "60KB", torch.float32, False),
+    (False, 3, torch.float32, True),
+    (False, 1, torch.float16, False),
+    (True, None, torch.bfloat16, True),
+])
+def test_hf_round_trip(tmp_path, safe, shard, dtype, old_config):
+    cfg, model, expected = reference_model("tiny-gqa" if safe else "tiny", bf16=dtype == torch.bfloat16)
+    src = str(tmp_path / "hf")
+    source_model = model.to(dtype) if dtype != torch.float32 else model
+    if safe:
+        source_model.save_pretrained(src, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
+    else:
+        save_bin(source_model, src, shard)
+    original = {k: v.clone() for k, v in source_model.state_dict().items()}
+    model.float()  # .to() changed the cached reference model in place
+    files = os.listdir(src)
+    assert any(f.endswith(".index.json") for f in files) == (shard not in (None, 1))
+    assert any(f.endswith(".bin") for f in files) == (not safe)
+    if old_config:  # transformers 4.x style: top-level rope_theta, no rope_parameters
+        with open(os.path.join(src, "config.json")) as f:
+            config = json.load(f)
+        theta = (config.pop("rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        config["rope_theta"] = theta
+        with open(os.path.join(src, "config.json"), "w") as f:
+            json.dump(config, f)
+    out, back = str(tmp_path / "out"), str(tmp_path / "back")
+    got = convert.main(["hf", src, out, "--no-progress"])
+    assert got.param_dtype == {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    if dtype != torch.float16:  # fp16-rounded weights are not the float32 reference's
+        assert rel_err(ours_logits(out), expected) <= 1e-5
+    convert.main(["export-hf", out, back, "--no-progress"])
+    reloaded, info = transformers.LlamaForCausalLM.from_pretrained(back, output_loading_info=True,
+                                                                   dtype=dtype)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    exported = reloaded.state_dict()
+    assert set(exported) == set(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype
+        assert torch.equal(exported[name], tensor), name
+
+
+def test_export_float32_of_a_trained_checkpoint_is_bitwise(tmp_path):
+    """A checkpoint written by save_checkpoint (as the trainer does), exported to HF in float32."""
+    cfg = lj.LlamaConfig.preset("tiny-gqa")
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), lj.param_shapes(cfg))
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    lj.save_checkpoint(ckpt, cfg, params)
+    convert.export_hf(ckpt, out, max_shard_bytes=100_000, progress=False)
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    assert len(set(index["weight_map"].values())) > 1
+    tensors = {}
+    for file in set(index["weight_map"].values()):
+        tensors.update(load_file(os.path.join(out, file)))
+    assert tensors["model.layers.1.mlp.down_proj.weight"].numpy().tobytes() == \
+        params["layers"]["feed_forward"]["w2"][1].T.copy().tobytes()
+    model = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    ours = np.asarray(lj.forward(params, TOKENS, cfg))
+    assert rel_err(hf_logits(model, TOKENS), ours) <= 1e-5
+
+
+# --- safety and errors ------------------------------------------------------------------------
+
+
+class RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    src = tmp_path / "meta"
+    src.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"tok_embeddings.weight": torch.zeros(4, 4), "evil": RunsCommand(marker)},
+               src / "consolidated.00.pth")
+    (src / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
+    with pytest.raises(ValueError, match="consolidated.00.pth: refused to load"):
+        convert.main(["meta", str(src), str(tmp_path / "out"), "--no-progress"])
+    assert not marker.exists()
+    assert sorted(os.listdir(tmp_path)) == ["meta"]
+
+
+@pytest.fixture()
+def meta_src(tmp_path):
+    cfg, model, _ = reference_model("tiny-gqa")
+    return cfg, write_meta(str(tmp_path / "meta"), cfg, model, 2)
+
+
+def edit_shard(src, rank, change):
+    path = os.path.join(src, f"consolidated.{rank:02d}.pth")
+    sd = torch.load(path, weights_only=True)
+    change(sd)
+    torch.save(sd, path)
+
+
+def assert_fails_cleanly(tmp_path, argv, error, match):
+    with pytest.raises(error, match=match):
+        convert.main(argv + ["--no-progress"])
+    assert not (tmp_path / "out").exists()
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_meta_errors_name_the_file_and_tensor(tmp_path, meta_src):
+    cfg, src = meta_src
+    argv = ["meta", src, str(tmp_path / "out")]
+    os.rename(os.path.join(src, "consolidated.01.pth"), os.path.join(src, "consolidated.02.pth"))
+    assert_fails_cleanly(tmp_path, argv, FileNotFoundError, "missing shard consolidated.01.pth")
+    os.rename(os.path.join(src, "consolidated.02.pth"), os.path.join(src, "consolidated.01.pth"))
+
+    edit_shard(src, 1, lambda sd: sd.pop("layers.1.feed_forward.w3.weight"))
+    assert_fails_cleanly(tmp_path, argv, ValueError,
+                         r"consolidated.01.pth: its tensors disagree .*layers.1.feed_forward.w3.weight")
+    edit_shard(src, 0, lambda sd: sd.pop("layers.1.feed_forward.w3.weight"))
+    assert_fails_cleanly(tmp_path, argv, KeyError, r"missing tensor\(s\) \['layers.1.feed_forward.w3.weight'\]")
+
+    for rank in (0, 1):
+        edit_shard(src, rank, lambda sd: sd.update({"layers.1.feed_forward.w3.weight": torch.zeros(96, 64),
+                                                    "layers.1.attention.bias": torch.zeros(64)}))
+    assert_fails_cleanly(tmp_path, argv, KeyError, r"unknown tensor\(s\) \['layers.1.attention.bias'\]")
+    for rank in (0, 1):
+        edit_shard(src, rank, lambda sd: sd.pop("layers.1.attention.bias"))
+
+    # a shape that disagrees with params.json, late in the stream (after other tensors were written)
+    edit_shard(src, 1, lambda sd: sd.update({"layers.1.feed_forward.w2.weight": torch.zeros(64, 90)}))
+    assert_fails_cleanly(tmp_path, argv, ValueError,
+                         r"consolidated.01.pth: tensor layers.1.feed_forward.w2.weight has shape \(64, 90\), "
+                         r"expected \(64, 96\)")
+    edit_shard(src, 1, lambda sd: sd.update({"layers.1.feed_forward.w2.weight": torch.zeros(64, 96)}))
+    edit_shard(src, 1, lambda sd: sd.update({"norm.weight": torch.zeros(64)}))
+    assert_fails_cleanly(tmp_path, argv, ValueError, "consolidated.01.pth: replicated tensor norm.weight differs")
+
+    with open(os.path.join(src, "params.json")) as f:
+        params = json.load(f)
+    with open(os.path.join(src, "params.json"), "w") as f:
+        json.dump({**params, "vocab_size": 1000}, f)
+    assert_fails_cleanly(tmp_path, argv, ValueError, "vocab_size 1000 disagrees with tok_embeddings.weight's 512")
+
+
+def test_existing_output_is_kept_without_overwrite_and_after_a_failure(tmp_path, meta_src):
+    cfg, src = meta_src
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="already exists.*--overwrite"):
+        convert.main(["meta", src, str(out), "--no-progress"])
+    edit_shard(src, 0, lambda sd: sd.update({"output.weight": torch.zeros(3, 64)}))
+    with pytest.raises(ValueError, match="output.weight"):
+        convert.main(["meta", src, str(out), "--overwrite", "--no-progress"])
+    assert os.listdir(out) == ["mine.txt"]  # a failed --overwrite leaves the old output alone
+    assert sorted(os.listdir(tmp_path)) == ["meta", "out"]
+
+
+def test_hf_errors(tmp_path):
+    cfg, model, _ = reference_model("tiny")
+    src = str(tmp_path / "hf")
+    model.save_pretrained(src, safe_serialization=True, max_shard_size="60KB")
+    argv = ["hf", src, str(tmp_path / "out")]
+    with open(os.path.join(src, "model.safetensors.index.json")) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    second = os.path.join(src, files[1])
+    tensors = load_file(second)
+    name = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != name}, second, metadata={"format": "pt"})
+    assert_fails_cleanly(tmp_path, argv, KeyError, f"{files[1]}: the index lists tensor {name}")
+    os.remove(second)
+    assert_fails_cleanly(tmp_path, argv, FileNotFoundError, f"{files[1]}: listed in the index but missing")
+    os.remove(os.path.join(src, "config.json"))
+    assert_fails_cleanly(tmp_path, argv, FileNotFoundError, "no config.json")
