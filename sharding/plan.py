@@ -1,0 +1,310 @@
+"""Will it fit? Compile the sharded training step for a real TPU topology on any machine.
+
+    python -m sharding.plan --model llama2-70b --topology v5p-128 --mesh fsdp=-1 --batch 256 --seq 4096
+
+With `libtpu` installed, `jax.experimental.topologies` gives compile-only devices of a TPU slice
+that this machine does not own; XLA then compiles the real SPMD program for them, exactly as
+the pod would, and reports its per-chip memory and FLOPs. The step compiled is a full training
+step: forward + backward + an optax.adamw update, params/grads/both moments in float32, compute
+in bfloat16, with the chosen remat policy; params and optimizer state are donated (updated in
+place), as a training loop does. The largest batch is found by compiling a second batch size
+and extrapolating the per-row memory linearly (printed as an estimate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sharding.distributed import batch_sharding
+from sharding.mesh import make_mesh, parse_mesh
+from sharding.rules import param_shardings
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    kind: str  # jax device_kind
+    hbm_bytes: int  # per chip, as the runtime reports it
+    peak_bf16_flops: float  # per chip
+    cores_in_name: int  # v4-8 / v5p-8 count TensorCores (2 per chip); v5e-8 counts chips
+    dims: int  # torus dimensions of the topology name
+    chip_config: str  # "megacore": one JAX device per chip (both cores)
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 2, 3, "megacore"),
+    "v5p": Chip("TPU v5", 95 * GiB, 459e12, 2, 3, "megacore"),
+    "v5e": Chip("TPU v5 lite", 16 * GiB, 197e12, 1, 2, "default"),
+    "v6e": Chip("TPU v6 lite", 32 * GiB, 918e12, 1, 2, "default"),
+}
+
+
+def _torus(chips: int, dims: int) -> tuple[int, ...]:
+    """Cloud TPU slice shapes: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8 ... (v4/v5p); 2x2, 2x4, 4x4 ... (v5e)."""
+    if chips == 1:
+        return (1,) * dims
+    shape = [2, 2, 1] if dims == 3 else [2, 2]
+    while math.prod(shape) < chips:
+        smallest = min(shape)
+        shape[max(i for i, s in enumerate(shape) if s == smallest)] *= 2
+    if math.prod(shape) != chips:
+        raise ValueError(f"{chips} chips is not a Cloud TPU slice size")
+    return tuple(shape)
+
+
+def parse_topology(name: str) -> tuple[Chip, str, int]:
+    """'v5p-128' or 'v5p:4x4x4' -> (chip, libtpu topology name, number of chips)."""
+    match = re.fullmatch(r"(v4|v5p|v5e|v6e)([-:])([0-9x]+)", name.strip().lower())
+    if not match:
+        raise ValueError(f"unknown TPU topology {name!r}: expected e.g. v5p-128, v4-8, v5e-8, v6e-16 "
+                         f"or v5p:4x4x4 (generations: {', '.join(CHIPS)})")
+    generation, sep, size = match.groups()
+    chip = CHIPS[generation]
+    if sep == ":":
+        shape = tuple(int(s) for s in size.split("x"))
+        if len(shape) != chip.dims:
+            raise ValueError(f"topology {name!r}: {generation} needs {chip.dims} dimensions like "
+                             f"{'2x2x1' if chip.dims == 3 else '2x4'}")
+    else:
+        if "x" in size or int(size) % chip.cores_in_name:
+            raise ValueError(f"topology {name!r}: the number after '-' must be a multiple of {chip.cores_in_name}")
+        shape = _torus(int(size) // chip.cores_in_name, chip.dims)
+    return chip, f"{generation}:{'x'.join(map(str, shape))}", math.prod(shape)
+
+
+def tpu_devices(topology: str) -> tuple[Chip, list[Any]]:
+    """Compile-only devices of a TPU slice (needs the libtpu package, no TPU)."""
+    try:
+        import libtpu  # noqa: F401  (only to give a clear error when it is missing)
+    except ImportError:
+        raise RuntimeError("planning for TPU needs the libtpu package: pip install libtpu "
+                           "(the version jax[tpu] pins)") from None
+    from jax.experimental import topologies
+
+    chip, name, chips = parse_topology(topology)
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip.chip_config,
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    if len(desc.devices) != chips:
+        raise RuntimeError(f"libtpu made {len(desc.devices)} devices for {name}, expected {chips}")
+    return chip, list(desc.devices)
+
+
+# --- the step that is compiled ------------------------------------------------------------
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross entropy (logits float32)."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz - picked)
+
+
+def make_train_step(cfg: Any, optimizer: Any):
+    """forward + backward + optimizer update, as a training loop runs it."""
+    from llama_jax.model import Llama
+
+    def step(params, opt_state, tokens, targets):
+        def loss_fn(p):
+            return cross_entropy(Llama(cfg).apply({"params": p}, tokens), targets)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        return params, opt_state, loss
+
+    return step
+
+
+def model_flops(cfg: Any, batch: int, seq: int) -> float:
+    """Matmul FLOPs of one training step, counted as XLA computes them (full causal square).
+
+    Forward per token: 2 x (every weight matrix) + 4 x seq x n_heads x head_dim for attention;
+    backward is twice the forward; remat "full" recomputes the layers' forward once more.
+    """
+    d, hd, h, kv, f = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim
+    layer = 2 * (2 * d * h * hd + 2 * d * kv * hd + 3 * d * f) + 4 * seq * h * hd
+    passes = 3 + (1 if cfg.remat == "full" else 0)
+    return float(batch * seq * (cfg.n_layers * layer * passes + 3 * 2 * d * cfg.vocab_size))
+
+
+@dataclasses.dataclass
+class Compiled:
+    batch: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    xla_flops: float  # per chip, XLA's cost analysis (it counts the scanned layer body once)
+
+    @property
+    def peak_bytes(self) -> int:
+        """What must be resident at once: inputs, outputs not written in place, scratch, code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+
+def _bytes_per_device(shapes: Any, shardings: Any) -> int:
+    return sum(math.prod(sh.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize
+               for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+
+
+def compile_step(cfg: Any, mesh: Mesh, batch: int, seq: int) -> tuple[Compiled, dict]:
+    """AOT-compile the sharded train step for `mesh` (any devices, compile-only ones included)."""
+    import optax
+
+    from llama_jax.model import param_shapes
+
+    optimizer = optax.adamw(1e-4, weight_decay=0.1)
+    p_shapes = param_shapes(cfg)
+    p_shard = param_shardings(cfg, mesh)
+    o_shapes = jax.eval_shape(optimizer.init, p_shapes)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    o_shard = optax.tree_map_params(optimizer, lambda _, sh: sh, o_shapes, p_shard,
+                                    transform_non_params=lambda _: replicated)
+    b_shard = batch_sharding(mesh, 2)
+    sds = lambda shapes, shard: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                             shapes, shard)
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=b_shard)
+    step = jax.jit(make_train_step(cfg, optimizer), donate_argnums=(0, 1),
+                   out_shardings=(p_shard, o_shard, replicated))
+    with jax.set_mesh(mesh):
+        compiled = step.lower(sds(p_shapes, p_shard), sds(o_shapes, o_shard), tokens, tokens).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    result = Compiled(batch, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                      mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, float(cost.get("flops", 0.0)))
+    sizes = {"params": _bytes_per_device(p_shapes, p_shard), "optimizer": _bytes_per_device(o_shapes, o_shard),
+             "batch": 2 * math.prod(b_shard.shard_shape((batch, seq))) * 4}
+    return result, sizes
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+    model: str
+    topology: str
+    mesh: dict
+    seq: int
+    remat: str
+    hbm_bytes: int
+    sizes: dict  # params / optimizer / batch bytes per chip
+    at_batch: Compiled  # the requested batch
+    other: Compiled  # a second batch size, for the per-row slope
+    groups: int  # data x fsdp: the batch granularity
+    n_chips: int
+    peak_flops: float
+    flops: float  # model FLOPs per step, all chips (model_flops)
+    n_layers: int
+
+    @property
+    def fits(self) -> bool:
+        return self.at_batch.peak_bytes <= self.hbm_bytes
+
+    @property
+    def at_min(self) -> Compiled:
+        return min(self.at_batch, self.other, key=lambda c: c.batch)
+
+    @property
+    def bytes_per_row(self) -> float:
+        hi, lo = max(self.at_batch, self.other, key=lambda c: c.batch), self.at_min
+        return (hi.peak_bytes - lo.peak_bytes) / (hi.batch - lo.batch)
+
+    @property
+    def max_batch(self) -> int:
+        """Largest multiple of data x fsdp whose (linearly extrapolated) peak fits in HBM; 0 if none."""
+        lo = self.at_min
+        if lo.peak_bytes > self.hbm_bytes:
+            return 0
+        per_group = self.bytes_per_row * self.groups
+        if per_group <= 0:
+            raise RuntimeError("memory did not grow with the batch; cannot extrapolate the largest batch")
+        return lo.batch + int((self.hbm_bytes - lo.peak_bytes) // per_group) * self.groups
+
+    def report(self) -> str:
+        c, gib = self.at_batch, lambda b: f"{b / GiB:8.2f} GiB"
+        mesh = " ".join(f"{k}={v}" for k, v in self.mesh.items())
+        activations = c.temp_bytes
+        lines = [
+            f"plan: {self.model} on {self.topology} ({self.n_chips} chips, {gib(self.hbm_bytes).strip()} HBM each), "
+            f"mesh {mesh}, batch {c.batch} x seq {self.seq}, remat {self.remat}",
+            f"  per-chip memory of the compiled train step (adamw, fp32 params/grads/moments, bf16 compute):",
+            f"    params               {gib(self.sizes['params'])}",
+            f"    optimizer (2 moments){gib(self.sizes['optimizer'])}",
+            f"    batch (tokens+targets){gib(self.sizes['batch'])}",
+            f"    temp (activations, grads, scratch){gib(activations)}",
+            f"    code                 {gib(c.code_bytes)}",
+            f"    total (peak)         {gib(c.peak_bytes)}   of {gib(self.hbm_bytes).strip()}  "
+            f"({100 * c.peak_bytes / self.hbm_bytes:.0f}%)",
+            f"  FLOPs per step: {self.flops:.3e} ({self.flops / self.n_chips:.3e} per chip; >= "
+            f"{self.flops / self.n_chips / self.peak_flops:.3f} s/step at peak bf16, "
+            f"{self.peak_flops / 1e12:.0f} TFLOP/s/chip); XLA's count for the compiled program is "
+            f"{c.xla_flops:.3e} per chip with the {self.n_layers}-layer scan body counted once",
+            f"  memory per extra batch row (from compiling batch {self.other.batch} and {c.batch}): "
+            f"{self.bytes_per_row / GiB:.3f} GiB per chip",
+        ]
+        verdict = "FITS" if self.fits else "DOES NOT FIT"
+        if self.max_batch:
+            lines.append(f"  verdict: {verdict}; largest batch that fits (estimated, multiple of data x fsdp = "
+                         f"{self.groups}): {self.max_batch}")
+        else:
+            lines.append(f"  verdict: {verdict}; even the smallest batch ({self.at_min.batch}) needs "
+                         f"{self.at_min.peak_bytes / GiB:.2f} GiB: use more chips, more fsdp, or remat")
+        return "\n".join(lines)
+
+
+def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, remat: str = "full",
+         n_layers: int | None = None, devices: list[Any] | None = None, chip: Chip | None = None) -> Plan:
+    """Compile the train step at `batch` and at the smallest batch, and judge the fit.
+
+    `devices`/`chip` default to libtpu's compile-only devices of `topology`. `n_layers` replaces
+    the preset's depth (for quick experiments; the report then describes that smaller model).
+    """
+    from llama_jax.config import LlamaConfig
+
+    overrides = dict(dtype="bfloat16", param_dtype="float32", remat=remat)
+    if n_layers:
+        overrides["n_layers"] = n_layers
+    cfg = LlamaConfig.preset(model, **overrides)
+    if seq > cfg.max_seq_len:
+        raise ValueError(f"--seq {seq} exceeds {model}'s max_seq_len {cfg.max_seq_len}")
+    if devices is None:
+        chip, devices = tpu_devices(topology)
+    mesh_obj = make_mesh(devices=devices, cfg=cfg, batch=batch, **mesh)
+    groups = mesh_obj.shape["data"] * mesh_obj.shape["fsdp"]
+    at_batch, sizes = compile_step(cfg, mesh_obj, batch, seq)
+    other, _ = compile_step(cfg, mesh_obj, groups if batch > groups else 2 * groups, seq)
+    return Plan(model, topology, dict(mesh_obj.shape), seq, remat, chip.hbm_bytes, sizes, at_batch, other, groups,
+                len(devices), chip.peak_bf16_flops, model_flops(cfg, batch, seq), cfg.n_layers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sharding.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a LlamaConfig preset, e.g. llama2-7b, llama2-70b")
+    parser.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v4-256, v5e-8, v5p:4x4x4")
+    parser.add_argument("--mesh", default="fsdp=-1", help="mesh axes, e.g. fsdp=-1 or data=2,fsdp=-1,tensor=4")
+    parser.add_argument("--batch", type=int, required=True, help="global batch (sequences per step)")
+    parser.add_argument("--seq", type=int, default=2048, help="sequence length")
+    parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers (quick looks)")
+    args = parser.parse_args(argv)
+    result = plan(args.model, args.topology, parse_mesh(args.mesh), args.batch, args.seq, args.remat, args.layers)
+    print(result.report())
+    return 0 if result.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
