@@ -12,14 +12,17 @@ import os
 import jax
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 import transformers
+from jax.sharding import Mesh
 from safetensors.torch import load_file, save_file
 
 import llama_jax as lj
 from llama_jax import convert, layout
 from reference import hf_logits, hf_model
+from sharding.rules import param_shardings
 
 TOKENS = np.array([[1, 17, 300, 4, 99, 511, 42, 7, 250, 3]], np.int32)
 
@@ -115,6 +118,17 @@ def test_meta_bf16_keeps_bits_reads_rope_theta_copies_tokenizer_and_verifies(tmp
     np.testing.assert_array_equal(wq.reshape(cfg.dim, -1).T, hf_wq.astype(ml_dtypes.bfloat16))
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
     assert rel_err(ours_logits(out), expected) <= 1e-5
+
+    # the streamed files are a plain Orbax PyTree checkpoint: Orbax alone reads the same values,
+    plain = ocp.PyTreeCheckpointer().restore(os.path.join(out, "params"))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(params)):
+        assert a.dtype == ml_dtypes.bfloat16 and np.array_equal(a, np.asarray(b))
+    # and a mesh restore places each leaf by the logical-axis rules
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 4), ("data", "fsdp", "tensor"))
+    _, sharded = lj.load_checkpoint(out, mesh=mesh)
+    for leaf, sharding, ref in zip(jax.tree.leaves(sharded), jax.tree.leaves(param_shardings(cfg_out, mesh)),
+                                   jax.tree.leaves(params)):
+        assert leaf.sharding == sharding and np.array_equal(np.asarray(leaf), np.asarray(ref))
 
 
 def test_meta_reference_forward_agrees_with_hf(tmp_path):
