@@ -138,3 +138,21 @@ def test_splash_compiles_for_a_tpu_topology():
         assert compiled.as_text().count("tpu_custom_call") == 2  # forward kernel + fused backward kernel
         dq_sharding = jax.tree.leaves(compiled.output_shardings)[1]
         assert dq_sharding.spec == P(batch, None, heads, None)
+
+
+def test_model_routes_segment_ids_to_splash(monkeypatch):
+    """The whole tiny GQA model with attention="splash" (kernel interpreted on the CPU) and packed
+    segment ids gives the logits of the checked einsum path: Attention passes segments through."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    import llama_jax as lj
+
+    monkeypatch.setattr(splash, "make_splash_mha", functools.partial(splash.make_splash_mha, interpret=True))
+    cfg = LlamaConfig.preset("tiny-gqa")
+    params = lj.init_params(cfg, 0)
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, cfg.vocab_size, (1, 128)), jnp.int32)
+    ids = jnp.asarray(np.repeat([[0, 1, 2]], [40, 60, 28], axis=1), jnp.int32)
+    positions = jnp.asarray(np.concatenate([np.arange(40), np.arange(60), np.arange(28)])[None], jnp.int32)
+    want = lj.forward(params, tokens, cfg, positions, ids)
+    got = lj.forward(params, tokens, cfg.replace(attention="splash"), positions, ids)
+    assert rel_err(got, want) < 1e-5
