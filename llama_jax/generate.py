@@ -9,9 +9,9 @@ How a batch runs (read `generate`):
 - The decode is one `lax.while_loop` on device (buffers donated) that stops when every row has
   produced `eos_id` or `max_new_tokens` tokens: no Python per token.
 - Batch and prompt length are rounded up to powers of two and the cache to prompt bucket +
-  power-of-two new tokens, so a handful of compiled programs serve every request. Temperature,
-  top-p, top-k, seed and max_new_tokens are traced values: changing them never recompiles
-  (greedy vs sampling is the one static switch).
+  power-of-two new tokens, so a handful of compiled programs serve every request. Temperature
+  (0 = greedy, a lax.cond), top-p, top-k, seed, eos_id and max_new_tokens are traced values:
+  changing them never recompiles.
 - Streaming (`generate_stream`) runs the same compiled decode loop a chunk of steps at a time.
 - Sampling draws row r's step-s token with key fold_in(fold_in(key(seed), r), s), so a prompt's
   text depends only on (seed, its index, the settings), not on the batch bucket or on streaming.
@@ -66,15 +66,17 @@ def filter_probs(probs: Array, top_p: float = 1.0, top_k: int = 0) -> Array:
     return jnp.take_along_axis(p, inverse, axis=-1)
 
 
-def sample(keys: Array, logits: Array, temperature: Array, top_p: Array, top_k: Array, greedy: bool) -> Array:
-    """One token per row of logits (B, V): argmax when `greedy`, else temperature, then top-k,
-    then top-p (Meta's keep rule), then a draw with each row's key (B,)."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    p, order = _sorted_filtered(probs, top_p, top_k)
-    index = jax.vmap(jax.random.categorical)(keys, jnp.log(p))
-    return jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
+def sample(keys: Array, logits: Array, temperature: Array, top_p: Array, top_k: Array) -> Array:
+    """One token per row of logits (B, V): argmax when temperature == 0, else temperature, then
+    top-k, then top-p (Meta's keep rule), then a draw with each row's key (B,)."""
+
+    def draw(logits):
+        probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+        p, order = _sorted_filtered(probs, top_p, top_k)
+        index = jax.vmap(jax.random.categorical)(keys, jnp.log(p))
+        return jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    return lax.cond(temperature == 0, lambda l: jnp.argmax(l, axis=-1).astype(jnp.int32), draw, logits)
 
 
 def _logprob(logits: Array, tokens: Array) -> Array:
@@ -90,10 +92,11 @@ def _step_keys(row_keys: Array, step: Array) -> Array:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "slots", "new_bucket", "greedy", "echo"))
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "new_bucket"))
 def _prefill(params: Any, tokens: Array, lengths: Array, active: Array, sampling: dict, *, cfg: LlamaConfig,
-             slots: int, new_bucket: int, greedy: bool, echo: bool) -> tuple[dict, Array | None]:
-    """Run the padded prompts (B, T), sample each row's first new token, return the loop state."""
+             slots: int, new_bucket: int) -> tuple[dict, Array]:
+    """Run the padded prompts (B, T), sample each row's first new token, return the loop state and
+    the log-probability of every prompt token after the first (for echo; fused, nearly free)."""
     b, t = tokens.shape
     cache = jax.tree.map(lambda c: constrain(c, CACHE_AXES), init_cache(cfg, b, slots))
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -102,18 +105,17 @@ def _prefill(params: Any, tokens: Array, lengths: Array, active: Array, sampling
     seed_key = jax.random.key(sampling["seed"])
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(seed_key, jnp.arange(b))
     token = sample(_step_keys(row_keys, 0), last, sampling["temperature"], sampling["top_p"],
-                   sampling["top_k"], greedy)
+                   sampling["top_k"])
     token = jnp.where(active, token, -1)
     out = jnp.full((b, new_bucket), -1, jnp.int32).at[:, 0].set(token)
     logprobs = jnp.zeros((b, new_bucket), jnp.float32).at[:, 0].set(_logprob(last, token))
     state = {"cache": cache, "tokens": out, "logprobs": logprobs, "step": jnp.int32(1), "last": token,
              "lengths": lengths, "done": ~active | (token == sampling["eos_id"]), "row_keys": row_keys}
-    prompt_logprobs = _logprob(logits[:, :-1], tokens[:, 1:]) if echo else None
-    return state, prompt_logprobs
+    return state, _logprob(logits[:, :-1], tokens[:, 1:])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "greedy"), donate_argnums=1)
-def _decode(params: Any, state: dict, until: Array, sampling: dict, *, cfg: LlamaConfig, greedy: bool) -> dict:
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
+def _decode(params: Any, state: dict, until: Array, sampling: dict, *, cfg: LlamaConfig) -> dict:
     """Decode on device until every row is done or `until` tokens exist (state["step"] counts them)."""
     model = Llama(cfg)
 
@@ -128,7 +130,7 @@ def _decode(params: Any, state: dict, until: Array, sampling: dict, *, cfg: Llam
         cache = jax.tree.map(lambda c: constrain(c, CACHE_AXES), cache)
         logits = logits[:, 0]
         token = sample(_step_keys(s["row_keys"], step), logits, sampling["temperature"], sampling["top_p"],
-                       sampling["top_k"], greedy)
+                       sampling["top_k"])
         token = jnp.where(s["done"], -1, token)
         logprob = jnp.where(s["done"], 0.0, _logprob(logits, jnp.maximum(token, 0)))
         return {**s, "cache": cache, "step": step + 1, "last": token,
@@ -184,8 +186,8 @@ def _check_request(cfg: LlamaConfig, prompts: Any, max_new_tokens: Any, temperat
 
 
 def _start(params: Any, cfg: LlamaConfig, prompts: Any, max_new_tokens: int, temperature: float, top_p: float,
-           top_k: int, seed: int, eos_id: int | None, echo: bool):
-    """Validate, pad into buckets and prefill. Returns (rows, state, prompt logprobs, sampling, greedy)."""
+           top_k: int, seed: int, eos_id: int | None):
+    """Validate, pad into buckets and prefill. Returns (rows, state, prompt logprobs, sampling)."""
     rows = _check_request(cfg, prompts, max_new_tokens, temperature, top_p, top_k, seed, eos_id)
     batch = _pow2(len(rows))
     length = min(max(_pow2(max(len(r) for r in rows)), MIN_LENGTH_BUCKET), cfg.max_seq_len)
@@ -196,15 +198,13 @@ def _start(params: Any, cfg: LlamaConfig, prompts: Any, max_new_tokens: int, tem
     for i, row in enumerate(rows):
         tokens[i, :len(row)] = row
         lengths[i] = len(row)
-    greedy = temperature == 0
-    sampling = {"temperature": jnp.float32(temperature if not greedy else 1.0), "top_p": jnp.float32(top_p),
+    sampling = {"temperature": jnp.float32(temperature), "top_p": jnp.float32(top_p),
                 "top_k": jnp.int32(top_k), "seed": jnp.int32(seed),
                 "eos_id": jnp.int32(-1 if eos_id is None else eos_id)}
     active = np.arange(batch) < len(rows)
     state, prompt_logprobs = _prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(active),
-                                      sampling, cfg=cfg, slots=slots, new_bucket=new_bucket, greedy=greedy,
-                                      echo=echo)
-    return rows, state, prompt_logprobs, sampling, greedy
+                                      sampling, cfg=cfg, slots=slots, new_bucket=new_bucket)
+    return rows, state, prompt_logprobs, sampling
 
 
 def _cut(tokens: np.ndarray, logprobs: np.ndarray, eos_id: int | None) -> tuple[list[int], list[float]]:
@@ -226,11 +226,11 @@ def generate(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
     the prompt, whose logprobs are those of each prompt token given the ones before (0.0 for the
     first token), as in Meta's reference. Run it under `with mesh:` for sharded decoding.
     """
-    rows, state, prompt_logprobs, sampling, greedy = _start(params, cfg, prompts, max_new_tokens, temperature,
-                                                            top_p, top_k, seed, eos_id, echo)
-    state = _decode(params, state, jnp.int32(max_new_tokens), sampling, cfg=cfg, greedy=greedy)
+    rows, state, prompt_logprobs, sampling = _start(params, cfg, prompts, max_new_tokens, temperature,
+                                                            top_p, top_k, seed, eos_id)
+    state = _decode(params, state, jnp.int32(max_new_tokens), sampling, cfg=cfg)
     out_tokens, out_logprobs = np.asarray(state["tokens"]), np.asarray(state["logprobs"])
-    prompt_logprobs = None if prompt_logprobs is None else np.asarray(prompt_logprobs)
+    prompt_logprobs = np.asarray(prompt_logprobs) if echo else None
     results, scores = [], []
     for i, row in enumerate(rows):
         new, new_lp = _cut(out_tokens[i, :max_new_tokens], out_logprobs[i, :max_new_tokens], eos_id)
@@ -251,8 +251,8 @@ def generate_stream(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[in
     same compiled on-device loop. Concatenating the yields gives exactly `generate`'s output."""
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
-    rows, state, _, sampling, greedy = _start(params, cfg, prompts, max_new_tokens, temperature, top_p, top_k,
-                                              seed, eos_id, echo=False)
+    rows, state, _, sampling = _start(params, cfg, prompts, max_new_tokens, temperature, top_p, top_k,
+                                              seed, eos_id)
     stopped = [False] * len(rows)
     done_until = 0
     while True:
@@ -267,8 +267,7 @@ def generate_stream(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[in
         done_until = step
         if step >= max_new_tokens or all(stopped):
             return
-        state = _decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), sampling, cfg=cfg,
-                        greedy=greedy)
+        state = _decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), sampling, cfg=cfg)
 
 
 # --- text level: Generator ----------------------------------------------------------------------
