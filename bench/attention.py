@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import device_name, median_seconds, row, sig, torch_sync, write_result
-from llama_jax.model import attend
+from llama_jax.attention import attend
 
 AVAILABLE = {"cpu": ("xla",), "gpu": ("xla", "cudnn"), "tpu": ("xla", "splash")}
 

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import _attend_dot_product, attend
+from llama_jax.attention import _attend_dot_product, attend
 
 
 def reference(q, k, v, allowed):
