@@ -24,9 +24,9 @@ TASKS = {
 
 def make_record(task: str, rnd: random.Random) -> dict:
     if task == "add":
-        a, b = rnd.randint(0, 99), rnd.randint(0, 99)
+        a, b = rnd.randint(10, 99), rnd.randint(10, 99)
         return {"instruction": TASKS[task], "input": f"{a}+{b}", "output": str(a + b)}
-    digits = "".join(rnd.choice("0123456789") for _ in range(rnd.randint(3, 6)))
+    digits = "".join(rnd.choice("0123456789") for _ in range(4))  # one length: a fixed RoPE offset to learn
     output = {"copy": digits, "reverse": digits[::-1], "sort": "".join(sorted(digits))}[task]
     return {"instruction": TASKS[task], "input": digits, "output": output}
 

@@ -116,6 +116,11 @@ def _check_type(key: str, value: Any, default: Any, annotation: str) -> Any:
             raise ValueError(f"config {key}: expected true/false, got {value!r}")
         return value
     if "float" in str(annotation):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config {key}: expected a number, got {value!r}")
         return float(value)

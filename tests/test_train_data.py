@@ -1,0 +1,116 @@
+"""Data pipelines: Alpaca masking against the hand-written Stanford template, packing against each
+document run alone, pretraining rows, deterministic per-host batches, and recipe config errors."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llama_jax as lj
+from train import data as data_lib
+from train.config import load_config
+
+TOK = lj.Tokenizer("data/tokenizer.model")
+STANFORD_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                       "{instruction}\n\n### Input:\n{input}\n\n### Response:")
+STANFORD_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                     "the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+
+
+def test_alpaca_example_masks_bos_and_prompt_and_keeps_eos():
+    for record, template in [({"instruction": "Sort the digits.", "input": "4312", "output": "1234"}, STANFORD_WITH_INPUT),
+                             ({"instruction": "Name a colour.", "output": "Blue"}, STANFORD_NO_INPUT)]:
+        prompt = template.format(instruction=record["instruction"], input=record.get("input", ""))
+        tokens, mask = data_lib.alpaca_example(TOK, record, max_len=512)
+        prompt_ids = TOK.encode(prompt, bos=True)
+        assert tokens == TOK.encode(prompt + record["output"], bos=True, eos=True)
+        assert tokens[: len(prompt_ids)] == prompt_ids and mask == [0] * len(prompt_ids) + [1] * (len(tokens) - len(prompt_ids))
+        assert TOK.decode([t for t, m in zip(tokens, mask) if m]) == record["output"] and tokens[-1] == TOK.eos_id
+    short, short_mask = data_lib.alpaca_example(TOK, {"instruction": "Sort the digits.", "input": "4312", "output": "1234"}, 20)
+    assert len(short) == 20 and sum(short_mask) == 0
+    with pytest.raises(ValueError, match="Alpaca record"):
+        data_lib.alpaca_example(TOK, {"instruction": "x"}, 32)
+
+
+def test_build_rows_counts_truncation(tmp_path):
+    path = tmp_path / "a.json"
+    long = {"instruction": "Copy.", "input": "1" * 200, "output": "1" * 200}
+    path.write_text(json.dumps([long, {"instruction": "Copy.", "input": "12", "output": "12"}]))
+    rows, summary = data_lib.build_rows("alpaca", [str(path)], TOK, max_len=128, pack=False)
+    # the long record is truncated inside its prompt: no targets left, so it is dropped, and counted
+    assert summary["truncated"] == 1 and summary["examples"] == 1 and rows["tokens"].shape == (1, 129)
+
+
+def test_chat_example_masks_user_turns():
+    dialog = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    tokens, mask = data_lib.chat_example(TOK, dialog)
+    prompt = TOK.encode("[INST] Hi [/INST]", bos=True)
+    assert tokens[: len(prompt)] == prompt and sum(mask[: len(prompt)]) == 0
+    assert TOK.decode([t for t, m in zip(tokens, mask) if m]).strip() == "Hello there" and tokens[-1] == TOK.eos_id
+
+
+def test_packed_rows_equal_each_example_alone():
+    """Logits of every packed document equal the logits of that document run by itself, and
+    no target crosses a document boundary."""
+    cfg = lj.LlamaConfig.preset("tiny")
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 512, n).tolist() for n in (7, 12, 6, 9)]
+    examples = [(d, [0] + [1] * (len(d) - 1)) for d in docs]
+    rows = data_lib.pack_rows(examples, 24)
+    assert rows["tokens"].shape == (2, 24)  # 7+12 fit in 24 (+6 would not), then 6+9
+    batch = data_lib.model_batch(rows)
+    params = lj.init_params(cfg, 0)
+    packed = np.asarray(lj.forward(params, batch["tokens"], cfg, jnp.asarray(batch["positions"]),
+                                   jnp.asarray(batch["segment_ids"])))
+    # each document alone in its own row (right-padded: causal attention never reads the padding)
+    alone_tokens = np.full((4, 23), 5, np.int32)
+    for i, d in enumerate(docs):
+        alone_tokens[i, : len(d)] = d
+    alone = np.asarray(lj.forward(params, alone_tokens, cfg))
+    for i, (doc, (r, s)) in enumerate(zip(docs, [(0, 0), (0, 7), (1, 0), (1, 6)])):
+        n = min(len(doc), 23 - s)  # model inputs are the first 23 tokens of the row
+        np.testing.assert_allclose(packed[r, s: s + n], alone[i, :n], rtol=1e-5, atol=1e-5)
+        assert batch["weights"][r, s: s + n - 1].sum() == n - 1  # its own next tokens are targets
+    assert batch["weights"][0, 6] == 0  # predicting doc 2's first token from doc 1 is not a target
+
+
+def test_stream_rows_for_pretraining():
+    docs = [[1, 10, 11, 2], [1, 20, 21, 22, 23, 24, 2]]
+    rows = data_lib.stream_rows(docs, 4)  # rows overlap by one token: every token is a target once
+    np.testing.assert_array_equal(rows["tokens"], [[1, 10, 11, 2], [2, 1, 20, 21], [21, 22, 23, 24]])
+    np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1, 1], [1, 2, 2, 2], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(rows["positions"], [[0, 1, 2, 3], [0, 0, 1, 2], [0, 1, 2, 3]])
+    batch = data_lib.model_batch(rows)
+    np.testing.assert_array_equal(batch["weights"], [[1, 1, 1], [0, 1, 1], [1, 1, 1]])
+
+
+def test_batches_are_deterministic_and_split_over_hosts():
+    rows = {k: np.arange(10 * 3).reshape(10, 3).astype(np.int32) for k in ("tokens", "loss_mask", "positions")}
+    rows["segment_ids"] = np.ones((10, 3), np.int32)
+    full = data_lib.Batches(rows, 4, seed=3)
+    assert full.per_epoch == 2
+    seen = [full.global_indices(k).tolist() for k in range(4)]
+    assert len(set(seen[0] + seen[1])) == 8 and seen[:2] != seen[2:]  # epoch 0: 8 distinct rows; epoch 1 reshuffles
+    again = data_lib.Batches(rows, 4, seed=3)
+    assert [again.global_indices(k).tolist() for k in (3, 0)] == [seen[3], seen[0]]  # resume at any index
+    hosts = [data_lib.Batches(rows, 4, seed=3, process_index=i, process_count=2) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h(1)["tokens"] for h in hosts]), full(1)["tokens"])
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        data_lib.Batches(rows, 11, seed=0)
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config("configs/demo.yaml", ["steps=7", "optim.lr=1e-4", "data.pack=true", "model.overrides.dim=64"])
+    assert cfg.steps == 7 and cfg.optim.lr == 1e-4 and cfg.data.pack is True and cfg.model.overrides["dim"] == 64
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lr'\].*known keys"):
+        load_config("configs/demo.yaml", ["lr=1e-4"])
+    with pytest.raises(ValueError, match="optim.lr: expected a number"):
+        load_config("configs/demo.yaml", ["optim.lr=fast"])
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        load_config("configs/demo.yaml", ["steps"])
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    for name in ("demo", "alpaca-7b", "pretrain-llama2-7b", "pretrain-llama2-70b-fsdp"):
+        load_config(f"configs/{name}.yaml")

@@ -1,0 +1,161 @@
+"""The train step against independent references: HF transformers' loss and a torch AdamW update,
+hand-computed schedules and FLOPs, and invariances (loss mask, accumulation, sharding)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import Mesh
+
+import llama_jax as lj
+from reference import hf_model, hf_params
+from train import data as data_lib
+from train import step as step_lib
+
+CFG = lj.LlamaConfig.preset("tiny-gqa")
+B, T = 8, 32
+
+
+def make_batch(seed=0, b=B, t=T):
+    """Random tokens with an uneven number of targets per row (so per-row means would differ)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, CFG.vocab_size, (b, t + 1)).astype(np.int32)
+    mask = np.zeros((b, t + 1), np.int32)
+    for i in range(b):
+        mask[i, rng.integers(1, t):] = 1
+    rows = {"tokens": tokens, "loss_mask": mask, "segment_ids": np.ones_like(tokens),
+            "positions": np.tile(np.arange(t + 1, dtype=np.int32), (b, 1))}
+    return data_lib.model_batch(rows)
+
+
+def one_device_mesh():
+    return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+
+
+def run_steps(params, batches, mesh, grad_accum=1, lr=1e-3, clip=1.0, wd=0.1, eps=1e-5):
+    schedule = step_lib.lr_schedule(lr, 10, "constant")
+    opt = step_lib.make_optimizer(schedule, 0.9, 0.95, eps, wd, clip)
+    shardings = step_lib.state_shardings(CFG, opt, mesh)
+    fn = step_lib.make_train_step(CFG, opt, schedule, mesh, batches[0]["tokens"].shape, grad_accum)
+    metrics = []
+    with mesh:
+        state = jax.jit(lambda p: step_lib.init_state(p, opt), out_shardings=shardings)(params)
+        for batch in batches:
+            state, m = fn(state, jax.device_put(batch, step_lib.batch_sharding(mesh, batch["tokens"].shape)))
+            metrics.append(jax.device_get(m))
+    return jax.device_get(state["params"]), metrics
+
+
+def test_loss_and_adamw_update_match_hf_and_torch():
+    """Token-level mean CE equals HF's loss (labels -100 on masked tokens, one mean over the
+    whole batch); one clipped AdamW step (no decay on norms) equals torch.optim.AdamW."""
+    model = hf_model(CFG, seed=1)
+    params = hf_params(model, CFG)
+    batch = make_batch(1)
+    lr, wd, eps, clip = 1e-3, 0.1, 1e-5, 0.5
+    new_params, metrics = run_steps(params, [batch], one_device_mesh(), lr=lr, clip=clip, wd=wd, eps=eps)
+
+    # HF's own loss: labels are the input ids (HF shifts them), -100 where the token is no target.
+    full = np.concatenate([batch["tokens"], batch["targets"][:, -1:]], axis=1)
+    is_target = np.concatenate([np.zeros((B, 1)), batch["weights"]], axis=1) > 0
+    labels = torch.as_tensor(np.where(is_target, full, -100), dtype=torch.long)
+    out = model(torch.as_tensor(full, dtype=torch.long), labels=labels)
+    np.testing.assert_allclose(metrics[0]["loss"], out.loss.item(), rtol=1e-5)
+    row_means = [torch.nn.functional.cross_entropy(out.logits[i, :-1], labels[i, 1:], ignore_index=-100).item()
+                 for i in range(B)]
+    assert abs(np.mean(row_means) - out.loss.item()) > 1e-3  # so a mean of row means would fail above
+
+    decay = [p for n, p in model.named_parameters() if not n.endswith("norm.weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=eps)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    want = hf_params(model, CFG)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(new_params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=2e-6)
+
+
+def test_masked_labels_do_not_matter_and_eos_is_a_target():
+    tok = lj.Tokenizer("data/tokenizer.model")
+    tokens, mask = data_lib.alpaca_example(tok, {"instruction": "Reverse the digits.", "input": "123", "output": "321"})
+    assert tokens[-1] == tok.eos_id and mask[-1] == 1
+    batch = data_lib.model_batch(data_lib.pad_rows([(tokens, mask)] * 2, 97))
+    params = lj.init_params(CFG, 0)
+    loss = jax.jit(lambda b: step_lib.token_sums(params, b, CFG, 0.0))
+    grads = jax.jit(lambda b: jax.grad(lambda p: step_lib.token_sums(p, b, CFG, 0.0)[0])(params))
+    base_loss, base_grads = loss(batch)[0], grads(batch)
+    prompt_pos = int(np.flatnonzero(batch["weights"][0] == 0)[5])  # a prompt position (target masked)
+    changed = {**batch, "targets": batch["targets"].copy()}
+    changed["targets"][0, prompt_pos] = (changed["targets"][0, prompt_pos] + 7) % CFG.vocab_size
+    assert float(loss(changed)[0]) == float(base_loss)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), grads(changed), base_grads)
+    answer_pos = int(np.flatnonzero(batch["weights"][0] > 0)[0])
+    changed["targets"][0, answer_pos] = (changed["targets"][0, answer_pos] + 7) % CFG.vocab_size
+    assert float(loss(changed)[0]) != float(base_loss)
+
+
+def test_gradient_accumulation_equals_big_batch():
+    params = lj.init_params(CFG, 3)
+    batches = [make_batch(5), make_batch(6)]
+    mesh = one_device_mesh()
+    big, m_big = run_steps(params, batches, mesh, grad_accum=1)
+    acc, m_acc = run_steps(params, batches, mesh, grad_accum=4)
+    for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(big)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(m_acc, m_big):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+
+
+def test_sharded_step_equals_single_device():
+    params = lj.init_params(CFG, 4)
+    batches = [make_batch(7), make_batch(8)]
+    single, m_single = run_steps(params, batches, one_device_mesh(), grad_accum=2)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    sharded, m_sharded = run_steps(params, batches, mesh, grad_accum=2)
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(m_sharded, m_single):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+
+
+def test_schedule_and_decay_mask():
+    s = step_lib.lr_schedule(1.0, 110, "cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert float(s(0)) == 0.0 and math.isclose(float(s(5)), 0.5, rel_tol=1e-6)
+    assert math.isclose(float(s(10)), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(s(60)), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), rel_tol=1e-6)
+    assert math.isclose(float(s(110)), 0.1, rel_tol=1e-6) and math.isclose(float(s(500)), 0.1, rel_tol=1e-6)
+    assert float(step_lib.lr_schedule(2.0, 100, "constant")(77)) == 2.0
+    mask = step_lib.decay_mask(lj.param_shapes(CFG))
+    assert mask["tok_embeddings"] and mask["output"] and mask["layers"]["attention"]["wq"]
+    assert not mask["norm"]["weight"] and not mask["layers"]["attention_norm"]["weight"]
+    assert not mask["layers"]["ffn_norm"]["weight"]
+
+
+def test_flops_per_token_formula():
+    cfg = lj.LlamaConfig.preset("llama2-7b")
+    want = 6 * (6_738_415_616 - 32000 * 4096) + 6 * 32 * 4096 * 2048
+    assert step_lib.flops_per_token(cfg, 2048) == want
+    # 1000 tokens/s on one chip of 100 TFLOP/s peak:
+    assert math.isclose(step_lib.mfu(1000.0, cfg, 2048, 1, 100.0), 1000.0 * want / 100e12)
+
+
+def test_nan_loss_stops_before_saving(tmp_path):
+    from train.config import load_config
+    from train.loop import TrainingDiverged, run
+    cfg = load_config(None, [f"output_dir={tmp_path}", "steps=4", "checkpoint_every=2", "batch_size=8",
+                             "model.preset=tiny", "data.format=pretrain", "data.train=data/demo_pretrain.txt",
+                             "data.max_len=16", "optim.lr=1e30", "optim.clip_norm=0", "optim.warmup_steps=0",
+                             "log_every=1", "tensorboard=false", "async_checkpointing=false"])
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        run(cfg)
+    saved = sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit())
+    assert max(saved, default=0) < 4
+    if saved:
+        _, params = lj.load_checkpoint(str(tmp_path))
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
