@@ -3,6 +3,7 @@
     python bench/convert.py --shape 7b              # 13.5 GB, one file: needs ~45 GB free disk
     python bench/convert.py --shape 13b-layers      # 13B shapes, 2 shards, first 8 layers
     python bench/convert.py --shape tiny            # seconds; a smoke test of this script
+    python bench/convert.py --shape 7b --layers 4   # 7B shapes, first 4 layers (quick profiling)
 
 Measures, on the same files: `cat SRC > /dev/null` (read), `cp SRC` + sync (read + write of the
 same bytes), `python -m llama_jax.convert meta` + sync (wall time and peak RSS from
@@ -79,9 +80,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--dir", default="/tmp/llama_jax_bench_convert")
+    parser.add_argument("--layers", type=int, default=None, help="only the first N layers of the shape")
     parser.add_argument("--keep", action="store_true", help="keep the files")
     args = parser.parse_args()
     cfg, shards = SHAPES[args.shape]
+    if args.layers is not None:
+        if not 1 <= args.layers <= cfg.n_layers:
+            raise SystemExit(f"--layers {args.layers}: expected 1..{cfg.n_layers} for --shape {args.shape}")
+        cfg = cfg.replace(n_layers=args.layers)
+    label = args.shape if args.layers is None else f"{args.shape}-{args.layers}layers"
     src, out, copy = (os.path.join(args.dir, n) for n in ("meta", "out", "copy"))
     shutil.rmtree(args.dir, ignore_errors=True)
     try:
@@ -100,14 +107,14 @@ def main() -> None:
                  "sd.values()))", src]),
         }
         ratio = results["llama_jax.convert meta"]["wall_s"] / results["read + write (cp + sync)"]["wall_s"]
-        print(f"\n{args.shape}: {nbytes / 1e9:.2f} GB, {shards} shard(s), {os.cpu_count()} CPU cores")
+        print(f"\n{label}: {nbytes / 1e9:.2f} GB, {shards} shard(s), {os.cpu_count()} CPU cores")
         print(f"{'step':36s} {'wall s':>8s} {'peak RSS GB':>12s}")
         for name, r in results.items():
             print(f"{name:36s} {r['wall_s']:8.2f} {r['peak_rss_gb']:12.3f}")
         print(f"convert / (read + write) = {ratio:.2f}x")
         os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-        with open(os.path.join(ROOT, "bench", "results", f"convert_{args.shape}.json"), "w") as f:
-            json.dump({"shape": args.shape, "bytes": nbytes, "shards": shards, "results": results,
+        with open(os.path.join(ROOT, "bench", "results", f"convert_{label}.json"), "w") as f:
+            json.dump({"shape": label, "bytes": nbytes, "shards": shards, "results": results,
                        "convert_over_read_write": round(ratio, 3)}, f, indent=2)
     finally:
         if not args.keep:
