@@ -289,7 +289,8 @@ class Generator:
         if isinstance(checkpoint_or_params, (str, os.PathLike)):
             from llama_jax.checkpoint import load_checkpoint  # written by the conversion side; import lazily
 
-            self.cfg, self.params = load_checkpoint(checkpoint_or_params, mesh=mesh, dtype=dtype)
+            path = os.path.abspath(checkpoint_or_params)  # Orbax reads relative paths wrongly
+            self.cfg, self.params = load_checkpoint(path, mesh=mesh, dtype=dtype)
         elif isinstance(checkpoint_or_params, tuple) and len(checkpoint_or_params) == 2:
             self.cfg, self.params = checkpoint_or_params
             if not isinstance(self.cfg, LlamaConfig):
@@ -324,7 +325,7 @@ class Generator:
 
     def _run(self, prompts: list[list[int]], sampling: Mapping[str, Any]) -> list[str]:
         settings = self._settings(prompts, sampling)
-        with self.mesh if self.mesh is not None else contextlib.nullcontext():
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             out = generate(self.params, self.cfg, prompts, eos_id=self.tokenizer.eos_id, **settings)
         return [self.tokenizer.decode(t) for t in out]
 
@@ -335,7 +336,7 @@ class Generator:
         settings = self._settings([ids], sampling)
         new: list[int] = []
         shown = ""
-        with self.mesh if self.mesh is not None else contextlib.nullcontext():
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             for pieces in generate_stream(self.params, self.cfg, [ids], eos_id=self.tokenizer.eos_id, **settings):
                 new += pieces[0]
                 text = self.tokenizer.decode(new)
@@ -412,8 +413,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.tensor_parallel > jax.device_count():
             raise SystemExit(f"--tensor-parallel {args.tensor_parallel} needs that many devices; "
                              f"{jax.device_count()} are visible")
-        mesh = jax.make_mesh((1, 1, args.tensor_parallel), ("data", "fsdp", "tensor"),
-                             devices=jax.devices()[: args.tensor_parallel])
+        devices = np.array(jax.devices()[: args.tensor_parallel]).reshape(1, 1, args.tensor_parallel)
+        mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"))
     gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "seed": args.seed}

@@ -1,0 +1,133 @@
+"""Decode benchmark: time to first token, decode tokens/s and achieved memory bandwidth of
+llama_jax generation, beside Hugging Face transformers' `generate` on the same machine.
+
+    python bench/decode.py                                   # tiny "demo" model on CPU
+    python bench/decode.py --preset llama2-7b --dtype bfloat16 --batch 1 16 --prompt-len 128 --new 256
+
+Random weights (decode speed does not depend on their values). Decode runs with no EOS so every
+row produces exactly --new tokens. Bandwidth = (weight bytes + KV-cache bytes read per step) /
+step time: every step reads all weights once and the whole cache (all slots, as the attention
+does). The JAX numbers exclude compilation (reported separately); HF runs the same shapes in
+the same dtype on the same device (torch CUDA when available, else CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import llama_jax as lj  # noqa: E402
+
+gen = sys.modules["llama_jax.generate"]  # the module (lj.generate is the function)
+
+
+def bench_jax(params, cfg, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
+    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
+
+    def run():
+        t0 = time.perf_counter()
+        _, state, _, sampling = gen._start(params, cfg, prompts, new, 0.0, 1.0, 0, 0, None)
+        jax.block_until_ready(state["tokens"])
+        t1 = time.perf_counter()
+        state = gen._decode(params, state, jnp.int32(new), sampling, cfg=cfg)
+        jax.block_until_ready(state["tokens"])
+        t2 = time.perf_counter()
+        assert int(state["step"]) == new
+        return t1 - t0, t2 - t1, state["cache"]
+
+    t0 = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - t0
+    ttft, decode_s, cache = min((run() for _ in range(repeats)), key=lambda r: r[0] + r[1])
+    steps = new - 1
+    step_s = decode_s / steps
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))  # padded batch, all slots
+    return {"impl": "llama_jax", "batch": batch, "ttft_ms": ttft * 1e3, "step_ms": step_s * 1e3,
+            "tokens_per_s": batch * steps / decode_s, "bandwidth_gb_s": (weight_bytes + cache_bytes) / step_s / 1e9,
+            "weight_gb": weight_bytes / 1e9, "cache_gb": cache_bytes / 1e9, "compile_s": compile_s}
+
+
+def bench_hf(cfg, batch: int, prompt_len: int, new: int, repeats: int, dtype: str) -> dict:
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
+                                         if k not in ("architectures", "torch_dtype", "model_type")})
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(hf_cfg).to(torch_dtype).eval()
+    ids = torch.as_tensor(np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len)), device=device)
+
+    def run(n):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                 min_new_tokens=n, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape[1] == prompt_len + n
+        return time.perf_counter() - t0
+
+    run(2)
+    ttft = min(run(1) for _ in range(repeats))
+    total = min(run(new) for _ in range(repeats))
+    steps = new - 1
+    step_s = (total - ttft) / steps
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache_bytes = 2 * cfg.n_layers * batch * (prompt_len + new / 2) * cfg.n_kv_heads * cfg.head_dim * \
+        torch.tensor([], dtype=torch_dtype).element_size()  # HF's growing cache: its average size
+    return {"impl": f"hf-transformers ({device})", "batch": batch, "ttft_ms": ttft * 1e3, "step_ms": step_s * 1e3,
+            "tokens_per_s": batch * steps / (total - ttft),
+            "bandwidth_gb_s": (weight_bytes + cache_bytes) / step_s / 1e9, "weight_gb": weight_bytes / 1e9,
+            "cache_gb": cache_bytes / 1e9, "compile_s": 0.0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--json", help="also write the rows to this file")
+    args = p.parse_args()
+
+    cfg = lj.LlamaConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
+    params = lj.init_params(cfg, 0)
+    rows = []
+    for batch in args.batch:
+        rows.append(bench_jax(params, cfg, batch, args.prompt_len, args.new, args.repeats))
+        if not args.no_hf:
+            rows.append(bench_hf(cfg, batch, args.prompt_len, args.new, args.repeats, args.dtype))
+
+    print(f"# {args.preset} {args.dtype}, prompt {args.prompt_len}, {args.new} new tokens, "
+          f"device {jax.devices()[0].device_kind} x{jax.device_count()}")
+    print(f"{'impl':26} {'batch':>5} {'TTFT ms':>9} {'step ms':>9} {'tok/s':>10} {'GB/s':>8} {'weights GB':>10} "
+          f"{'cache GB':>9} {'compile s':>9}")
+    for r in rows:
+        print(f"{r['impl']:26} {r['batch']:>5} {r['ttft_ms']:>9.2f} {r['step_ms']:>9.3f} {r['tokens_per_s']:>10.1f} "
+              f"{r['bandwidth_gb_s']:>8.2f} {r['weight_gb']:>10.4f} {r['cache_gb']:>9.4f} {r['compile_s']:>9.1f}")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
