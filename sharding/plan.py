@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 import sys
 from typing import Any
@@ -92,6 +93,7 @@ def tpu_devices(topology: str) -> tuple[Chip, list[Any]]:
                            "(the version jax[tpu] pins)") from None
     from jax.experimental import topologies
 
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU to guard
     chip, name, chips = parse_topology(topology)
     desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip.chip_config,
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
@@ -147,6 +149,7 @@ class Compiled:
     temp_bytes: int
     code_bytes: int
     xla_flops: float  # per chip, XLA's cost analysis (it counts the scanned layer body once)
+    oom: bool = False  # XLA refused: temporaries alone exceed HBM (temp_bytes from its message)
 
     @property
     def peak_bytes(self) -> int:
@@ -178,15 +181,23 @@ def compile_step(cfg: Any, mesh: Mesh, batch: int, seq: int) -> tuple[Compiled, 
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=b_shard)
     step = jax.jit(make_train_step(cfg, optimizer), donate_argnums=(0, 1),
                    out_shardings=(p_shard, o_shard, replicated))
-    with jax.set_mesh(mesh):
-        compiled = step.lower(sds(p_shapes, p_shard), sds(o_shapes, o_shard), tokens, tokens).compile()
+    sizes = {"params": _bytes_per_device(p_shapes, p_shard), "optimizer": _bytes_per_device(o_shapes, o_shard),
+             "batch": 2 * math.prod(b_shard.shard_shape((batch, seq))) * 4}
+    try:
+        with jax.set_mesh(mesh):
+            compiled = step.lower(sds(p_shapes, p_shard), sds(o_shapes, o_shard), tokens, tokens).compile()
+    except jax.errors.JaxRuntimeError as e:
+        # "... the total memory required for HLO temporaries (33.59G) exceeds available HBM (30.75G)"
+        found = re.search(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+            raise
+        temp = float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024
+        return Compiled(batch, sum(sizes.values()), 0, 0, int(temp), 0, float("nan"), oom=True), sizes
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     result = Compiled(batch, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                       mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, float(cost.get("flops", 0.0)))
-    sizes = {"params": _bytes_per_device(p_shapes, p_shard), "optimizer": _bytes_per_device(o_shapes, o_shard),
-             "batch": 2 * math.prod(b_shard.shard_shape((batch, seq))) * 4}
     return result, sizes
 
 
@@ -212,7 +223,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.at_batch.peak_bytes <= self.hbm_bytes
+        return not self.at_batch.oom and self.at_batch.peak_bytes <= self.hbm_bytes
 
     @property
     def at_min(self) -> Compiled:
@@ -248,11 +259,13 @@ class Plan:
             f"    temp (activations, grads, scratch){gib(activations)}",
             f"    code                 {gib(c.code_bytes)}",
             f"    total (peak)         {gib(c.peak_bytes)}   of {gib(self.hbm_bytes).strip()}  "
-            f"({100 * c.peak_bytes / self.hbm_bytes:.0f}%)",
+            f"({100 * c.peak_bytes / self.hbm_bytes:.0f}%)"
+            + ("  [XLA refused to compile: temporaries exceed HBM; temp from its message]" if c.oom else ""),
             f"  FLOPs per step: {self.flops:.3e} ({self.flops / self.n_chips:.3e} per chip; >= "
             f"{self.flops / self.n_chips / self.peak_flops:.3f} s/step at peak bf16, "
-            f"{self.peak_flops / 1e12:.0f} TFLOP/s/chip); XLA's count for the compiled program is "
-            f"{c.xla_flops:.3e} per chip with the {self.n_layers}-layer scan body counted once",
+            f"{self.peak_flops / 1e12:.0f} TFLOP/s/chip)"
+            + (f"; XLA's count for the compiled program is {c.xla_flops:.3e} per chip with the "
+               f"{self.n_layers}-layer scan body counted once" if not c.oom else ""),
             f"  memory per extra batch row (from compiling batch {self.other.batch} and {c.batch}): "
             f"{self.bytes_per_row / GiB:.3f} GiB per chip",
         ]
