@@ -207,11 +207,10 @@ def _start(params: Any, cfg: LlamaConfig, prompts: Any, max_new_tokens: int, tem
     return rows, state, prompt_logprobs, sampling
 
 
-def _cut(tokens: np.ndarray, logprobs: np.ndarray, eos_id: int | None) -> tuple[list[int], list[float]]:
-    """A row's new tokens up to (not including) EOS or the first unused slot."""
+def _kept(tokens: np.ndarray, eos_id: int | None) -> int:
+    """How many of a row's new tokens to return: up to (not including) EOS or the first unused slot."""
     stop = [i for i, t in enumerate(tokens) if t < 0 or t == eos_id]
-    n = stop[0] if stop else len(tokens)
-    return tokens[:n].tolist(), logprobs[:n].tolist()
+    return stop[0] if stop else len(tokens)
 
 
 def generate(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
@@ -233,7 +232,8 @@ def generate(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
     prompt_logprobs = np.asarray(prompt_logprobs) if echo else None
     results, scores = [], []
     for i, row in enumerate(rows):
-        new, new_lp = _cut(out_tokens[i, :max_new_tokens], out_logprobs[i, :max_new_tokens], eos_id)
+        n = _kept(out_tokens[i, :max_new_tokens], eos_id)
+        new, new_lp = out_tokens[i, :n].tolist(), out_logprobs[i, :n].tolist()
         if echo:
             new = row + new
             new_lp = [0.0] + prompt_logprobs[i, :len(row) - 1].tolist() + new_lp
@@ -251,16 +251,16 @@ def generate_stream(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[in
     same compiled on-device loop. Concatenating the yields gives exactly `generate`'s output."""
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
-    rows, state, _, sampling = _start(params, cfg, prompts, max_new_tokens, temperature, top_p, top_k,
-                                              seed, eos_id)
+    rows, state, _, sampling = _start(params, cfg, prompts, max_new_tokens, temperature, top_p, top_k, seed,
+                                      eos_id)
     stopped = [False] * len(rows)
     done_until = 0
     while True:
         step = int(state["step"])
-        new = np.asarray(state["tokens"][: len(rows), done_until:step])
+        new = np.asarray(state["tokens"])[: len(rows), done_until:step]  # a few KB to the host, no slicing op
         pieces = []
         for i in range(len(rows)):
-            piece = [] if stopped[i] else _cut(new[i], new[i].astype(np.float32), eos_id)[0]
+            piece = [] if stopped[i] else new[i, :_kept(new[i], eos_id)].tolist()
             stopped[i] = stopped[i] or len(piece) < new.shape[1]
             pieces.append(piece)
         yield pieces
