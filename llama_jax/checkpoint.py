@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from typing import Any
 
@@ -93,6 +94,7 @@ class Staging:
     def commit(self) -> None:
         if is_remote(self.out):
             return
+        _fsync_tree(self.path)  # every byte on disk before the name says the checkpoint is complete
         if os.path.exists(self.out):
             old = f"{self.out}.old-{os.getpid()}"
             os.rename(self.out, old)
@@ -113,6 +115,16 @@ class Staging:
             self.commit()
         else:
             self.abort()
+
+
+def _fsync_tree(folder: str) -> None:
+    for root, _, files in os.walk(folder):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def write_config(folder: str, cfg: LlamaConfig) -> None:
@@ -166,51 +178,41 @@ class StreamingWriter:
         self.dir, self.cfg, self.dtype = str(params_dir), cfg, dtype
         self.shapes = {path: s.shape for path, s in _leaf_paths(param_shapes(cfg))}
         self.arrays: dict[tuple[str, ...], Any] = {}
-        self.pending: list[Any] = []
-        self.context = ts.Context({"file_io_concurrency": {"limit": 8}})
+        self.lock = threading.Lock()  # write() is called from several threads
+        # No fsync per chunk file: Staging.commit() syncs the whole folder once before the rename.
+        self.context = ts.Context({"file_io_concurrency": {"limit": 8}, "file_io_sync": False})
 
     def open(self, path: tuple[str, ...]) -> Any:
-        shape = self.shapes[path]
-        chunks = (1, *shape[1:]) if path[0] == "layers" else shape
-        spec = {
-            "driver": "zarr",
-            "kvstore": _kvstore(_join(self.dir, ".".join(path))),
-            "metadata": {"shape": list(shape), "chunks": list(chunks), "dtype": _zarr_dtype(self.dtype),
-                         "compressor": None, "fill_value": None, "order": "C", "dimension_separator": "."},
-        }
-        self.arrays[path] = ts.open(spec, create=True, open=False, context=self.context).result()
-        return self.arrays[path]
+        with self.lock:
+            if path not in self.arrays:
+                shape = self.shapes[path]
+                chunks = (1, *shape[1:]) if path[0] == "layers" else shape
+                spec = {
+                    "driver": "zarr",
+                    "kvstore": _kvstore(_join(self.dir, ".".join(path))),
+                    "metadata": {"shape": list(shape), "chunks": list(chunks), "dtype": _zarr_dtype(self.dtype),
+                                 "compressor": None, "fill_value": None, "order": "C", "dimension_separator": "."},
+                }
+                self.arrays[path] = ts.open(spec, create=True, open=False, context=self.context).result()
+            return self.arrays[path]
 
-    def write(self, path: tuple[str, ...], layer: int | None, value: np.ndarray) -> None:
-        """Queue the write of one full leaf (layer None) or one layer's slice; at most one in flight.
+    def write(self, path: tuple[str, ...], layer: int | None, value: np.ndarray, donate: bool = False) -> None:
+        """Write one full leaf (layer None) or one layer's slice; returns once it is written.
 
-        Waiting for the previous write before queueing the next keeps memory at about two
-        tensors while reading and writing overlap.
+        Thread-safe: the converter keeps a few of these in flight so reading, transposing and
+        writing overlap. `value` should be C-contiguous in the checkpoint's dtype (else copied).
+        donate=True: nothing else uses or changes `value`, so TensorStore may write it without
+        copying it first.
         """
-        array = self.arrays.get(path) or self.open(path)
+        array = self.open(path)
         target = array if layer is None else array[layer]
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"{'/'.join(path)}: got shape {value.shape}, expected {tuple(target.shape)}")
-        self.flush()
-        self.pending.append(target.write(np.ascontiguousarray(value, dtype=DTYPES[self.dtype])))
-
-    def flush(self) -> None:
-        for future in self.pending:
-            future.result()
-        self.pending = []
-
-    def settle(self) -> None:
-        """Wait for queued writes, ignoring their errors (used while failing anyway)."""
-        for future in self.pending:
-            try:
-                future.result()
-            except Exception:  # noqa: BLE001 - the original error is the one to report
-                pass
-        self.pending = []
+        array = np.ascontiguousarray(value, dtype=DTYPES[self.dtype])
+        target.write(array, can_reference_source_data_indefinitely=donate or array is not value).result()
 
     def finish(self) -> None:
-        """Wait for all writes, check every leaf was written, then write Orbax's metadata files."""
-        self.flush()
+        """Check every leaf was written, then write Orbax's metadata files."""
         missing = [".".join(p) for p in self.shapes if p not in self.arrays]
         if missing:
             raise ValueError(f"no tensors were written for {missing}")
