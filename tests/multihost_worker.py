@@ -14,6 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import orbax.checkpoint as ocp  # noqa: E402
 
@@ -70,11 +71,12 @@ def main() -> None:
     for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(sharding.param_shardings(CFG, mesh))):
         assert leaf.sharding == want and len(leaf.addressable_shards) == 4
 
-    gather = lambda tree: jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
-    flat = lambda prefix, tree: {prefix + jax.tree_util.keystr(k): v
-                                 for k, v in jax.tree_util.tree_flatten_with_path(gather(tree))[0]}
-    result = {"loss": np.asarray(loss), "tokens": gather(tokens), "logits": gather(logits),
-              **flat("grads", grads), **flat("params", params), **flat("restored", restored)}
+    # One jitted copy to fully replicated arrays (one compile for everything), then read locally.
+    everything = {"loss": loss, "tokens": tokens, "logits": logits, "grads": grads, "params": params,
+                  "restored": restored}
+    replicated = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))(everything)
+    result = {jax.tree_util.keystr(k): np.asarray(leaf.addressable_data(0))
+              for k, leaf in jax.tree_util.tree_flatten_with_path(replicated)[0]}
     if sharding.is_main_process():
         np.savez(os.path.join(out_dir, "result.tmp.npz"), **result)
         os.replace(os.path.join(out_dir, "result.tmp.npz"), os.path.join(out_dir, "result.npz"))

@@ -46,7 +46,7 @@ def test_two_processes_match_single_process(tmp_path):
     # Single process, single device: the same model, rows and loss.
     cfg = worker.CFG
     tokens = worker.global_tokens()
-    np.testing.assert_array_equal(got["tokens"], tokens)  # host p's rows landed at rows p*4..p*4+3
+    np.testing.assert_array_equal(got["['tokens']"], tokens)  # host p's rows landed at rows p*4..p*4+3
     params = lj.init_params(cfg, 0)
     loss, logits, grads = worker.loss_logits_grads(params, jax.numpy.asarray(tokens))
 
@@ -54,14 +54,14 @@ def test_two_processes_match_single_process(tmp_path):
         expected = np.asarray(expected)
         assert np.max(np.abs(actual - expected)) <= 1e-5 * np.max(np.abs(expected))
 
-    assert abs(float(got["loss"]) - float(loss)) <= 1e-5 * abs(float(loss))
-    close(got["logits"], logits)
+    assert abs(float(got["['loss']"]) - float(loss)) <= 1e-5 * abs(float(loss))
+    close(got["['logits']"], logits)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         key = jax.tree_util.keystr(path)
-        np.testing.assert_array_equal(got["params" + key], leaf)  # sharded init = single-device init
-        np.testing.assert_array_equal(got["restored" + key], leaf)  # saved + restored on 2 processes
+        np.testing.assert_array_equal(got["['params']" + key], leaf)  # sharded init = single-device init
+        np.testing.assert_array_equal(got["['restored']" + key], leaf)  # saved + restored on 2 processes
     for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        close(got["grads" + jax.tree_util.keystr(path)], leaf)
+        close(got["['grads']" + jax.tree_util.keystr(path)], leaf)
 
     # The checkpoint the two processes wrote is complete: one process restores it unsharded.
     cfg2, restored = lj.load_checkpoint(str(tmp_path / "checkpoint"))
