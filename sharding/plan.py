@@ -314,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (quick looks)")
     args = parser.parse_args(argv)
-    result = plan(args.model, args.topology, parse_mesh(args.mesh), args.batch, args.seq, args.remat, args.layers)
+    try:
+        result = plan(args.model, args.topology, parse_mesh(args.mesh), args.batch, args.seq, args.remat, args.layers)
+    except ValueError as e:  # bad model / topology / mesh / batch: say what, no traceback
+        parser.error(str(e))
     print(result.report())
     return 0 if result.fits else 1
 
