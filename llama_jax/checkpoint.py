@@ -292,3 +292,34 @@ def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str
                                 shapes)
         params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=shapes, restore_args=args))
     return cfg, params
+
+
+def open_checkpoint(path: str) -> tuple[LlamaConfig, dict[tuple[str, ...], Any]]:
+    """(cfg, {leaf path: TensorStore}) of a checkpoint or run folder; no weights are read yet.
+
+    For consumers that stream (export-hf): `leaves["layers", "attention", "wq"][i].read().result()`
+    reads one layer's slice, so memory stays at one slice whatever the model size. Works for the
+    converter's zarr layout and for Orbax's default OCDBT checkpoints (save_checkpoint, trainer).
+    """
+    from etils import epath
+
+    path = str(path)
+    params_dir = _params_dir(path)
+    cfg = read_config(path)
+    meta = json.loads(_read_text(_join(params_dir, "_METADATA")))
+    use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
+    context = ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
+    leaves = {}
+    for leaf, shape in _leaf_paths(param_shapes(cfg)):
+        name = ".".join(leaf)
+        info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(params_dir),
+                                           is_ocdbt_checkpoint=use_ocdbt, use_zarr3=use_zarr3)
+        try:
+            store = ts.open(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt), context=context).result()
+        except ValueError as e:
+            raise ValueError(f"{params_dir}: cannot open parameter {name}: {e}") from None
+        if tuple(store.shape) != tuple(shape.shape):
+            raise ValueError(f"{params_dir}: parameter {name} has shape {tuple(store.shape)}, config.json's model "
+                             f"expects {tuple(shape.shape)}")
+        leaves[leaf] = store
+    return cfg, leaves

@@ -31,8 +31,9 @@ import torch
 from tqdm import tqdm
 
 from llama_jax import layout
-from llama_jax.checkpoint import Staging, StreamingWriter, _join, is_remote, load_checkpoint, write_config
-from llama_jax.config import LlamaConfig
+from llama_jax.checkpoint import (Staging, StreamingWriter, _join, is_remote, load_checkpoint, open_checkpoint,
+                                  write_config)
+from llama_jax.config import DTYPES, LlamaConfig
 
 OUT_DTYPES = ("bfloat16", "float32")
 TORCH_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -102,13 +103,6 @@ def transpose_2d(m: np.ndarray, tile: int = 32) -> np.ndarray:
     out = np.empty((cols // k, k, rows), plain)
     out[...] = step1.view(plain).reshape(cols // k, rows, k).transpose(0, 2, 1)
     return out.reshape(cols, rows).view(m.dtype)
-
-
-def from_numpy(a: np.ndarray) -> torch.Tensor:
-    a = contiguous(a)
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
@@ -372,20 +366,22 @@ def _copy(src: str, dst: str) -> None:
 # --- llama_jax -> Hugging Face -------------------------------------------------------------------
 
 
+SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}
+
+
 def export_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = False,
               max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> LlamaConfig:
     """Write sharded safetensors + index + config.json (+ tokenizer) that transformers loads.
 
-    The checkpoint's params are read into host memory once (numpy, their stored dtype); shards
-    are built and written one at a time.
+    Streaming: each tensor (one layer's slice of a stacked leaf) is read from the checkpoint,
+    moved to HF's layout and appended to its safetensors file before the next is read, so
+    memory stays at about one tensor whatever the model size (a 70B exports on a small VM).
     """
-    from safetensors.torch import save_file
-
     if dtype is not None and dtype not in OUT_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {OUT_DTYPES}")
-    cfg, params = load_checkpoint(ckpt, numpy=True)
+    cfg, leaves = open_checkpoint(ckpt)
     dtype = dtype or cfg.param_dtype
-    size_of = itemsize(dtype)
+    np_dtype, size_of = np.dtype(DTYPES[dtype]), itemsize(dtype)
     plan: list[list[tuple[layout.Entry, int | None, str]]] = [[]]
     size = 0
     for item in layout.names(cfg, "hf"):
@@ -396,22 +392,21 @@ def export_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = F
         plan[-1].append(item)
         size += nbytes
     weight_map, total = {}, 0
-    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-    with Staging(out, overwrite) as stage, tqdm(total=len(plan), unit="file", desc="export",
-                                                disable=not progress) as bar:
+    with Staging(out, overwrite) as stage, tqdm(total=cfg.num_params() * size_of, unit="B", unit_scale=True,
+                                                desc="export", disable=not progress) as bar:
         for k, items in enumerate(plan):
             file = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
-            tensors = {}
-            for entry, layer, name in items:
-                w = params
-                for key in entry.path:
-                    w = w[key]
-                w = w if layer is None else w[layer]
-                tensors[name] = from_numpy(layout.from_ours(entry, w.astype(np_dtype, copy=False), cfg, "hf"))
-                weight_map[name] = file
-                total += tensors[name].numel() * size_of
-            save_file(tensors, os.path.join(stage.path, file), metadata={"format": "pt"})
-            bar.update(1)
+            shapes = {name: layout.torch_shape(entry, cfg) for entry, _, name in items}
+            with open(os.path.join(stage.path, file), "wb") as f:
+                _safetensors_header(f, shapes, SAFETENSORS_DTYPES[dtype], size_of)
+                for entry, layer, name in items:
+                    store = leaves[entry.path]
+                    ours = (store if layer is None else store[layer]).read().result()
+                    w = layout.from_ours(entry, ours.astype(np_dtype, copy=False), cfg, "hf")
+                    f.write(memoryview(w.reshape(-1).view(np.uint8)))
+                    weight_map[name] = file
+                    total += w.nbytes
+                    bar.update(w.nbytes)
         with open(os.path.join(stage.path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(stage.path, "config.json"), "w") as f:
@@ -424,6 +419,23 @@ def export_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = F
                            "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
                            "model_max_length": cfg.max_seq_len}, f, indent=2)
     return cfg
+
+
+def _safetensors_header(f: Any, shapes: dict[str, tuple[int, ...]], dtype: str, size_of: int) -> None:
+    """The safetensors header for tensors written next, in this order, back to back.
+
+    Format: 8-byte little-endian header length, the JSON header (padded with spaces to a
+    multiple of 8, as the safetensors library writes it), then the raw little-endian bytes.
+    """
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * size_of
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
 
 
 def _checkpoint_tokenizer(ckpt: str) -> str | None:

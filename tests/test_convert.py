@@ -81,6 +81,45 @@ def write_meta(folder, cfg, model, shards, dtype=torch.float32, params_extra=Non
     return folder
 
 
+# --- fast transposes: the same bits as numpy's element-by-element copy -------------------------
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32, np.uint8])
+@pytest.mark.parametrize("shape", [(64, 48), (37, 52), (33, 7), (1, 8), (8, 1)])
+def test_transpose_2d_matches_numpy(dtype, shape):
+    m = (np.random.default_rng(0).standard_normal(shape) * 50).astype(dtype)
+    got = convert.transpose_2d(m)
+    assert got.dtype == m.dtype and got.flags.c_contiguous
+    assert got.tobytes() == np.ascontiguousarray(m.T).tobytes()
+
+
+def test_contiguous_of_every_layout_view_matches_numpy():
+    cfg = lj.LlamaConfig.preset("tiny-gqa")
+    rng = np.random.default_rng(0)
+    for fmt in ("meta", "hf"):
+        for entry, _, _ in layout.names(cfg, fmt):
+            w = rng.standard_normal(layout.torch_shape(entry, cfg)).astype(ml_dtypes.bfloat16)
+            view = layout.to_ours(entry, w, cfg, fmt)
+            got = convert.contiguous(view)
+            assert got.shape == view.shape and got.flags.c_contiguous
+            assert got.tobytes() == np.ascontiguousarray(view).tobytes()
+
+
+def test_one_tensor_in_flight_writes_the_same_checkpoint(tmp_path):
+    """The in-flight byte budget only paces the pool: a budget of one tensor gives the same files."""
+    cfg, model, _ = reference_model("tiny-gqa", bf16=True)
+    src = write_meta(str(tmp_path / "meta"), cfg, model, 2, torch.bfloat16)
+    outs = [str(tmp_path / "one"), str(tmp_path / "many")]
+    convert.convert(convert.MetaSource(src), outs[0], progress=False, workers=3, inflight_bytes=1)
+    convert.convert(convert.MetaSource(src), outs[1], progress=False, workers=4)
+    files = sorted(os.path.relpath(os.path.join(d, f), outs[0]) for d, _, fs in os.walk(outs[0]) for f in fs)
+    assert len(files) > 20
+    for f in files:
+        if not f.endswith("_CHECKPOINT_METADATA"):  # holds timestamps
+            with open(os.path.join(outs[0], f), "rb") as a, open(os.path.join(outs[1], f), "rb") as b:
+                assert a.read() == b.read(), f
+
+
 # --- Meta -> ours -----------------------------------------------------------------------------
 
 
