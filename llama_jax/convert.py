@@ -116,6 +116,19 @@ def release(*tensors: torch.Tensor) -> None:
     MADV_DONTNEED on a read-only private file mapping just forgets them (they would re-read from
     the file), so reading the checkpoint tensor by tensor keeps the footprint at one tensor.
     """
+    _madvise(tensors, 4)  # MADV_DONTNEED
+
+
+def prefetch(*tensors: torch.Tensor) -> None:
+    """Ask the kernel to start reading memory-mapped tensors from disk now (MADV_WILLNEED).
+
+    Page faults alone read a cold file in small synchronous steps; asking ahead for the tensors
+    queued next keeps the disk busy while workers transpose and write.
+    """
+    _madvise(tensors, 3)  # MADV_WILLNEED
+
+
+def _madvise(tensors: tuple[torch.Tensor, ...], advice: int) -> None:
     if _LIBC is None:
         return
     for t in tensors:
@@ -126,7 +139,7 @@ def release(*tensors: torch.Tensor) -> None:
         first = (start + _PAGE - 1) // _PAGE * _PAGE  # whole pages inside this storage only
         length = (start + size - first) // _PAGE * _PAGE
         if length > 0:
-            _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), 4)  # MADV_DONTNEED
+            _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), advice)
 
 
 # --- sources: a uniform "name -> tensor" view over Meta shards or HF files -------------------------
@@ -202,6 +215,9 @@ class MetaSource:
     def done(self, name: str) -> None:
         release(*(shard[name] for shard in self.shards))
 
+    def prefetch(self, name: str) -> None:
+        prefetch(*(shard[name] for shard in self.shards))
+
     def tokenizer(self) -> str | None:
         for folder in (self.src, os.path.dirname(os.path.abspath(self.src))):  # Llama-2 puts it one level up
             if os.path.isfile(os.path.join(folder, "tokenizer.model")):
@@ -271,6 +287,11 @@ class HFSource:
         if isinstance(reader, dict):  # memory-mapped by torch.load (safetensors' get_tensor copies)
             release(reader[name])
 
+    def prefetch(self, name: str) -> None:
+        reader = self.readers[self.where[name]]
+        if isinstance(reader, dict):
+            prefetch(reader[name])
+
     def tokenizer(self) -> str | None:
         path = os.path.join(self.src, "tokenizer.model")
         return path if os.path.isfile(path) else None
@@ -328,13 +349,16 @@ def convert(source: MetaSource | HFSource, out: str, dtype: str | None = None, t
         running: collections.deque = collections.deque()  # (future, elements), oldest first
         pool = ThreadPoolExecutor(workers)
         try:
-            for entry, layer, name, n in items:
+            source.prefetch(items[0][2])
+            for i, (entry, layer, name, n) in enumerate(items):
                 while running and (len(running) >= workers
                                    or (sum(m for _, m in running) + n) * source_size > inflight_bytes):
                     future, m = running.popleft()
                     future.result()
                     bar.update(m * out_size)
                 running.append((pool.submit(one, entry, layer, name), n))
+                if i + 1 < len(items):
+                    source.prefetch(items[i + 1][2])  # into the page cache, not into this process
             while running:
                 future, m = running.popleft()
                 future.result()
