@@ -11,6 +11,7 @@ the mesh axes given a dcn factor (normally `dcn_data`).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -93,6 +94,9 @@ def check_mesh(mesh: Mesh, cfg: Any = None, batch: int | None = None) -> None:
         if cfg.n_heads % tensor:
             raise ValueError(f"tensor={tensor} does not divide n_heads={cfg.n_heads}: tensor parallelism "
                              f"splits attention heads; choose tensor from the divisors of {cfg.n_heads}")
+        if cfg.n_kv_heads % tensor:
+            warnings.warn(f"tensor={tensor} does not divide n_kv_heads={cfg.n_kv_heads}: the K/V projections "
+                          f"are replicated over the tensor axis (correct, a little more memory)", stacklevel=3)
         if cfg.hidden_dim % tensor:
             raise ValueError(f"tensor={tensor} does not divide the FFN width hidden_dim={cfg.hidden_dim}")
     if batch is not None:
