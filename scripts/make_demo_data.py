@@ -22,28 +22,34 @@ TASKS = {
 }
 
 
-def make_record(task: str, rnd: random.Random) -> dict:
+def inputs(task: str) -> list[str]:
+    """Every input of a task (small spaces, so held-out inputs are a clean split)."""
     if task == "add":
-        a, b = rnd.randint(10, 99), rnd.randint(10, 99)
-        return {"instruction": TASKS[task], "input": f"{a}+{b}", "output": str(a + b)}
-    digits = "".join(rnd.choice("0123456789") for _ in range(4))  # one length: a fixed RoPE offset to learn
-    output = {"copy": digits, "reverse": digits[::-1], "sort": "".join(sorted(digits))}[task]
-    return {"instruction": TASKS[task], "input": digits, "output": output}
+        return [f"{a}+{b}" for a in range(10) for b in range(10)]
+    n = 3 if task == "sort" else 2
+    return [f"{i:0{n}d}" for i in range(10**n)]
 
 
-def make_split(n_per_task: int, rnd: random.Random, exclude: set) -> list[dict]:
-    records, seen = [], set(exclude)
-    for task in TASKS:
-        count = 0
-        while count < n_per_task:
-            r = make_record(task, rnd)
-            if (task, r["input"]) in seen:
-                continue
-            seen.add((task, r["input"]))
-            records.append(r)
-            count += 1
-    rnd.shuffle(records)
-    return records
+def answer(task: str, x: str) -> str:
+    if task == "add":
+        a, b = x.split("+")
+        return str(int(a) + int(b))
+    return {"copy": x, "reverse": x[::-1], "sort": "".join(sorted(x))}[task]
+
+
+def make_splits(n_train: int, n_eval: int, rnd: random.Random) -> tuple[list[dict], list[dict]]:
+    """Per task: n_eval held-out inputs for eval, n_train training records drawn from the rest."""
+    train, evaluation = [], []
+    for task, instruction in TASKS.items():
+        xs = inputs(task)
+        rnd.shuffle(xs)
+        held, rest = xs[:n_eval], xs[n_eval:]
+        evaluation += [{"instruction": instruction, "input": x, "output": answer(task, x)} for x in held]
+        train += [{"instruction": instruction, "input": x, "output": answer(task, x)}
+                  for x in (rnd.choice(rest) for _ in range(n_train))]
+    rnd.shuffle(train)
+    rnd.shuffle(evaluation)
+    return train, evaluation
 
 
 def make_pretrain_docs(n: int, rnd: random.Random) -> list[str]:
@@ -51,8 +57,9 @@ def make_pretrain_docs(n: int, rnd: random.Random) -> list[str]:
     for _ in range(n):
         lines = []
         for _ in range(rnd.randint(1, 4)):
-            r = make_record(rnd.choice(list(TASKS)), rnd)
-            lines.append(f"{r['instruction']} {r['input']} gives {r['output']}.")
+            task = rnd.choice(list(TASKS))
+            x = rnd.choice(inputs(task))
+            lines.append(f"{TASKS[task]} {x} gives {answer(task, x)}.")
         docs.append("\n".join(lines))
     return docs
 
@@ -68,9 +75,7 @@ def write_json(path: str, obj: object) -> None:
 def main() -> None:
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
     rnd = random.Random(1234)
-    eval_records = make_split(25, rnd, exclude=set())
-    held_out = {(next(t for t, ins in TASKS.items() if ins == r["instruction"]), r["input"]) for r in eval_records}
-    train_records = make_split(1000, rnd, exclude=held_out)
+    train_records, eval_records = make_splits(1000, 20, rnd)
     write_json(os.path.join(root, "demo_alpaca_train.json"), train_records)
     write_json(os.path.join(root, "demo_alpaca_eval.json"), eval_records)
     tmp = os.path.join(root, "demo_pretrain.txt.tmp")
