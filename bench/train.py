@@ -48,7 +48,7 @@ def ours(cfg: lj.LlamaConfig, batch: int, seq: int, grad_accum: int, iters: int)
     opt = step_lib.make_optimizer(schedule)
     shardings = step_lib.state_shardings(cfg, opt, mesh)
     fn = step_lib.make_train_step(cfg, opt, schedule, mesh, (batch, seq), grad_accum)
-    with mesh:
+    with jax.set_mesh(mesh):
         state = jax.jit(lambda p: step_lib.init_state(p, opt), out_shardings=shardings, donate_argnums=0)(
             lj.init_params(cfg, 0))
         data = jax.device_put(random_batch(cfg, batch, seq), step_lib.batch_sharding(mesh, (batch, seq)))

@@ -42,7 +42,7 @@ def run_steps(params, batches, mesh, grad_accum=1, lr=1e-3, clip=1.0, wd=0.1, ep
     shardings = step_lib.state_shardings(CFG, opt, mesh)
     fn = step_lib.make_train_step(CFG, opt, schedule, mesh, batches[0]["tokens"].shape, grad_accum)
     metrics = []
-    with mesh:
+    with jax.set_mesh(mesh):
         state = jax.jit(lambda p: step_lib.init_state(p, opt), out_shardings=shardings)(params)
         for batch in batches:
             state, m = fn(state, jax.device_put(batch, step_lib.batch_sharding(mesh, batch["tokens"].shape)))

@@ -191,7 +191,7 @@ def run(cfg: TrainConfig) -> dict:
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             jax.eval_shape(lambda p: step_lib.init_state(p, optimizer), lj.param_shapes(mcfg)),
                             shardings)
-    with mesh:
+    with jax.set_mesh(mesh):
         restored = ckpts.restore_newest(abstract)
         if restored is not None:
             state, train_state = restored
@@ -222,7 +222,7 @@ def run(cfg: TrainConfig) -> dict:
         eval_records = eval_records[: cfg.eval.examples or len(eval_records)]
 
     def evaluate(step: int, name: str) -> None:
-        with mesh:
+        with jax.set_mesh(mesh):
             acc, rows_out = exact_match(state["params"], mcfg, tokenizer, eval_records, cfg.eval.max_new_tokens)
         summary[f"eval_{name}"] = acc
         log.write({"step": step, "eval_exact_match": acc})
@@ -286,7 +286,7 @@ def run(cfg: TrainConfig) -> dict:
     bar = tqdm(total=steps, initial=start, disable=not main, desc="train", dynamic_ncols=True)
     t_loop = time.time()
     try:
-        with mesh:
+        with jax.set_mesh(mesh):
             for k in range(start, steps):
                 batch = global_batch(batches(k), mesh)
                 state, metrics = train_step(state, batch)

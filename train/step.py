@@ -100,8 +100,8 @@ def train_step(state: State, batch: dict, *, cfg: LlamaConfig, optimizer: optax.
         "z_loss": sums["z"] / count,
         "accuracy": sums["correct"] / count,
         "target_tokens": sums["count"],
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(new_params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(new_params),
         "lr": schedule(state["step"]),
     }
     return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
@@ -130,7 +130,7 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, s
                     mesh: Mesh, batch_shape: tuple, grad_accum: int = 1, z_loss: float = 0.0) -> Callable:
     """The jit-compiled step with explicit in/out shardings and the state donated.
 
-    Call it inside `with mesh:` so the model's activation constraints apply.
+    Call it inside `with jax.set_mesh(mesh):` so the model's activation constraints apply.
     """
     state_sh = state_shardings(cfg, optimizer, mesh)
     batch_sh = {k: batch_sharding(mesh, batch_shape) for k in BATCH_KEYS}
