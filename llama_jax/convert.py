@@ -7,8 +7,9 @@
 Streaming: source files are memory-mapped (`torch.load(mmap=True, weights_only=True)`, safetensors'
 lazy reader); each tensor is merged across model-parallel shards, moved to our layout by
 llama_jax.layout (the one name/shape table), written into the Orbax checkpoint by TensorStore and
-released before the next, so peak memory is about two tensors, never the whole model. Pickles are
-loaded with weights_only=True only: a file whose pickle would run code is refused.
+released; a few worker threads keep tensors in flight under a byte budget, so peak memory is a
+few tensors, never the whole model. export-hf streams the other way, one tensor at a time.
+Pickles are loaded with weights_only=True only: a file whose pickle would run code is refused.
 """
 
 from __future__ import annotations

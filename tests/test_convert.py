@@ -105,21 +105,6 @@ def test_contiguous_of_every_layout_view_matches_numpy():
             assert got.tobytes() == np.ascontiguousarray(view).tobytes()
 
 
-def test_one_tensor_in_flight_writes_the_same_checkpoint(tmp_path):
-    """The in-flight byte budget only paces the pool: a budget of one tensor gives the same files."""
-    cfg, model, _ = reference_model("tiny-gqa", bf16=True)
-    src = write_meta(str(tmp_path / "meta"), cfg, model, 2, torch.bfloat16)
-    outs = [str(tmp_path / "one"), str(tmp_path / "many")]
-    convert.convert(convert.MetaSource(src), outs[0], progress=False, workers=3, inflight_bytes=1)
-    convert.convert(convert.MetaSource(src), outs[1], progress=False, workers=4)
-    files = sorted(os.path.relpath(os.path.join(d, f), outs[0]) for d, _, fs in os.walk(outs[0]) for f in fs)
-    assert len(files) > 20
-    for f in files:
-        if not f.endswith("_CHECKPOINT_METADATA"):  # holds timestamps
-            with open(os.path.join(outs[0], f), "rb") as a, open(os.path.join(outs[1], f), "rb") as b:
-                assert a.read() == b.read(), f
-
-
 # --- Meta -> ours -----------------------------------------------------------------------------
 
 
@@ -179,6 +164,21 @@ def test_meta_reference_forward_agrees_with_hf(tmp_path):
     logits = convert.meta_reference_logits(
         lambda name: convert.to_numpy(source.get(entries[name], name)).astype(np.float32), source.cfg, TOKENS)
     assert rel_err(logits, expected) <= 1e-5
+
+
+def test_one_tensor_in_flight_writes_the_same_checkpoint(tmp_path):
+    """The in-flight byte budget only paces the pool: a budget of one tensor gives the same files."""
+    cfg, model, _ = reference_model("tiny-gqa", bf16=True)
+    src = write_meta(str(tmp_path / "meta"), cfg, model, 2, torch.bfloat16)
+    outs = [str(tmp_path / "one"), str(tmp_path / "many")]
+    convert.convert(convert.MetaSource(src), outs[0], progress=False, workers=3, inflight_bytes=1)
+    convert.convert(convert.MetaSource(src), outs[1], progress=False, workers=4)
+    files = sorted(os.path.relpath(os.path.join(d, f), outs[0]) for d, _, fs in os.walk(outs[0]) for f in fs)
+    assert len(files) > 20
+    for f in files:
+        if not f.endswith("_CHECKPOINT_METADATA"):  # holds timestamps
+            with open(os.path.join(outs[0], f), "rb") as a, open(os.path.join(outs[1], f), "rb") as b:
+                assert a.read() == b.read(), f
 
 
 # --- HF -> ours -> HF -------------------------------------------------------------------------
