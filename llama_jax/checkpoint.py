@@ -261,7 +261,7 @@ def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str
     host reads only its shards). dtype: "bfloat16"/"float32" casts the params (and cfg.param_dtype).
     numpy: host numpy arrays instead of jax arrays (for export).
     """
-    path = str(path)
+    path = str(path) if is_remote(path) else os.path.abspath(path)  # Orbax misreads relative paths
     params_dir = _params_dir(path)
     cfg = read_config(path)
     if dtype is not None:
@@ -303,7 +303,7 @@ def open_checkpoint(path: str) -> tuple[LlamaConfig, dict[tuple[str, ...], Any]]
     """
     from etils import epath
 
-    path = str(path)
+    path = str(path) if is_remote(path) else os.path.abspath(path)  # Orbax misreads relative paths
     params_dir = _params_dir(path)
     cfg = read_config(path)
     meta = json.loads(_read_text(_join(params_dir, "_METADATA")))

@@ -109,3 +109,14 @@ def test_errors_name_the_path_and_what_was_expected(tmp_path, params):
     with pytest.raises(ValueError, match="do not match the config"):
         lj.save_checkpoint(str(tmp_path / "bad"), CFG.replace(dim=32, n_heads=2), params)
     assert not (tmp_path / "bad").exists()
+
+
+def test_relative_paths_load(tmp_path, monkeypatch):
+    cfg = lj.LlamaConfig.preset("tiny")
+    params = lj.init_params(cfg, 0)
+    monkeypatch.chdir(tmp_path)
+    lj.save_checkpoint("ckpt", cfg, params)
+    loaded_cfg, loaded = lj.load_checkpoint("ckpt")
+    assert loaded_cfg == cfg
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
