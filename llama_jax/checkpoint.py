@@ -69,15 +69,26 @@ def _read_text(path: str) -> str | None:
         return f.read()
 
 
+def _barrier(name: str) -> None:
+    """Wait for every process of a multi-host job (a no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 class Staging:
     """Write into a temporary sibling of `out`; `commit()` renames it to `out` when complete.
 
     An existing `out` is only replaced with overwrite=True (and only at commit). URL destinations
     are written in place: there is no rename on object stores, so config.json is written last.
+    In a multi-host job every process writes its shards into the same sibling and process 0
+    alone creates and renames it, between barriers.
     """
 
     def __init__(self, out: str, overwrite: bool = False):
         self.out = str(out)
+        self.main = jax.process_index() == 0
         if is_remote(self.out):
             self.path = self.out
             return
@@ -87,24 +98,30 @@ class Staging:
         parent = os.path.dirname(self.out)
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"parent folder {parent} of the output does not exist")
-        self.path = f"{self.out}.tmp-{os.getpid()}"
-        shutil.rmtree(self.path, ignore_errors=True)
-        os.makedirs(self.path)
+        shared = jax.process_count() > 1  # every process must name the same folder
+        self.path = f"{self.out}.tmp-{'multihost' if shared else os.getpid()}"
+        if self.main:
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.makedirs(self.path)
+        _barrier(f"staging {self.path}")
 
     def commit(self) -> None:
         if is_remote(self.out):
             return
-        _fsync_tree(self.path)  # every byte on disk before the name says the checkpoint is complete
-        if os.path.exists(self.out):
-            old = f"{self.out}.old-{os.getpid()}"
-            os.rename(self.out, old)
-            os.rename(self.path, self.out)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.path, self.out)
+        _barrier(f"written {self.path}")
+        if self.main:
+            _fsync_tree(self.path)  # every byte on disk before the name says the checkpoint is complete
+            if os.path.exists(self.out):
+                old = f"{self.out}.old-{os.getpid()}"
+                os.rename(self.out, old)
+                os.rename(self.path, self.out)
+                shutil.rmtree(old)
+            else:
+                os.rename(self.path, self.out)
+        _barrier(f"committed {self.out}")
 
     def abort(self) -> None:
-        if not is_remote(self.out):
+        if not is_remote(self.out) and self.main:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self) -> "Staging":
@@ -156,8 +173,9 @@ def save_checkpoint(path: str, cfg: LlamaConfig, params: Any, overwrite: bool = 
         raise ValueError(f"save_checkpoint({path}): params do not match the config's parameter shapes")
     with Staging(path, overwrite) as stage:
         with ocp.PyTreeCheckpointer() as ckptr:
-            ckptr.save(_join(stage.path, "params"), args=ocp.args.PyTreeSave(params))
-        write_config(stage.path, cfg)
+            ckptr.save(_join(stage.path, "params"), args=ocp.args.PyTreeSave(params))  # every process: its shards
+        if stage.main:
+            write_config(stage.path, cfg)
 
 
 def _leaf_paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:

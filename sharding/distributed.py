@@ -20,9 +20,14 @@ from sharding.rules import LOGICAL_RULES
 
 
 def _on_tpu_vm() -> bool:
-    """A Cloud TPU VM: libtpu sets these up from the VM's metadata (no arguments needed)."""
-    return any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_SKIP_MDS_QUERY")) \
-        or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
+    """A Cloud TPU VM: TPU chips are attached (the check jax itself uses), or the pod's workers are named.
+
+    (Not TPU_SKIP_MDS_QUERY: importing jax sets that on machines *without* TPUs.)
+    """
+    from jax._src import hardware_utils
+
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    return chips > 0 or "TPU_WORKER_HOSTNAMES" in os.environ
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -68,12 +68,16 @@ def main() -> None:
     multihost_utils.sync_global_devices("saved")
     cfg, restored = lj.load_checkpoint(checkpoint, mesh=mesh)  # every process reads its own shards
     assert cfg == CFG
+    saved = os.path.join(out_dir, "saved")
+    lj.save_checkpoint(saved, CFG, params)  # the public API, called by both processes at once
+    _, resaved = lj.load_checkpoint(saved, mesh=mesh)
     for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(sharding.param_shardings(CFG, mesh))):
         assert leaf.sharding == want and len(leaf.addressable_shards) == 4
 
     # One jitted copy to fully replicated arrays (one compile for everything), then read locally.
     everything = {"loss": loss, "tokens": tokens, "logits": logits, "grads": grads, "params": params,
-                  "restored": restored}
+                  "restored": restored,
+                  "resaved": resaved}
     replicated = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))(everything)
     result = {jax.tree_util.keystr(k): np.asarray(leaf.addressable_data(0))
               for k, leaf in jax.tree_util.tree_flatten_with_path(replicated)[0]}

@@ -60,6 +60,7 @@ def test_two_processes_match_single_process(tmp_path):
         key = jax.tree_util.keystr(path)
         np.testing.assert_array_equal(got["['params']" + key], leaf)  # sharded init = single-device init
         np.testing.assert_array_equal(got["['restored']" + key], leaf)  # saved + restored on 2 processes
+        np.testing.assert_array_equal(got["['resaved']" + key], leaf)  # lj.save_checkpoint on 2 processes
     for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
         close(got["['grads']" + jax.tree_util.keystr(path)], leaf)
 
@@ -67,3 +68,6 @@ def test_two_processes_match_single_process(tmp_path):
     cfg2, restored = lj.load_checkpoint(str(tmp_path / "checkpoint"))
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, restored, params)
+    _, resaved = lj.load_checkpoint(str(tmp_path / "saved"))
+    jax.tree.map(np.testing.assert_array_equal, resaved, params)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # the staging folder was renamed

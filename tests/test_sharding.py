@@ -200,3 +200,15 @@ def test_aot_compile_for_tpu_topology(capsys):
     # 4 passes per layer (fwd, 2x bwd, remat fwd), 3 for the output projection.
     layer = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192) + 4 * 64 * 64
     assert plan.model_flops(cfg, 8, 64) == 8 * 64 * (2 * layer * 4 + 3 * 2 * 64 * 512)
+
+
+def test_initialize_does_nothing_on_a_machine_without_tpus(monkeypatch):
+    """Importing jax sets TPU_SKIP_MDS_QUERY on TPU-less machines; that must not look like a TPU VM."""
+    from sharding.distributed import _on_tpu_vm
+
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
+    for name in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert not _on_tpu_vm()
+    initialize()  # returns at once: single-process JAX needs no set-up
+    assert jax.process_count() == 1

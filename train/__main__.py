@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    import sharding
+
+    sharding.initialize()  # joins the other hosts of a TPU pod (or JAX_COORDINATOR_ADDRESS...); else nothing
     from train.loop import TrainingDiverged, run  # imports jax: after the config is known to be good
 
     try:
