@@ -49,12 +49,12 @@ def main() -> None:
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, cfg=CFG, batch=BATCH)
-    with mesh:
+    with jax.set_mesh(mesh):
         params = lj.init_params(CFG, 0)  # born sharded over both processes' devices
     rows = BATCH // jax.process_count()
     local = global_tokens()[process_id * rows:(process_id + 1) * rows]
     tokens = sharding.global_batch(local, mesh)
-    with mesh:
+    with jax.set_mesh(mesh):
         loss, logits, grads = loss_logits_grads(params, tokens)
 
     # Saved as a training run does on a pod: an Orbax CheckpointManager step with a "params" item

@@ -143,7 +143,7 @@ def test_sharded_decode_equals_single_device(gqa):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
     sharded = shard_params(params, cfg, mesh)
     assert sharded["layers"]["attention"]["wq"].sharding.spec[2] == "tensor"
-    with mesh:
+    with jax.set_mesh(mesh):
         got, got_lp = lj.generate(sharded, cfg, prompts, max_new_tokens=NEW, eos_id=None, logprobs=True)
     assert got == want
     np.testing.assert_allclose(np.array(got_lp), np.array(want_lp), rtol=1e-5, atol=1e-5)

@@ -67,7 +67,7 @@ def test_sharded_equals_single_device(cfg, shape):
     else:
         mesh = make_mesh(*shape, cfg=cfg, batch=8)
     sharded = shard_params(params, cfg, mesh)
-    with mesh:
+    with jax.set_mesh(mesh):
         loss, logits, grads = loss_logits_grads(sharded, tokens, cfg)
     # It really ran sharded: params split by the rules, logits split over the batch axes.
     assert sharded["layers"]["feed_forward"]["w1"].sharding.spec == param_shardings(cfg, mesh)["layers"][
@@ -78,10 +78,12 @@ def test_sharded_equals_single_device(cfg, shape):
     jax.tree.map(assert_rel_close, grads, grads_ref)
 
 
+@pytest.mark.filterwarnings("ignore:.*context manager has been deprecated:DeprecationWarning")
 def test_fsdp_init_is_born_sharded_and_spread():
+    """Both ways to enter a mesh work: jax.set_mesh and the older `with mesh:` (DESIGN.md's form)."""
     cfg = MHA_ODD
     mesh = make_mesh(data=1, fsdp=8, tensor=1)
-    with mesh:
+    with jax.set_mesh(mesh):
         params = lj.init_params(cfg, 0)
     reference = single_device(cfg)[0]
     device0 = jax.devices()[0]
