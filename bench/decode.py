@@ -1,7 +1,8 @@
 """Decode benchmark: time to first token, decode tokens/s and achieved memory bandwidth of
 llama_jax generation, beside Hugging Face transformers' `generate` on the same machine.
 
-    python bench/decode.py                                   # tiny "demo" model on CPU
+    python bench/decode.py            # on a GPU: llama2-7b bf16, batch 1 and 32, prompt 128, 256 new
+                                      # elsewhere (or --smoke): the tiny "demo" model, batch 1 and 8
     python bench/decode.py --preset llama2-7b --dtype bfloat16 --batch 1 16 --prompt-len 128 --new 256
 
 Random weights (decode speed does not depend on their values). Decode runs with no EOS so every
@@ -26,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
+from bench.common import device_name, row, write_result  # noqa: E402
 
 gen = sys.modules["llama_jax.generate"]  # the module (lj.generate is the function)
 
@@ -97,36 +99,45 @@ def bench_hf(cfg, batch: int, prompt_len: int, new: int, repeats: int, dtype: st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="demo")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--smoke", action="store_true", help="the tiny demo sizes whatever the device (CPU check)")
+    p.add_argument("--preset", help="default: llama2-7b on a GPU, demo elsewhere")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on a GPU, float32 elsewhere")
+    p.add_argument("--batch", type=int, nargs="+", help="default: 1 32 on a GPU, 1 8 elsewhere")
+    p.add_argument("--prompt-len", type=int, help="default: 128 on a GPU, 32 elsewhere")
+    p.add_argument("--new", type=int, help="default: 256 on a GPU, 64 elsewhere")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--out", help="write the JSON result here")
     args = p.parse_args()
+    big = jax.default_backend() == "gpu" and not args.smoke
+    defaults = (("preset", "llama2-7b", "demo"), ("dtype", "bfloat16", "float32"), ("batch", [1, 32], [1, 8]),
+                ("prompt_len", 128, 32), ("new", 256, 64))
+    for name, gpu_value, small_value in defaults:
+        if getattr(args, name) is None:
+            setattr(args, name, gpu_value if big else small_value)
 
     cfg = lj.LlamaConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
     params = lj.init_params(cfg, 0)
-    rows = []
+    rows, results = [], []
     for batch in args.batch:
-        rows.append(bench_jax(params, cfg, batch, args.prompt_len, args.new, args.repeats))
-        if not args.no_hf:
-            rows.append(bench_hf(cfg, batch, args.prompt_len, args.new, args.repeats, args.dtype))
+        ours = bench_jax(params, cfg, batch, args.prompt_len, args.new, args.repeats)
+        peer = None if args.no_hf else bench_hf(cfg, batch, args.prompt_len, args.new, args.repeats, args.dtype)
+        results += [ours] + ([peer] if peer else [])
+        config = f"{args.preset} {args.dtype} b{batch} prompt {args.prompt_len} +{args.new}"
+        rows.append(row(config, "decode tokens/s", ours["tokens_per_s"], peer and peer["tokens_per_s"], "tok/s",
+                        bandwidth_gb_s=ours["bandwidth_gb_s"], step_ms=ours["step_ms"]))
+        rows.append(row(config, "1 / time to first token", 1e3 / ours["ttft_ms"], peer and 1e3 / peer["ttft_ms"],
+                        "1/s", ttft_ms=ours["ttft_ms"]))
 
     print(f"# {args.preset} {args.dtype}, prompt {args.prompt_len}, {args.new} new tokens, "
           f"device {jax.devices()[0].device_kind} x{jax.device_count()}")
     print(f"{'impl':26} {'batch':>5} {'TTFT ms':>9} {'step ms':>9} {'tok/s':>10} {'GB/s':>8} {'weights GB':>10} "
           f"{'cache GB':>9} {'compile s':>9}")
-    for r in rows:
+    for r in results:
         print(f"{r['impl']:26} {r['batch']:>5} {r['ttft_ms']:>9.2f} {r['step_ms']:>9.3f} {r['tokens_per_s']:>10.1f} "
               f"{r['bandwidth_gb_s']:>8.2f} {r['weight_gb']:>10.4f} {r['cache_gb']:>9.4f} {r['compile_s']:>9.1f}")
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+    write_result(args.out, {"bench": "decode", "device": device_name(), "args": vars(args), "rows": rows,
+                            "measurements": results})
 
 
 if __name__ == "__main__":
