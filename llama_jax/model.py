@@ -1,13 +1,14 @@
 """LLaMA / Llama 2 as functional Flax linen modules.
 
-Read top to bottom: RMSNorm, rotary embeddings, attention (one function, GQA without repeating
-K/V), the SwiGLU feed-forward, the pre-norm block, and the causal LM that scans the blocks.
+Read top to bottom: RMSNorm, rotary embeddings, attention (projections + KV cache here; the
+attention kernel itself is `attend` in llama_jax/attention.py), the SwiGLU feed-forward, the
+pre-norm block, and the causal LM that scans the blocks; then the functional API.
 
 Layout decisions that matter for checkpoints and sharding:
 - Parameters are named after Meta's code (wq, wk, wv, wo, w1, w2, w3, ...) and stored as
   (in, ..., out) kernels with separate head axes, e.g. wq is (dim, n_heads, head_dim).
 - RoPE rotates the half-split pairs (i, i + head_dim/2) as Hugging Face does; Meta checkpoints
-  have their wq/wk rows permuted at conversion (llama_jax/convert.py), never inside the model.
+  have their wq/wk rows permuted at conversion (llama_jax/layout.py), never inside the model.
 - Every parameter carries logical axis names and activations are constrained with logical
   names; `sharding/` maps them to mesh axes. Outside a mesh the constraints do nothing.
 - The layers are one `nn.scan` over a stacked "layers" axis, so compile time does not grow
