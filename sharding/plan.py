@@ -4,11 +4,13 @@
 
 With `libtpu` installed, `jax.experimental.topologies` gives compile-only devices of a TPU slice
 that this machine does not own; XLA then compiles the real SPMD program for them, exactly as
-the pod would, and reports its per-chip memory and FLOPs. The step compiled is a full training
-step: forward + backward + an optax.adamw update, params/grads/both moments in float32, compute
-in bfloat16, with the chosen remat policy; params and optimizer state are donated (updated in
-place), as a training loop does. The largest batch is found by compiling a second batch size
-and extrapolating the per-row memory linearly (printed as an estimate).
+the pod would, and reports its per-chip memory and FLOPs. The step compiled is the training
+loop's own: `train.step.make_train_step` with the recipes' optimizer (global-norm clipping, then
+AdamW with the no-decay mask for RMSNorm weights and a warmup + cosine schedule; defaults of
+`train.config.OptimConfig`), the loop's state and batch shardings, and the state donated.
+Params, grads and both moments are float32, compute bfloat16, with the chosen remat policy and
+`--grad-accum` microbatches. The largest batch is found by compiling a second batch size and
+extrapolating the per-row memory linearly (printed as an estimate).
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from sharding.distributed import batch_sharding
 from sharding.mesh import make_mesh, parse_mesh
-from sharding.rules import param_shardings
 
 GiB = 1024**3
 
@@ -105,29 +105,6 @@ def tpu_devices(topology: str) -> tuple[Chip, list[Any]]:
 # --- the step that is compiled ------------------------------------------------------------
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross entropy (logits float32)."""
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(logz - picked)
-
-
-def make_train_step(cfg: Any, optimizer: Any):
-    """forward + backward + optimizer update, as a training loop runs it."""
-    from llama_jax.model import Llama
-
-    def step(params, opt_state, tokens, targets):
-        def loss_fn(p):
-            return cross_entropy(Llama(cfg).apply({"params": p}, tokens), targets)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
-        return params, opt_state, loss
-
-    return step
-
-
 def model_flops(cfg: Any, batch: int, seq: int) -> float:
     """Matmul FLOPs of one training step, counted as XLA computes them (full causal square).
 
@@ -162,30 +139,45 @@ def _bytes_per_device(shapes: Any, shardings: Any) -> int:
                for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
 
 
-def compile_step(cfg: Any, mesh: Mesh, batch: int, seq: int) -> tuple[Compiled, dict]:
-    """AOT-compile the sharded train step for `mesh` (any devices, compile-only ones included)."""
-    import optax
+PLAN_STEPS = 1000  # the schedule's length; it changes the learning rate, not the program's memory
 
+
+def lower_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1) -> tuple[Any, dict]:
+    """Lower train.step's sharded step for `mesh` exactly as train.loop builds it.
+
+    Returns the jax Lowered object and the per-chip bytes of params / optimizer state / batch.
+    """
     from llama_jax.model import param_shapes
+    from train import step as step_lib
+    from train.config import OptimConfig
 
-    optimizer = optax.adamw(1e-4, weight_decay=0.1)
-    p_shapes = param_shapes(cfg)
-    p_shard = param_shardings(cfg, mesh)
-    o_shapes = jax.eval_shape(optimizer.init, p_shapes)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    o_shard = optax.tree_map_params(optimizer, lambda _, sh: sh, o_shapes, p_shard,
-                                    transform_non_params=lambda _: replicated)
-    b_shard = batch_sharding(mesh, 2)
-    sds = lambda shapes, shard: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                             shapes, shard)
-    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=b_shard)
-    step = jax.jit(make_train_step(cfg, optimizer), donate_argnums=(0, 1),
-                   out_shardings=(p_shard, o_shard, replicated))
-    sizes = {"params": _bytes_per_device(p_shapes, p_shard), "optimizer": _bytes_per_device(o_shapes, o_shard),
-             "batch": 2 * math.prod(b_shard.shard_shape((batch, seq))) * 4}
+    if batch % grad_accum or (batch // grad_accum) % _groups(mesh):
+        raise ValueError(f"--batch {batch} must split into --grad-accum {grad_accum} microbatches each divisible "
+                         f"by data x fsdp = {_groups(mesh)}")
+    o = OptimConfig()
+    warmup = step_lib.warmup_steps_for(PLAN_STEPS, o.warmup_steps, o.warmup_ratio)
+    schedule = step_lib.lr_schedule(o.lr, PLAN_STEPS, o.schedule, warmup, o.min_lr_ratio)
+    optimizer = step_lib.make_optimizer(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
+    step = step_lib.make_train_step(cfg, optimizer, schedule, mesh, (batch, seq), grad_accum, o.z_loss)
+
+    shardings = step_lib.state_shardings(cfg, optimizer, mesh)
+    shapes = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer), param_shapes(cfg))
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    rows = step_lib.batch_sharding(mesh, (batch, seq))  # the loop's batches: int32, weights float32
+    batch_sds = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "weights" else jnp.int32, sharding=rows)
+                 for k in step_lib.BATCH_KEYS}
+    sizes = {"params": _bytes_per_device(shapes["params"], shardings["params"]),
+             "optimizer": _bytes_per_device(shapes["opt_state"], shardings["opt_state"]),
+             "batch": _bytes_per_device(batch_sds, jax.tree.map(lambda s: s.sharding, batch_sds))}
+    with jax.set_mesh(mesh):
+        return step.lower(state, batch_sds), sizes
+
+
+def compile_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1) -> tuple[Compiled, dict]:
+    """AOT-compile the sharded train step for `mesh` (any devices, compile-only ones included)."""
+    lowered, sizes = lower_step(cfg, mesh, batch, seq, grad_accum)
     try:
-        with jax.set_mesh(mesh):
-            compiled = step.lower(sds(p_shapes, p_shard), sds(o_shapes, o_shard), tokens, tokens).compile()
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         # "... the total memory required for HLO temporaries (33.59G) exceeds available HBM (30.75G)"
         found = re.search(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)", str(e))
@@ -199,6 +191,10 @@ def compile_step(cfg: Any, mesh: Mesh, batch: int, seq: int) -> tuple[Compiled, 
     result = Compiled(batch, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                       mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, float(cost.get("flops", 0.0)))
     return result, sizes
+
+
+def _groups(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 # --- the plan -------------------------------------------------------------------------------
@@ -215,7 +211,8 @@ class Plan:
     sizes: dict  # params / optimizer / batch bytes per chip
     at_batch: Compiled  # the requested batch
     other: Compiled  # a second batch size, for the per-row slope
-    groups: int  # data x fsdp: the batch granularity
+    groups: int  # data x fsdp x grad_accum: the batch granularity
+    grad_accum: int
     n_chips: int
     peak_flops: float
     flops: float  # model FLOPs per step, all chips (model_flops)
@@ -236,7 +233,7 @@ class Plan:
 
     @property
     def max_batch(self) -> int:
-        """Largest multiple of data x fsdp whose (linearly extrapolated) peak fits in HBM; 0 if none."""
+        """Largest multiple of data x fsdp x grad_accum whose (linearly extrapolated) peak fits in HBM; 0 if none."""
         lo = self.at_min
         if lo.peak_bytes > self.hbm_bytes:
             return 0
@@ -251,11 +248,12 @@ class Plan:
         activations = c.temp_bytes
         lines = [
             f"plan: {self.model} on {self.topology} ({self.n_chips} chips, {gib(self.hbm_bytes).strip()} HBM each), "
-            f"mesh {mesh}, batch {c.batch} x seq {self.seq}, remat {self.remat}",
-            f"  per-chip memory of the compiled train step (adamw, fp32 params/grads/moments, bf16 compute):",
+            f"mesh {mesh}, batch {c.batch} x seq {self.seq}, remat {self.remat}"
+            + (f", grad-accum {self.grad_accum} (microbatch {c.batch // self.grad_accum})" if self.grad_accum > 1 else ""),
+            f"  per-chip memory of train.step's compiled step (clip + adamw, fp32 params/grads/moments, bf16 compute):",
             f"    params               {gib(self.sizes['params'])}",
             f"    optimizer (2 moments){gib(self.sizes['optimizer'])}",
-            f"    batch (tokens+targets){gib(self.sizes['batch'])}",
+            f"    batch (5 arrays)     {gib(self.sizes['batch'])}",
             f"    temp (activations, grads, scratch){gib(activations)}",
             f"    code                 {gib(c.code_bytes)}",
             f"    total (peak)         {gib(c.peak_bytes)}   of {gib(self.hbm_bytes).strip()}  "
@@ -270,8 +268,9 @@ class Plan:
             f"{self.bytes_per_row / GiB:.3f} GiB per chip",
         ]
         verdict = "FITS" if self.fits else "DOES NOT FIT"
+        unit = "data x fsdp" + (" x grad-accum" if self.grad_accum > 1 else "")
         if self.max_batch:
-            lines.append(f"  verdict: {verdict}; largest batch that fits (estimated, multiple of data x fsdp = "
+            lines.append(f"  verdict: {verdict}; largest batch that fits (estimated, multiple of {unit} = "
                          f"{self.groups}): {self.max_batch}")
         else:
             lines.append(f"  verdict: {verdict}; even the smallest batch ({self.at_min.batch}) needs "
@@ -280,7 +279,8 @@ class Plan:
 
 
 def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, remat: str = "full",
-         n_layers: int | None = None, devices: list[Any] | None = None, chip: Chip | None = None) -> Plan:
+         n_layers: int | None = None, devices: list[Any] | None = None, chip: Chip | None = None,
+         grad_accum: int = 1) -> Plan:
     """Compile the train step at `batch` and at the smallest batch, and judge the fit.
 
     `devices`/`chip` default to libtpu's compile-only devices of `topology`. `n_layers` replaces
@@ -296,12 +296,14 @@ def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, 
         raise ValueError(f"--seq {seq} exceeds {model}'s max_seq_len {cfg.max_seq_len}")
     if devices is None:
         chip, devices = tpu_devices(topology)
+    if grad_accum < 1:
+        raise ValueError(f"--grad-accum must be >= 1, got {grad_accum}")
     mesh_obj = make_mesh(devices=devices, cfg=cfg, batch=batch, **mesh)
-    groups = mesh_obj.shape["data"] * mesh_obj.shape["fsdp"]
-    at_batch, sizes = compile_step(cfg, mesh_obj, batch, seq)
-    other, _ = compile_step(cfg, mesh_obj, groups if batch > groups else 2 * groups, seq)
+    groups = _groups(mesh_obj) * grad_accum  # the smallest batch: one row per data x fsdp group per microbatch
+    at_batch, sizes = compile_step(cfg, mesh_obj, batch, seq, grad_accum)
+    other, _ = compile_step(cfg, mesh_obj, groups if batch > groups else 2 * groups, seq, grad_accum)
     return Plan(model, topology, dict(mesh_obj.shape), seq, remat, chip.hbm_bytes, sizes, at_batch, other, groups,
-                len(devices), chip.peak_bf16_flops, model_flops(cfg, batch, seq), cfg.n_layers)
+                grad_accum, len(devices), chip.peak_bf16_flops, model_flops(cfg, batch, seq), cfg.n_layers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,10 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, required=True, help="global batch (sequences per step)")
     parser.add_argument("--seq", type=int, default=2048, help="sequence length")
     parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="microbatches per step (train's grad_accum): activations of batch / grad-accum rows")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (quick looks)")
     args = parser.parse_args(argv)
     try:
-        result = plan(args.model, args.topology, parse_mesh(args.mesh), args.batch, args.seq, args.remat, args.layers)
+        result = plan(args.model, args.topology, parse_mesh(args.mesh), args.batch, args.seq, args.remat, args.layers,
+                      grad_accum=args.grad_accum)
     except ValueError as e:  # bad model / topology / mesh / batch: say what, no traceback
         parser.error(str(e))
     print(result.report())

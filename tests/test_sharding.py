@@ -177,24 +177,47 @@ def test_topology_names():
 
 def test_aot_compile_for_tpu_topology(capsys):
     pytest.importorskip("libtpu", reason="libtpu is not installed: TPU AOT compilation is unavailable")
+    import optax
+
     from sharding import plan
+    from train import step as step_lib
 
-    # The CLI end to end: a tiny model on a v5p-8 slice (4 chips), fsdp over all of them.
+    # The CLI end to end: a tiny model on a v5p-8 slice (4 chips), fsdp over all of them, 2 microbatches.
     assert plan.main(["--model", "tiny-gqa", "--topology", "v5p:2x2x1", "--mesh", "fsdp=-1",
-                      "--batch", "8", "--seq", "64"]) == 0
+                      "--batch", "16", "--seq", "64", "--grad-accum", "2"]) == 0
     out = capsys.readouterr().out
-    assert "tiny-gqa on v5p:2x2x1 (4 chips, 95.00 GiB HBM each), mesh data=1 fsdp=4 tensor=1" in out
-    assert "verdict: FITS" in out
+    assert ("tiny-gqa on v5p:2x2x1 (4 chips, 95.00 GiB HBM each), mesh data=1 fsdp=4 tensor=1, batch 16 x seq 64, "
+            "remat full, grad-accum 2 (microbatch 8)") in out
+    assert "verdict: FITS" in out and "multiple of data x fsdp x grad-accum = 8" in out
 
-    # Unrolled layers, so XLA counts every layer: its FLOPs agree with the hand formula, and the
-    # params per chip are exactly a quarter of the model (fp32).
+    # The program compiled is train.step's: its arguments are the loop's state (params, the
+    # optimizer state of make_optimizer: clipping, AdamW moments, decay mask, schedule count; the
+    # step), all donated, and the loop's five batch arrays; it returns the loop's metrics.
     cfg = lj.LlamaConfig.preset("tiny-gqa", dtype="bfloat16", remat="full", scan_layers=False)
     chip, devices = plan.tpu_devices("v5p-8")
     assert devices[0].device_kind == "TPU v5" and chip.hbm_bytes == 95 * 2**30
     mesh = make_mesh(data=2, fsdp=2, tensor=1, devices=devices)
+    lowered, _ = plan.lower_step(cfg, mesh, batch=8, seq=64)
+    (state, batch), _ = lowered.args_info
+    optimizer = step_lib.make_optimizer(step_lib.lr_schedule(1e-3, 10))
+    expected = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer), lj.param_shapes(cfg))
+    assert jax.tree.structure(state) == jax.tree.structure(expected)
+    clip, (adam, decay, schedule) = state["opt_state"]
+    assert isinstance(clip, optax.EmptyState) and isinstance(adam, optax.ScaleByAdamState)
+    assert isinstance(decay, optax.MaskedState) and isinstance(schedule, optax.ScaleByScheduleState)
+    assert all(a.donated for a in jax.tree.leaves(state)) and not any(a.donated for a in jax.tree.leaves(batch))
+    assert {k: (a.shape, a.dtype) for k, a in batch.items()} == {
+        k: ((8, 64), jnp.float32 if k == "weights" else jnp.int32) for k in step_lib.BATCH_KEYS}
+    assert set(lowered.out_info[1]) == {"loss", "z_loss", "accuracy", "target_tokens", "grad_norm", "param_norm", "lr"}
+    with pytest.raises(ValueError, match="must split into --grad-accum 3 microbatches each divisible by data x fsdp = 4"):
+        plan.lower_step(cfg, mesh, batch=8, seq=64, grad_accum=3)
+
+    # Unrolled layers, so XLA counts every layer: its FLOPs agree with the hand formula, and the
+    # params per chip are exactly a quarter of the model (fp32).
     compiled, sizes = plan.compile_step(cfg, mesh, batch=8, seq=64)
     assert sizes["params"] == cfg.num_params() * 4 // 2  # fsdp=2 splits every leaf's embed axis
-    assert sizes["optimizer"] == 2 * sizes["params"] + 4  # two fp32 moments + the int32 step count
+    assert sizes["optimizer"] == 2 * sizes["params"] + 8  # two fp32 moments + adam's and the schedule's int32 counts
+    assert sizes["batch"] == 5 * 4 * 8 * 64 // 4  # five 4-byte arrays, rows split over data x fsdp = 4
     assert compiled.temp_bytes > 0 and compiled.peak_bytes > sizes["params"] + sizes["optimizer"]
     per_chip = plan.model_flops(cfg, 8, 64) / len(devices)
     assert per_chip <= compiled.xla_flops <= 1.1 * per_chip  # XLA adds elementwise/optimizer FLOPs
