@@ -12,7 +12,9 @@ Orbax (and `load_checkpoint`) read it like any other PyTree checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -254,6 +256,23 @@ def _zarr_dtype(dtype: str) -> str:
 # --- loading ---------------------------------------------------------------------------------
 
 
+class _SkipMissingItemMetadata(logging.Filter):
+    """A CheckpointManager's "params" item has no _CHECKPOINT_METADATA of its own; Orbax warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    quiet = _SkipMissingItemMetadata()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
 def _params_dir(path: str) -> str:
     """`path/params`, or the newest complete step's params of a training run folder."""
     params = _join(path, "params")
@@ -287,7 +306,7 @@ def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         cfg = cfg.replace(param_dtype=dtype)
     shapes = param_shapes(cfg)
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with ocp.PyTreeCheckpointer() as ckptr, _quiet_orbax():
         stored = ckptr.metadata(params_dir)
         stored = getattr(stored, "item_metadata", stored)
         stored = {path: tuple(m.shape) for path, m in _leaf_paths(dict(stored))}
