@@ -89,3 +89,19 @@ def test_kill9_sigterm_and_corrupt_checkpoint_resume_exactly(tmp_path):
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-6, atol=0)
     assert want[STEPS] < want[1] - 1.0  # and it did learn something
+
+
+def test_resume_with_changed_settings_stops_and_keeps_the_checkpoints(tmp_path):
+    """A run resumed with other optimizer or model settings must not mistake its checkpoints for
+    damaged ones (moving them aside and silently restarting from step 0): it stops with a clear error."""
+    out = str(tmp_path / "run")
+    base = [a for a in command(out) if not a.startswith("steps=")] + ["steps=10"]
+    first = subprocess.run(base, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(os.listdir(out))
+    for change, message in (("optim.clip_norm=0", "none of this run's settings can restore"),
+                            ("model.overrides={dim: 32}", "different model")):
+        again = subprocess.run(base + [change], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert again.returncode == 2 and message in again.stderr and "Traceback" not in again.stderr, again.stderr
+        assert sorted(os.listdir(out)) == before  # nothing moved aside, nothing new
+    assert max(losses(out)) == 10

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError) as e:  # bad data paths, tokenizer, mesh, resume settings
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "data"}, default=str))
     return 0
 

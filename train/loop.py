@@ -81,24 +81,41 @@ class Checkpoints:
             train_state=ocp.args.JsonSave(train_state)), force=True)
 
     def restore_newest(self, abstract_state: dict) -> tuple[dict, dict] | None:
-        """(state, train_state) of the newest step that restores, or None when there is none."""
+        """(state, train_state) of the newest step that restores, or None when there is none.
+
+        A newer step that fails while an older one restores was cut short or damaged: it is moved
+        aside (`N.corrupt-TIME`) with a warning. When no step restores, nothing is moved and the
+        run stops: the settings changed (model, optimizer), not the files.
+        """
+        failed: list[tuple[int, Exception]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract_state["params"]),
                     opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
                     train_state=ocp.args.JsonRestore()))
-            except Exception as e:  # a step folder cut short or damaged: fall back to the previous one
-                corrupt = os.path.join(self.dir, f"{step}.corrupt-{int(time.time())}")
-                warnings.warn(f"checkpoint step {step} in {self.dir} could not be restored "
-                              f"({type(e).__name__}: {str(e)[:300]}); moved it to {corrupt} and trying an older one")
-                if is_main_process():
-                    os.rename(os.path.join(self.dir, str(step)), corrupt)
-                self.manager.reload()
+            except Exception as e:  # noqa: BLE001 - judged below, once we know whether any step restores
+                failed.append((step, e))
                 continue
+            for bad, error in failed:
+                corrupt = os.path.join(self.dir, f"{bad}.corrupt-{int(time.time())}")
+                warnings.warn(f"checkpoint step {bad} in {self.dir} could not be restored "
+                              f"({type(error).__name__}: {str(error)[:300]}); moved it to {corrupt} and "
+                              f"resumed from step {step}")
+                if is_main_process():
+                    os.rename(os.path.join(self.dir, str(bad)), corrupt)
+            if failed:
+                self.manager.reload()
             state = {"params": out["params"], "opt_state": out["opt_state"],
                      "step": jnp.asarray(out["train_state"]["step"], jnp.int32)}
             return state, dict(out["train_state"])
+        if failed:
+            step, error = failed[0]
+            raise ValueError(
+                f"{self.dir} holds checkpoints (newest: step {step}) that none of this run's settings can "
+                f"restore ({type(error).__name__}: {str(error)[:300]}). Did the model or optimizer settings "
+                "change (e.g. model.overrides, optim.clip_norm)? Resume with the run's own settings "
+                f"({os.path.join(self.dir, 'train_config.yaml')}) or start a new output_dir.")
         return None
 
     def close(self) -> None:
@@ -182,8 +199,19 @@ def run(cfg: TrainConfig) -> dict:
     train_step = step_lib.make_train_step(mcfg, optimizer, schedule, mesh, (cfg.batch_size, seq),
                                           cfg.grad_accum, cfg.optim.z_loss)
 
+    saved_config = os.path.join(cfg.output_dir, "config.json")
+    if os.path.exists(saved_config):  # resuming: the architecture must be the one the run started with
+        from llama_jax.checkpoint import read_config
+
+        before = read_config(cfg.output_dir)
+        shape_fields = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim")
+        changed = {f: (getattr(before, f), getattr(mcfg, f)) for f in shape_fields
+                   if getattr(before, f) != getattr(mcfg, f)}
+        if changed:
+            raise ValueError(f"{cfg.output_dir} holds a run of a different model ({changed}, as (saved, now)); "
+                             "use a new output_dir or the run's own settings")
     if main:
-        _write_atomic(os.path.join(cfg.output_dir, "config.json"),
+        _write_atomic(saved_config,
                       json.dumps({**mcfg.replace(dtype="float32").to_dict(), **FORMAT}, indent=2))
         _write_atomic(os.path.join(cfg.output_dir, "train_config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
