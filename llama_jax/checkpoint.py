@@ -97,9 +97,7 @@ class Staging:
         self.out = os.path.abspath(self.out)
         if os.path.exists(self.out) and not overwrite:
             raise FileExistsError(f"{self.out} already exists; pass overwrite=True (--overwrite) to replace it")
-        parent = os.path.dirname(self.out)
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"parent folder {parent} of the output does not exist")
+        os.makedirs(os.path.dirname(self.out), exist_ok=True)  # like mkdir -p: "out/llama2-7b" just works
         shared = jax.process_count() > 1  # every process must name the same folder
         self.path = f"{self.out}.tmp-{'multihost' if shared else os.getpid()}"
         if self.main:

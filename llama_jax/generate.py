@@ -408,10 +408,29 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse(argv)
+    try:
+        _run(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _fit_history(gen: Generator, history: list[dict], text: str, mode: str, input: str) -> list[int]:
+    """Prompt ids for `text`; in a chat, the oldest (user, assistant) turns are dropped until the
+    prompt leaves room to answer (a quarter of the context), so a long session never overflows."""
+    ids = gen.prompt_ids(text, mode, input=input, history=history)
+    first = 1 if history and history[0]["role"] == "system" else 0
+    while mode == "chat" and len(ids) > gen.cfg.max_seq_len * 3 // 4 and len(history) >= first + 2:
+        del history[first:first + 2]
+        ids = gen.prompt_ids(text, mode, input=input, history=history)
+    return ids
+
+
+def _run(args: argparse.Namespace) -> None:
     mesh = None
     if args.tensor_parallel > 1:
         if args.tensor_parallel > jax.device_count():
-            raise SystemExit(f"--tensor-parallel {args.tensor_parallel} needs that many devices; "
+            raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; "
                              f"{jax.device_count()} are visible")
         devices = np.array(jax.devices()[: args.tensor_parallel]).reshape(1, 1, args.tensor_parallel)
         mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"))
@@ -422,18 +441,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     history: list[dict] = [{"role": "system", "content": args.system}] if args.chat and args.system else []
 
     def answer(text: str) -> str:
-        ids = gen.prompt_ids(text, mode, input=args.input, history=history)
+        ids = _fit_history(gen, history, text, mode, args.input)
         reply = ""
         for piece in gen.stream(ids, **sampling):
             reply += piece
             print(piece, end="", flush=True)
         print(flush=True)
+        if mode == "chat":
+            history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
         return reply
 
     if args.prompt is not None:
-        reply = answer(args.prompt)
-        if mode == "chat":
-            history += [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": reply}]
+        answer(args.prompt)
     if args.interactive:
         while True:
             try:
@@ -442,9 +461,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 break
             if text.strip() in ("", "exit", "quit"):
                 break
-            reply = answer(text)
-            if mode == "chat":
-                history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+            try:
+                answer(text)
+            except ValueError as e:  # e.g. a message with [INST] in it: say so, keep the session
+                print(f"error: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

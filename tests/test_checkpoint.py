@@ -115,8 +115,8 @@ def test_relative_paths_load(tmp_path, monkeypatch):
     cfg = lj.LlamaConfig.preset("tiny")
     params = lj.init_params(cfg, 0)
     monkeypatch.chdir(tmp_path)
-    lj.save_checkpoint("ckpt", cfg, params)
-    loaded_cfg, loaded = lj.load_checkpoint("ckpt")
+    lj.save_checkpoint("new/folder/ckpt", cfg, params)  # parents are created
+    loaded_cfg, loaded = lj.load_checkpoint("new/folder/ckpt")
     assert loaded_cfg == cfg
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

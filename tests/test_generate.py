@@ -283,3 +283,16 @@ def test_cli_prompt_chat_and_interactive(generator, capsys, monkeypatch):
     second = gen.chat(turn + [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}],
                       temperature=0, max_new_tokens=NEW)["content"]
     assert capsys.readouterr().out == first + "\n" + second + "\n"
+
+    # A long chat keeps going: the oldest turns give way once the context is 3/4 full.
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Tell me more.\nAgain.\n\n"))
+    main(["--checkpoint", str(path), "--tokenizer", TOKENIZER, "--temperature", "0", "--chat", "--interactive",
+          "--prompt", "Hello"])  # no --max-new-tokens: every reply may run to the end of the context
+    assert len(capsys.readouterr().out.splitlines()) >= 3
+
+    # User mistakes end with one "error:" line and exit status 2, not a traceback.
+    for bad in (["--checkpoint", str(path) + "-missing", "--tokenizer", TOKENIZER, "--prompt", "x"],
+                common + ["--prompt", "x", "--top-p", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(bad)
+        assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: ")
