@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from llama_jax.attention import attend
@@ -239,5 +240,10 @@ def check_tokens(tokens: Any, cfg: LlamaConfig) -> None:
 def forward(params: Any, tokens: Array, cfg: LlamaConfig, positions: Array | None = None,
             segment_ids: Array | None = None) -> Array:
     """Jit-compiled forward pass: int tokens (B, T) -> float32 logits (B, T, vocab)."""
+    if isinstance(tokens, (list, tuple)):
+        tokens = np.asarray(tokens)
     check_tokens(tokens, cfg)
+    for name, extra in (("positions", positions), ("segment_ids", segment_ids)):
+        if extra is not None and tuple(jnp.shape(extra)) != tuple(jnp.shape(tokens)):
+            raise ValueError(f"{name} must have the tokens' shape {tuple(jnp.shape(tokens))}, got {jnp.shape(extra)}")
     return _forward(params, jnp.asarray(tokens, jnp.int32), cfg, positions, segment_ids)

@@ -157,3 +157,11 @@ def test_bad_tokens_raise_clear_errors(tokens, error, message):
     params = lj.param_shapes(cfg)
     with pytest.raises(error, match=message):
         lj.forward(params, tokens, cfg)
+
+
+def test_token_lists_are_accepted_and_mask_shapes_checked():
+    cfg = lj.LlamaConfig.preset("tiny")
+    params = lj.init_params(cfg, 0)
+    np.testing.assert_array_equal(lj.forward(params, [[1, 2, 3]], cfg), lj.forward(params, np.array([[1, 2, 3]]), cfg))
+    with pytest.raises(ValueError, match="segment_ids must have the tokens' shape"):
+        lj.forward(params, [[1, 2, 3]], cfg, segment_ids=jnp.ones((1, 4), jnp.int32))
