@@ -85,25 +85,32 @@ def contiguous(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def transpose_2d(m: np.ndarray, tile: int = 32) -> np.ndarray:
-    """m.T as a new C-contiguous array, for a C-contiguous 2-D `m` (bits unchanged).
+def transpose_2d(m: np.ndarray, out: np.ndarray | None = None, block: int = 64, tile: int = 64) -> np.ndarray:
+    """m.T into `out` (a new C-contiguous array if None), for a C-contiguous 2-D `m` (bits unchanged).
 
-    Step 1 transposes k-element groups as single 8-byte words, `tile` rows at a time (cache
-    friendly); step 2 untangles each group's k elements, a short strided copy. Unsigned-int
+    `out` may be a column or row block of a bigger array (its last axis contiguous), so Meta's
+    model-parallel shards are transposed straight into their place in the merged tensor.
+    Works on `block` columns of k-element groups at a time: step 1 transposes the groups as single
+    8-byte words, `tile` rows at a time, into a small scratch (its rows padded so they do not all
+    fall on the same cache sets); step 2 untangles each group's k elements into `out`. Unsigned-int
     views keep numpy on its plain copy loops (ml_dtypes' bfloat16 copies are slower).
     """
     rows, cols = m.shape
+    out = np.empty((cols, rows), m.dtype) if out is None else out
     k = 8 // m.itemsize if m.itemsize in (1, 2, 4) and cols % (8 // m.itemsize) == 0 else 1
     if k == 1:
-        return np.ascontiguousarray(m.T)
-    words = m.view(np.uint64)  # (rows, cols/k)
-    step1 = np.empty((cols // k, rows), np.uint64)
-    for i in range(0, rows, tile):
-        step1[:, i:i + tile] = words[i:i + tile].T
+        out[...] = m.T
+        return out
     plain = np.dtype(f"u{m.itemsize}")
-    out = np.empty((cols // k, k, rows), plain)
-    out[...] = step1.view(plain).reshape(cols // k, rows, k).transpose(0, 2, 1)
-    return out.reshape(cols, rows).view(m.dtype)
+    words, dst, n_words = m.view(np.uint64), out.view(plain), cols // k
+    scratch = np.empty((min(block, n_words), rows + 8), np.uint64)[:, :rows]
+    for c in range(0, n_words, block):
+        b = min(block, n_words - c)
+        step1 = scratch[:b]
+        for i in range(0, rows, tile):
+            step1[:, i:i + tile] = words[i:i + tile, c:c + b].T
+        dst[c * k:(c + b) * k].reshape(b, k, rows)[...] = step1.view(plain).reshape(b, rows, k).transpose(0, 2, 1)
+    return out
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
@@ -188,8 +195,8 @@ class MetaSource:
     def keys(self) -> dict[str, str]:
         return {k: self.files[0] for k in self.shards[0]}
 
-    def get(self, entry: layout.Entry, name: str) -> torch.Tensor:
-        """The full tensor `name`: shards concatenated on Meta's split axis (replicated: shard 0)."""
+    def pieces(self, entry: layout.Entry, name: str) -> list[torch.Tensor]:
+        """Each shard's part of tensor `name`, shapes checked (replicated: shard 0's, checked equal)."""
         full = layout.torch_shape(entry, self.cfg)
         pieces = [shard[name] for shard in self.shards]
         n, axis = len(pieces), entry.meta_split_dim
@@ -206,12 +213,46 @@ class MetaSource:
             for file, piece in zip(self.files[1:], pieces[1:]):
                 if not torch.equal(piece, pieces[0]):
                     raise ValueError(f"{file}: replicated tensor {name} differs from {self.files[0]}'s")
+            return pieces[:1]
+        return pieces
+
+    def get(self, entry: layout.Entry, name: str) -> torch.Tensor:
+        """The full tensor `name` in Meta's layout: shards concatenated on Meta's split axis."""
+        pieces = self.pieces(entry, name)
+        if len(pieces) == 1:
             return pieces[0]
-        if n == 1:
-            return pieces[0]
-        merged = torch.cat(pieces, dim=axis)
+        merged = torch.cat(pieces, dim=entry.meta_split_dim)
         release(*pieces)
         return merged
+
+    def ours(self, entry: layout.Entry, name: str) -> tuple[np.ndarray, bool]:
+        """Tensor `name` in our layout, C-contiguous; True if it is a new array (not the source's memory).
+
+        Each shard is transposed straight into its block of the merged output (torch's out axis is
+        our last axis), so no concatenated copy is made. Meta's RoPE row permutation is per head,
+        so it is applied to each shard when shards hold whole heads (on an unsigned-int view: a
+        plain row copy); a head split over shards (fewer kv heads than shards) merges rows first.
+        """
+        pieces = [to_numpy(p) for p in self.pieces(entry, name)]
+        axis, dtype, plain = entry.meta_split_dim, pieces[0].dtype, f"u{pieces[0].itemsize}"
+        if entry.kind == "copy":  # tok_embeddings (split on dim) and the norms (replicated)
+            if len(pieces) == 1:
+                return layout.to_ours(entry, pieces[0], self.cfg, "meta"), False
+            merged = np.concatenate([p.view(plain) for p in pieces], axis=axis).view(dtype)
+            return layout.to_ours(entry, merged, self.cfg, "meta"), True
+        heads = getattr(self.cfg, entry.rope_heads) if entry.rope_heads else None
+        if heads is not None and heads % len(pieces):  # fewer kv heads than shards: a head spans shards
+            pieces = [np.concatenate([p.view(plain) for p in pieces], axis=axis).view(dtype)]
+        full, n = layout.torch_shape(entry, self.cfg), len(pieces)
+        ours_2d = np.empty(full[::-1], dtype)  # (in, out): torch's (out, in) transposed
+        size = full[axis] // n
+        for s, piece in enumerate(pieces):
+            if heads is not None:
+                piece = layout.meta_to_hf_rows(piece.view(plain), heads // n).view(dtype)
+            block = ours_2d[:, s * size:(s + 1) * size] if axis == 0 else ours_2d[s * size:(s + 1) * size]
+            transpose_2d(np.ascontiguousarray(piece), out=block)
+        # RoPE rows are already moved, so only to_ours' reshape is left: "hf" format, a view
+        return layout.to_ours(entry, ours_2d.T, self.cfg, "hf"), True
 
     def done(self, name: str) -> None:
         release(*(shard[name] for shard in self.shards))
@@ -280,8 +321,11 @@ class HFSource:
     def keys(self) -> dict[str, str]:
         return dict(self.where)
 
-    def get(self, entry: layout.Entry, name: str) -> torch.Tensor:
-        return self._read(name)
+    def ours(self, entry: layout.Entry, name: str) -> tuple[np.ndarray, bool]:
+        """Tensor `name` in our layout, C-contiguous; True if it is a new array (not the source's memory)."""
+        torch_layout = to_numpy(self._read(name))
+        ours = contiguous(layout.to_ours(entry, torch_layout, self.cfg, "hf"))
+        return ours, not np.may_share_memory(ours, torch_layout)
 
     def done(self, name: str) -> None:
         reader = self.readers[self.where[name]]
@@ -342,9 +386,8 @@ def convert(source: MetaSource | HFSource, out: str, dtype: str | None = None, t
         writer = StreamingWriter(_join(stage.path, "params"), cfg, dtype)
 
         def one(entry: layout.Entry, layer: int | None, name: str) -> None:
-            torch_layout = to_numpy(source.get(entry, name))
-            ours = contiguous(layout.to_ours(entry, torch_layout, cfg, source.fmt))
-            writer.write(entry.path, layer, ours, donate=not np.may_share_memory(ours, torch_layout))
+            ours, fresh = source.ours(entry, name)
+            writer.write(entry.path, layer, ours, donate=fresh)
             source.done(name)
 
         running: collections.deque = collections.deque()  # (future, elements), oldest first
