@@ -158,6 +158,8 @@ def _check_request(cfg: LlamaConfig, prompts: Any, max_new_tokens: Any, temperat
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)):
             raise TypeError(f"prompts[{i}] must be a list of token ids, got {type(prompt).__name__} "
                             "(use Generator to generate from text)")
+        if any(not isinstance(x, (int, np.integer)) or isinstance(x, bool) for x in prompt):
+            raise TypeError(f"prompts[{i}] must hold int token ids, got {[type(x).__name__ for x in prompt][:3]}...")
         row = [int(x) for x in prompt]
         if len(row) == 0:
             raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token (e.g. BOS = 1)")
@@ -169,9 +171,12 @@ def _check_request(cfg: LlamaConfig, prompts: Any, max_new_tokens: Any, temperat
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     longest = max(len(r) for r in rows)
     if longest + max_new_tokens > cfg.max_seq_len:
+        if longest >= cfg.max_seq_len:
+            raise ValueError(f"the longest prompt ({longest} tokens) alone fills the model's context "
+                             f"max_seq_len={cfg.max_seq_len}; shorten it")
         raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context max_seq_len={cfg.max_seq_len}; shorten the prompt or ask for at most "
-                         f"{max(cfg.max_seq_len - longest, 0)} new tokens")
+                         f"{cfg.max_seq_len - longest} new tokens")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):

@@ -228,6 +228,7 @@ def test_seeded_sampling_reproducible_and_streaming_identical(gqa):
     ("hello", {}, "non-empty list"),
     (["hello"], {}, r"prompts\[0\] must be a list of token ids"),
     ([[1, 512]], {}, "outside the vocabulary"),
+    ([[1.5, 2]], {}, "must hold int token ids"),
     ([[1] * 250], {"max_new_tokens": 10}, r"250 tokens\) \+ max_new_tokens \(10\) exceeds .*max_seq_len=256"),
     ([[1]], {"max_new_tokens": 0}, "max_new_tokens must be"),
     ([[1]], {"temperature": -0.5}, "temperature must be"),
