@@ -289,7 +289,9 @@ def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, 
     from llama_jax.config import LlamaConfig
 
     overrides = dict(dtype="bfloat16", param_dtype="float32", remat=remat)
-    if n_layers:
+    if n_layers is not None:
+        if n_layers < 1:
+            raise ValueError(f"--layers must be >= 1, got {n_layers}")
         overrides["n_layers"] = n_layers
     cfg = LlamaConfig.preset(model, **overrides)
     if seq > cfg.max_seq_len:
