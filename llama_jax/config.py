@@ -116,7 +116,10 @@ class LlamaConfig:
     def from_meta_params(
         cls, params: dict, vocab_size: int = 32000, max_seq_len: int = 4096, **overrides: Any
     ) -> "LlamaConfig":
-        """From Meta's params.json; its vocab_size of -1 means "use `vocab_size`"."""
+        """From Meta's params.json; its vocab_size of -1 means "use `vocab_size`".
+
+        params.json does not record the context: `max_seq_len` is 4096 for Llama 2, 2048 for LLaMA-1.
+        """
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                  "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "max_batch_size",
                  "use_scaled_rope"}

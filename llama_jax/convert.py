@@ -158,7 +158,7 @@ class MetaSource:
 
     fmt = "meta"
 
-    def __init__(self, src: str):
+    def __init__(self, src: str, max_seq_len: int = 4096):
         self.src = src
         params_file = os.path.join(src, "params.json")
         if not os.path.isfile(params_file):
@@ -188,7 +188,7 @@ class MetaSource:
         if file_vocab not in (None, -1) and int(file_vocab) != vocab:
             raise ValueError(f"{params_file}: vocab_size {file_vocab} disagrees with tok_embeddings.weight's "
                              f"{vocab} rows in {files[0]}")
-        self.cfg = LlamaConfig.from_meta_params(params, vocab_size=vocab)
+        self.cfg = LlamaConfig.from_meta_params(params, vocab_size=vocab, max_seq_len=max_seq_len)
         self.ignored = set(layout.META_IGNORED)
         self.dtype = TORCH_DTYPES.get(self.shards[0]["tok_embeddings.weight"].dtype)
 
@@ -620,6 +620,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name != "export-hf":
             p.add_argument("--tokenizer", default=None, help="tokenizer.model to copy (default: found next to SRC)")
+        if name == "meta":  # params.json does not say the context length
+            p.add_argument("--max-seq-len", type=int, default=4096,
+                           help="context length to record: 4096 for Llama 2 (default), 2048 for LLaMA-1")
     return parser.parse_args(argv)
 
 
@@ -632,7 +635,7 @@ def main(argv: list[str] | None = None) -> LlamaConfig:
             raise ValueError(f"{args.out}: export-hf writes a local folder")
         cfg = export_hf(args.src, args.out, args.dtype, args.overwrite, progress=progress)
     else:
-        source = MetaSource(args.src) if args.command == "meta" else HFSource(args.src)
+        source = MetaSource(args.src, args.max_seq_len) if args.command == "meta" else HFSource(args.src)
         cfg = convert(source, args.out, args.dtype, args.tokenizer, args.overwrite, progress)
     print(f"wrote {args.out} ({cfg.n_layers} layers, dim {cfg.dim}, {cfg.num_params():,} params, {cfg.param_dtype})")
     if args.verify:

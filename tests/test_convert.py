@@ -130,13 +130,13 @@ def test_meta_bf16_keeps_bits_reads_rope_theta_copies_tokenizer_and_verifies(tmp
     src = write_meta(str(llama2 / "llama-2-tiny"), cfg, model, 2, torch.bfloat16, {"rope_theta": 30000.0})
     (llama2 / "tokenizer.model").write_bytes(b"sentencepiece bytes")
     out = str(tmp_path / "out")
-    convert.main(["meta", src, out, "--verify"])
+    convert.main(["meta", src, out, "--verify", "--max-seq-len", "128"])
     stdout = capsys.readouterr().out
     assert "max |logit diff|" in stdout
     diff = float(stdout.split("max |logit diff| = ")[1].split()[0])
     assert diff <= 1e-5 * np.max(np.abs(expected))
     cfg_out, params = lj.load_checkpoint(out)
-    assert cfg_out.param_dtype == "bfloat16" and cfg_out.rope_theta == 30000.0
+    assert cfg_out.param_dtype == "bfloat16" and cfg_out.rope_theta == 30000.0 and cfg_out.max_seq_len == 128
     wq = np.asarray(params["layers"]["attention"]["wq"][1])
     hf_wq = model.model.layers[1].self_attn.q_proj.weight.detach().numpy()
     np.testing.assert_array_equal(wq.reshape(cfg.dim, -1).T, hf_wq.astype(ml_dtypes.bfloat16))
