@@ -254,16 +254,18 @@ def _zarr_dtype(dtype: str) -> str:
 # --- loading ---------------------------------------------------------------------------------
 
 
-class _SkipMissingItemMetadata(logging.Filter):
-    """A CheckpointManager's "params" item has no _CHECKPOINT_METADATA of its own; Orbax warns."""
+class _SkipKnownOrbaxNoise(logging.Filter):
+    """Orbax warns that a CheckpointManager's "params" item has no _CHECKPOINT_METADATA of its own,
+    and, per tensor, that a ParamInfo has no TensorStore context: both expected here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Metadata file does not exist" not in record.getMessage()
+        message = record.getMessage()
+        return "Metadata file does not exist" not in message and "ts_context=None" not in message
 
 
 @contextlib.contextmanager
 def _quiet_orbax():
-    quiet = _SkipMissingItemMetadata()
+    quiet = _SkipKnownOrbaxNoise()
     logging.getLogger("absl").addFilter(quiet)
     try:
         yield
@@ -279,7 +281,7 @@ def _params_dir(path: str) -> str:
     if is_remote(path):
         raise FileNotFoundError(f"{path}: no params/_METADATA; expected a llama_jax checkpoint")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+        raise FileNotFoundError(f"{path}: {'not a folder' if os.path.exists(path) else 'no such checkpoint folder'}")
     steps = sorted((int(name) for name in os.listdir(path) if name.isdigit()
                     and os.path.isfile(os.path.join(path, name, "params", "_METADATA"))), reverse=True)
     if not steps:
@@ -347,10 +349,12 @@ def open_checkpoint(path: str) -> tuple[LlamaConfig, dict[tuple[str, ...], Any]]
     leaves = {}
     for leaf, shape in _leaf_paths(param_shapes(cfg)):
         name = ".".join(leaf)
-        info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(params_dir),
-                                           is_ocdbt_checkpoint=use_ocdbt, use_zarr3=use_zarr3)
+        with _quiet_orbax():
+            info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(params_dir),
+                                               is_ocdbt_checkpoint=use_ocdbt, use_zarr3=use_zarr3)
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
         try:
-            store = ts.open(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt), context=context).result()
+            store = ts.open(spec, context=context).result()
         except ValueError as e:
             raise ValueError(f"{params_dir}: cannot open parameter {name}: {e}") from None
         if tuple(store.shape) != tuple(shape.shape):

@@ -237,3 +237,11 @@ def test_initialize_does_nothing_on_a_machine_without_tpus(monkeypatch):
     assert not _on_tpu_vm()
     initialize()  # returns at once: single-process JAX needs no set-up
     assert jax.process_count() == 1
+
+
+def test_shard_params_refuses_a_wrong_model_or_mesh():
+    params = lj.init_params(lj.LlamaConfig.preset("tiny-gqa"), 0)
+    with pytest.raises(ValueError, match="do not match the config's parameter shapes"):
+        shard_params(params, lj.LlamaConfig.preset("tiny"), make_mesh(data=-1))
+    with pytest.raises(TypeError, match="needs a jax.sharding.Mesh"):
+        shard_params(params, lj.LlamaConfig.preset("tiny-gqa"), None)
