@@ -26,7 +26,7 @@ import numpy as np
 
 import llama_jax as lj
 from bench.common import device_name, free_torch, hf_peer_model, median_seconds, row, write_result
-from sharding import make_mesh
+from sharding import batch_sharding, make_mesh
 from train import step as step_lib
 
 FULL = [("llama-1b", None, 8, 2048), ("llama2-7b", 8, 1, 4096)]  # (preset, layers, batch, seq)
@@ -51,7 +51,7 @@ def ours(cfg: lj.LlamaConfig, batch: int, seq: int, grad_accum: int, iters: int)
     with jax.set_mesh(mesh):
         state = jax.jit(lambda p: step_lib.init_state(p, opt), out_shardings=shardings, donate_argnums=0)(
             lj.init_params(cfg, 0))
-        data = jax.device_put(random_batch(cfg, batch, seq), step_lib.batch_sharding(mesh, (batch, seq)))
+        data = jax.device_put(random_batch(cfg, batch, seq), batch_sharding(mesh, 2))
         holder = {"state": state}
 
         def one():

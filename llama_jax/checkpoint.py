@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from llama_jax.config import DTYPES, LlamaConfig
-from llama_jax.model import param_shapes
+from llama_jax.model import check_params, param_shapes
 
 FORMAT = {"format": "llama_jax", "version": 1}
 
@@ -51,13 +51,16 @@ def _kvstore(path: str) -> dict | str:
     return {"driver": "file", "path": os.path.abspath(path) + "/"}
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
+    """Write a small text file, locally via a temporary sibling and a rename (atomic), or to a URL."""
     if is_remote(path):
         folder, name = str(path).rsplit("/", 1)
         ts.KvStore.open(_kvstore(folder)).result().write(name, text.encode()).result()
-    else:
-        with open(path, "w") as f:
+    else:  # a temporary sibling, then rename: a reader never sees half a file
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             f.write(text)
+        os.replace(tmp, path)
 
 
 def _read_text(path: str) -> str | None:
@@ -145,7 +148,7 @@ def _fsync_tree(folder: str) -> None:
 
 
 def write_config(folder: str, cfg: LlamaConfig) -> None:
-    _write_text(_join(folder, "config.json"), json.dumps({**cfg.to_dict(), **FORMAT}, indent=2))
+    write_text(_join(folder, "config.json"), json.dumps({**cfg.to_dict(), **FORMAT}, indent=2))
 
 
 def read_config(folder: str) -> LlamaConfig:
@@ -167,10 +170,7 @@ def read_config(folder: str) -> LlamaConfig:
 
 def save_checkpoint(path: str, cfg: LlamaConfig, params: Any, overwrite: bool = False) -> None:
     """Write `path/config.json` + `path/params/` (Orbax PyTree), via a temporary sibling."""
-    expected = jax.tree.map(lambda s: s.shape, param_shapes(cfg))
-    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-    if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
-        raise ValueError(f"save_checkpoint({path}): params do not match the config's parameter shapes")
+    check_params(params, cfg, f"save_checkpoint({path})")
     with Staging(path, overwrite) as stage:
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(_join(stage.path, "params"), args=ocp.args.PyTreeSave(params))  # every process: its shards
@@ -239,9 +239,9 @@ class StreamingWriter:
                 for path in self.shapes}
         meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
                 "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
-        _write_text(_join(self.dir, "_METADATA"), json.dumps(meta))
+        write_text(_join(self.dir, "_METADATA"), json.dumps(meta))
         now = time.time_ns()
-        _write_text(_join(self.dir, "_CHECKPOINT_METADATA"), json.dumps({
+        write_text(_join(self.dir, "_CHECKPOINT_METADATA"), json.dumps({
             "item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler",
             "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now,
             "commit_timestamp_nsecs": now, "custom_metadata": {}}))
@@ -290,13 +290,11 @@ def _params_dir(path: str) -> str:
     return os.path.join(path, str(steps[0]), "params")
 
 
-def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
-                    numpy: bool = False) -> tuple[LlamaConfig, Any]:
+def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None) -> tuple[LlamaConfig, Any]:
     """Load (cfg, params) from a checkpoint or a training run folder (its newest complete step).
 
     mesh: restore every leaf straight into its NamedSharding from the logical-axis rules (each
     host reads only its shards). dtype: "bfloat16"/"float32" casts the params (and cfg.param_dtype).
-    numpy: host numpy arrays instead of jax arrays (for export).
     """
     path = str(path) if is_remote(path) else os.path.abspath(path)  # Orbax misreads relative paths
     params_dir = _params_dir(path)
@@ -321,8 +319,6 @@ def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str
 
             args = jax.tree.map(lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=s.shape, dtype=cast),
                                 shapes, param_shardings(cfg, mesh))
-        elif numpy:
-            args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=cast), shapes)
         else:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device, global_shape=s.shape, dtype=cast),

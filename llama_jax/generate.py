@@ -32,9 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from llama_jax.checkpoint import load_checkpoint
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, init_cache
 from llama_jax.tokenizer import Tokenizer, format_alpaca
+from sharding import make_mesh, shard_params
 from sharding.rules import constrain
 
 Array = jax.Array
@@ -292,10 +294,7 @@ class Generator:
                  tokenizer: Tokenizer | str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
                  dtype: str | None = None) -> None:
         if isinstance(checkpoint_or_params, (str, os.PathLike)):
-            from llama_jax.checkpoint import load_checkpoint  # written by the conversion side; import lazily
-
-            path = os.path.abspath(checkpoint_or_params)  # Orbax reads relative paths wrongly
-            self.cfg, self.params = load_checkpoint(path, mesh=mesh, dtype=dtype)
+            self.cfg, self.params = load_checkpoint(os.fspath(checkpoint_or_params), mesh=mesh, dtype=dtype)
         elif isinstance(checkpoint_or_params, tuple) and len(checkpoint_or_params) == 2:
             self.cfg, self.params = checkpoint_or_params
             if not isinstance(self.cfg, LlamaConfig):
@@ -303,8 +302,6 @@ class Generator:
             if dtype is not None:
                 self.params = jax.tree.map(lambda x: x.astype(dtype), self.params)
             if mesh is not None:
-                from sharding.rules import shard_params
-
                 self.params = shard_params(self.params, self.cfg, mesh)
         else:
             raise TypeError("checkpoint_or_params must be a checkpoint directory or a (cfg, params) tuple, "
@@ -437,8 +434,7 @@ def _run(args: argparse.Namespace) -> None:
         if args.tensor_parallel > jax.device_count():
             raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; "
                              f"{jax.device_count()} are visible")
-        devices = np.array(jax.devices()[: args.tensor_parallel]).reshape(1, 1, args.tensor_parallel)
-        mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"))
+        mesh = make_mesh(1, 1, args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
     gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "seed": args.seed}

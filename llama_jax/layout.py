@@ -158,15 +158,3 @@ def params_from_state_dict(state_dict: dict, cfg: LlamaConfig, fmt: str = "hf", 
         return {k: (np.stack(v) if isinstance(v, list) else stack(v) if isinstance(v, dict) else v)
                 for k, v in tree.items()}
     return stack(params)
-
-
-def state_dict_from_params(params: dict, cfg: LlamaConfig, fmt: str = "hf") -> dict:
-    """Inverse of `params_from_state_dict` (numpy in, numpy out)."""
-    out = {}
-    for entry, layer, name in names(cfg, fmt):
-        w = params
-        for key in entry.path:
-            w = w[key]
-        w = np.asarray(w if layer is None else w[layer])
-        out[name] = from_ours(entry, w, cfg, fmt)
-    return out

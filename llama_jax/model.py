@@ -199,9 +199,18 @@ def _init(cfg: LlamaConfig, rng: Array) -> Any:
     return nn.meta.unbox(params)
 
 
+@functools.cache  # configs are frozen and hashable; tracing init is not free for big models
 def param_shapes(cfg: LlamaConfig) -> Any:
     """jax.ShapeDtypeStruct of every parameter, computed without allocating anything."""
     return jax.eval_shape(functools.partial(_init, cfg), jax.random.key(0))
+
+
+def check_params(params: Any, cfg: LlamaConfig, where: str) -> None:
+    """Raise a clear error when `params` is not a parameter tree of the model `cfg` describes."""
+    expected = jax.tree.map(lambda s: tuple(s.shape), param_shapes(cfg))
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+    if jax.tree.structure(got) != jax.tree.structure(expected) or got != expected:
+        raise ValueError(f"{where}: params do not match the config's parameter shapes (a different model?)")
 
 
 def init_params(cfg: LlamaConfig, rng: Array | int = 0) -> Any:

@@ -60,9 +60,6 @@ class Tokenizer:
             self.sp_model = spm.SentencePieceProcessor(model_file=path)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with a terse message
             raise ValueError(f"not a SentencePiece model file: {path!r} ({e})") from e
-        if self.sp_model.vocab_size() != self.sp_model.get_piece_size():
-            raise ValueError(f"inconsistent SentencePiece model {path!r}: vocab_size "
-                             f"{self.sp_model.vocab_size()} != piece size {self.sp_model.get_piece_size()}")
         self.model_path = path
 
     def __repr__(self) -> str:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from sharding.distributed import batch_sharding
 from sharding.mesh import make_mesh, parse_mesh
 
 GiB = 1024**3
@@ -163,7 +164,7 @@ def lower_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1) 
     shardings = step_lib.state_shardings(cfg, optimizer, mesh)
     shapes = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer), param_shapes(cfg))
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    rows = step_lib.batch_sharding(mesh, (batch, seq))  # the loop's batches: int32, weights float32
+    rows = batch_sharding(mesh, 2)  # the loop's batches: int32, weights float32
     batch_sds = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "weights" else jnp.int32, sharding=rows)
                  for k in step_lib.BATCH_KEYS}
     sizes = {"params": _bytes_per_device(shapes["params"], shardings["params"]),

@@ -84,12 +84,9 @@ def param_shardings(cfg: Any, mesh: Mesh) -> Any:
 
 def shard_params(params: Any, cfg: Any, mesh: Mesh) -> Any:
     """Place every parameter leaf on `mesh` by the logical-axis rules."""
-    from llama_jax.model import param_shapes
+    from llama_jax.model import check_params
 
     if not isinstance(mesh, Mesh):
         raise TypeError(f"shard_params needs a jax.sharding.Mesh (see sharding.make_mesh), got {type(mesh).__name__}")
-    expected = jax.tree.map(lambda s: tuple(s.shape), param_shapes(cfg))
-    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-    if jax.tree.structure(got) != jax.tree.structure(expected) or got != expected:
-        raise ValueError("shard_params: params do not match the config's parameter shapes (a different model?)")
+    check_params(params, cfg, "shard_params")
     return jax.device_put(params, param_shardings(cfg, mesh))

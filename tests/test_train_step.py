@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 import llama_jax as lj
 from reference import hf_model, hf_params
+from sharding import batch_sharding
 from train import data as data_lib
 from train import step as step_lib
 
@@ -45,7 +46,7 @@ def run_steps(params, batches, mesh, grad_accum=1, lr=1e-3, clip=1.0, wd=0.1, ep
     with jax.set_mesh(mesh):
         state = jax.jit(lambda p: step_lib.init_state(p, opt), out_shardings=shardings)(params)
         for batch in batches:
-            state, m = fn(state, jax.device_put(batch, step_lib.batch_sharding(mesh, batch["tokens"].shape)))
+            state, m = fn(state, jax.device_put(batch, batch_sharding(mesh, 2)))
             metrics.append(jax.device_get(m))
     return jax.device_get(state["params"]), metrics
 

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import llama_jax as lj
-from llama_jax.checkpoint import FORMAT
+from llama_jax.checkpoint import read_config, write_config, write_text
 from sharding import global_batch, is_main_process, make_mesh
 from train import data as data_lib
 from train import step as step_lib
@@ -45,20 +45,10 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; the run stopped without saving that state."""
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def model_config(cfg: TrainConfig) -> tuple[lj.LlamaConfig, str | None]:
     """The architecture (preset + overrides, or the init_from checkpoint's) with the run's dtype/remat."""
     run = dict(dtype=cfg.model.dtype, remat=cfg.model.remat, param_dtype="float32")
-    if cfg.init_from is not None:
-        from llama_jax.checkpoint import read_config
-        if not os.path.exists(cfg.init_from):
-            raise FileNotFoundError(f"init_from: checkpoint {cfg.init_from!r} does not exist")
+    if cfg.init_from is not None:  # local or gs://...: read_config names a missing checkpoint
         return read_config(cfg.init_from).replace(**cfg.model.overrides, **run), cfg.init_from
     return lj.LlamaConfig.preset(cfg.model.preset, **cfg.model.overrides, **run), None
 
@@ -142,7 +132,7 @@ class MetricsLog:
                         continue
                     if record.get("step", 0) <= resumed_step:
                         kept.append(line if line.endswith("\n") else line + "\n")
-        _write_atomic(self.path, "".join(kept))
+        write_text(self.path, "".join(kept))
         self.file = open(self.path, "a")
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
@@ -172,15 +162,7 @@ def run(cfg: TrainConfig) -> dict:
     say = print if main else (lambda *a, **k: None)
     os.makedirs(cfg.output_dir, exist_ok=True)
 
-    tokenizer = lj.Tokenizer(cfg.tokenizer)
-    rows, data_summary = data_lib.build_rows(cfg.data.format, cfg.data.train, tokenizer, cfg.data.max_len,
-                                             cfg.data.pack, cfg.seed, cfg.data.text_key)
-    batches = data_lib.Batches(rows, cfg.batch_size, cfg.seed, jax.process_index(), jax.process_count())
-    steps = cfg.steps or int(math.ceil(cfg.epochs * batches.per_epoch))
-    say(f"data: {data_summary['examples']} examples -> {data_summary['rows']} rows of {data_summary['row_len']} "
-        f"tokens, {data_summary['truncated']} truncated to max_len {cfg.data.max_len}; "
-        f"{batches.per_epoch} batches of {cfg.batch_size} per epoch; {steps} steps")
-
+    # The model and mesh are checked first: tokenizing the data set can take minutes.
     mcfg, init_path = model_config(cfg)
     if cfg.data.max_len > mcfg.max_seq_len:
         raise ValueError(f"data.max_len {cfg.data.max_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
@@ -189,6 +171,25 @@ def run(cfg: TrainConfig) -> dict:
     groups = mesh.shape["data"] * mesh.shape["fsdp"]
     if micro % groups:
         raise ValueError(f"microbatch {micro} (batch_size / grad_accum) is not divisible by data x fsdp = {groups}")
+
+    saved_config = os.path.join(cfg.output_dir, "config.json")
+    if os.path.exists(saved_config):  # resuming: the architecture must be the one the run started with
+        before = read_config(cfg.output_dir)
+        shape_fields = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim")
+        changed = {f: (getattr(before, f), getattr(mcfg, f)) for f in shape_fields
+                   if getattr(before, f) != getattr(mcfg, f)}
+        if changed:
+            raise ValueError(f"{cfg.output_dir} holds a run of a different model ({changed}, as (saved, now)); "
+                             "use a new output_dir or the run's own settings")
+
+    tokenizer = lj.Tokenizer(cfg.tokenizer)
+    rows, data_summary = data_lib.build_rows(cfg.data.format, cfg.data.train, tokenizer, cfg.data.max_len,
+                                             cfg.data.pack, cfg.seed, cfg.data.text_key)
+    batches = data_lib.Batches(rows, cfg.batch_size, cfg.seed, jax.process_index(), jax.process_count())
+    steps = cfg.steps or int(math.ceil(cfg.epochs * batches.per_epoch))
+    say(f"data: {data_summary['examples']} examples -> {data_summary['rows']} rows of {data_summary['row_len']} "
+        f"tokens, {data_summary['truncated']} truncated to max_len {cfg.data.max_len}; "
+        f"{batches.per_epoch} batches of {cfg.batch_size} per epoch; {steps} steps")
 
     warmup = step_lib.warmup_steps_for(steps, cfg.optim.warmup_steps, cfg.optim.warmup_ratio)
     schedule = step_lib.lr_schedule(cfg.optim.lr, steps, cfg.optim.schedule, warmup, cfg.optim.min_lr_ratio)
@@ -199,21 +200,9 @@ def run(cfg: TrainConfig) -> dict:
     train_step = step_lib.make_train_step(mcfg, optimizer, schedule, mesh, (cfg.batch_size, seq),
                                           cfg.grad_accum, cfg.optim.z_loss)
 
-    saved_config = os.path.join(cfg.output_dir, "config.json")
-    if os.path.exists(saved_config):  # resuming: the architecture must be the one the run started with
-        from llama_jax.checkpoint import read_config
-
-        before = read_config(cfg.output_dir)
-        shape_fields = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim")
-        changed = {f: (getattr(before, f), getattr(mcfg, f)) for f in shape_fields
-                   if getattr(before, f) != getattr(mcfg, f)}
-        if changed:
-            raise ValueError(f"{cfg.output_dir} holds a run of a different model ({changed}, as (saved, now)); "
-                             "use a new output_dir or the run's own settings")
     if main:
-        _write_atomic(saved_config,
-                      json.dumps({**mcfg.replace(dtype="float32").to_dict(), **FORMAT}, indent=2))
-        _write_atomic(os.path.join(cfg.output_dir, "train_config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_config(cfg.output_dir, mcfg.replace(dtype="float32"))
+        write_text(os.path.join(cfg.output_dir, "train_config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     ckpts = Checkpoints(cfg)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

@@ -25,7 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, param_shapes
-from sharding.rules import logical_to_spec, param_shardings
+from sharding import batch_sharding
+from sharding.rules import param_shardings
 
 State = dict  # {"params": pytree, "opt_state": optax state, "step": int32 scalar}
 BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
@@ -121,11 +122,6 @@ def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
     return {"params": params, "opt_state": opt, "step": replicated}
 
 
-def batch_sharding(mesh: Mesh, shape: tuple) -> NamedSharding:
-    """Rows over ("data", "fsdp"), the sequence unsplit."""
-    return NamedSharding(mesh, logical_to_spec(("act_batch", "act_seq"), shape, mesh))
-
-
 def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, batch_shape: tuple, grad_accum: int = 1, z_loss: float = 0.0) -> Callable:
     """The jit-compiled step with explicit in/out shardings and the state donated.
@@ -133,7 +129,7 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, s
     Call it inside `with jax.set_mesh(mesh):` so the model's activation constraints apply.
     """
     state_sh = state_shardings(cfg, optimizer, mesh)
-    batch_sh = {k: batch_sharding(mesh, batch_shape) for k in BATCH_KEYS}
+    batch_sh = {k: batch_sharding(mesh, len(batch_shape)) for k in BATCH_KEYS}
     replicated = NamedSharding(mesh, PartitionSpec())
     fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
                            grad_accum=grad_accum, z_loss=z_loss)
