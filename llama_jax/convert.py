@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from llama_jax import layout
+from llama_jax.layout import contiguous, transpose_2d
 from llama_jax.checkpoint import (Staging, StreamingWriter, _join, is_remote, load_checkpoint, open_checkpoint,
                                   write_config)
 from llama_jax.config import DTYPES, LlamaConfig
@@ -65,52 +66,6 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype not in TORCH_DTYPES:
         raise ValueError(f"tensor dtype {t.dtype} is not a float type this converter reads")
     return t.numpy()
-
-
-def contiguous(a: np.ndarray) -> np.ndarray:
-    """np.ascontiguousarray(a), fast for the views `layout.to_ours`/`from_ours` return.
-
-    Those are a contiguous torch matrix transposed (then split into head axes): `a` is `base`
-    with its trailing axes moved to the front. numpy copies such a view element by element
-    through cache misses (~0.1 GB/s for bfloat16); as a tiled 2-D transpose on 8-byte words
-    (`transpose_2d`) it is ~10x faster and moves the same bits.
-    """
-    if a.flags.c_contiguous:
-        return a
-    for j in range(1, a.ndim):
-        base = a.transpose(*range(j, a.ndim), *range(j))
-        if base.flags.c_contiguous:
-            rows, cols = int(np.prod(a.shape[j:])), int(np.prod(a.shape[:j]))
-            return transpose_2d(base.reshape(rows, cols)).reshape(a.shape)
-    return np.ascontiguousarray(a)
-
-
-def transpose_2d(m: np.ndarray, out: np.ndarray | None = None, block: int = 64, tile: int = 64) -> np.ndarray:
-    """m.T into `out` (a new C-contiguous array if None), for a C-contiguous 2-D `m` (bits unchanged).
-
-    `out` may be a column or row block of a bigger array (its last axis contiguous), so Meta's
-    model-parallel shards are transposed straight into their place in the merged tensor.
-    Works on `block` columns of k-element groups at a time: step 1 transposes the groups as single
-    8-byte words, `tile` rows at a time, into a small scratch (its rows padded so they do not all
-    fall on the same cache sets); step 2 untangles each group's k elements into `out`. Unsigned-int
-    views keep numpy on its plain copy loops (ml_dtypes' bfloat16 copies are slower).
-    """
-    rows, cols = m.shape
-    out = np.empty((cols, rows), m.dtype) if out is None else out
-    k = 8 // m.itemsize if m.itemsize in (1, 2, 4) and cols % (8 // m.itemsize) == 0 else 1
-    if k == 1:
-        out[...] = m.T
-        return out
-    plain = np.dtype(f"u{m.itemsize}")
-    words, dst, n_words = m.view(np.uint64), out.view(plain), cols // k
-    scratch = np.empty((min(block, n_words), rows + 8), np.uint64)[:, :rows]
-    for c in range(0, n_words, block):
-        b = min(block, n_words - c)
-        step1 = scratch[:b]
-        for i in range(0, rows, tile):
-            step1[:, i:i + tile] = words[i:i + tile, c:c + b].T
-        dst[c * k:(c + b) * k].reshape(b, k, rows)[...] = step1.view(plain).reshape(b, rows, k).transpose(0, 2, 1)
-    return out
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None

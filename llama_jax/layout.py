@@ -101,6 +101,52 @@ def hf_to_meta_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, out_dim // heads // 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
 
 
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """np.ascontiguousarray(a), fast for the views `to_ours`/`from_ours` return.
+
+    Those are a contiguous torch matrix transposed (then split into head axes): `a` is `base`
+    with its trailing axes moved to the front. numpy copies such a view element by element
+    through cache misses (~0.1 GB/s for bfloat16); as a tiled 2-D transpose on 8-byte words
+    (`transpose_2d`) it is ~10x faster and moves the same bits.
+    """
+    if a.flags.c_contiguous:
+        return a
+    for j in range(1, a.ndim):
+        base = a.transpose(*range(j, a.ndim), *range(j))
+        if base.flags.c_contiguous:
+            rows, cols = int(np.prod(a.shape[j:])), int(np.prod(a.shape[:j]))
+            return transpose_2d(base.reshape(rows, cols)).reshape(a.shape)
+    return np.ascontiguousarray(a)
+
+
+def transpose_2d(m: np.ndarray, out: np.ndarray | None = None, block: int = 64, tile: int = 64) -> np.ndarray:
+    """m.T into `out` (a new C-contiguous array if None), for a C-contiguous 2-D `m` (bits unchanged).
+
+    `out` may be a column or row block of a bigger array (its last axis contiguous), so Meta's
+    model-parallel shards are transposed straight into their place in the merged tensor.
+    Works on `block` columns of k-element groups at a time: step 1 transposes the groups as single
+    8-byte words, `tile` rows at a time, into a small scratch (its rows padded so they do not all
+    fall on the same cache sets); step 2 untangles each group's k elements into `out`. Unsigned-int
+    views keep numpy on its plain copy loops (ml_dtypes' bfloat16 copies are slower).
+    """
+    rows, cols = m.shape
+    out = np.empty((cols, rows), m.dtype) if out is None else out
+    k = 8 // m.itemsize if m.itemsize in (1, 2, 4) and cols % (8 // m.itemsize) == 0 else 1
+    if k == 1:
+        out[...] = m.T
+        return out
+    plain = np.dtype(f"u{m.itemsize}")
+    words, dst, n_words = m.view(np.uint64), out.view(plain), cols // k
+    scratch = np.empty((min(block, n_words), rows + 8), np.uint64)[:, :rows]
+    for c in range(0, n_words, block):
+        b = min(block, n_words - c)
+        step1 = scratch[:b]
+        for i in range(0, rows, tile):
+            step1[:, i:i + tile] = words[i:i + tile, c:c + b].T
+        dst[c * k:(c + b) * k].reshape(b, k, rows)[...] = step1.view(plain).reshape(b, rows, k).transpose(0, 2, 1)
+    return out
+
+
 def to_ours(entry: Entry, w: np.ndarray, cfg: LlamaConfig, fmt: str = "hf") -> np.ndarray:
     """One full torch-layout tensor (HF or Meta) -> our layout (for one layer if per-layer)."""
     expected = torch_shape(entry, cfg)
@@ -133,7 +179,7 @@ def from_ours(entry: Entry, w: np.ndarray, cfg: LlamaConfig, fmt: str = "hf") ->
         raise AssertionError(entry.kind)
     if fmt == "meta" and entry.rope_heads:
         out = hf_to_meta_rows(out, getattr(cfg, entry.rope_heads))
-    return np.ascontiguousarray(out)
+    return contiguous(out)
 
 
 def params_from_state_dict(state_dict: dict, cfg: LlamaConfig, fmt: str = "hf", dtype=np.float32) -> dict:

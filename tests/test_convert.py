@@ -88,7 +88,7 @@ def write_meta(folder, cfg, model, shards, dtype=torch.float32, params_extra=Non
 @pytest.mark.parametrize("shape", [(64, 48), (37, 52), (33, 7), (1, 8), (8, 1)])
 def test_transpose_2d_matches_numpy(dtype, shape):
     m = (np.random.default_rng(0).standard_normal(shape) * 50).astype(dtype)
-    got = convert.transpose_2d(m)
+    got = layout.transpose_2d(m)
     assert got.dtype == m.dtype and got.flags.c_contiguous
     assert got.tobytes() == np.ascontiguousarray(m.T).tobytes()
 
@@ -100,7 +100,7 @@ def test_contiguous_of_every_layout_view_matches_numpy():
         for entry, _, _ in layout.names(cfg, fmt):
             w = rng.standard_normal(layout.torch_shape(entry, cfg)).astype(ml_dtypes.bfloat16)
             view = layout.to_ours(entry, w, cfg, fmt)
-            got = convert.contiguous(view)
+            got = layout.contiguous(view)
             assert got.shape == view.shape and got.flags.c_contiguous
             assert got.tobytes() == np.ascontiguousarray(view).tobytes()
 
