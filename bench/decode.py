@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
-from bench.common import device_name, row, write_result  # noqa: E402
+from bench.common import device_name, free_torch, hf_peer_model, row, write_result  # noqa: E402
 
 gen = sys.modules["llama_jax.generate"]  # the module (lj.generate is the function)
 
@@ -59,16 +59,11 @@ def bench_jax(params, cfg, batch: int, prompt_len: int, new: int, repeats: int) 
             "weight_gb": weight_bytes / 1e9, "cache_gb": cache_bytes / 1e9, "compile_s": compile_s}
 
 
-def bench_hf(cfg, batch: int, prompt_len: int, new: int, repeats: int, dtype: str) -> dict:
+def bench_hf(model, cfg, batch: int, prompt_len: int, new: int, repeats: int, dtype: str) -> dict:
     import torch
-    import transformers
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
-                                         if k not in ("architectures", "torch_dtype", "model_type")})
+    device = next(model.parameters()).device.type
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(hf_cfg).to(torch_dtype).eval()
     ids = torch.as_tensor(np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len)), device=device)
 
     def run(n):
@@ -117,11 +112,18 @@ def main() -> None:
             setattr(args, name, gpu_value if big else small_value)
 
     cfg = lj.LlamaConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
+    # The PyTorch peer first (built once, in its dtype, on the device), then freed for JAX.
+    peers = {}
+    model = None if args.no_hf else hf_peer_model(cfg, args.dtype)
+    if model is not None:
+        peers = {b: bench_hf(model, cfg, b, args.prompt_len, args.new, args.repeats, args.dtype) for b in args.batch}
+        del model
+        free_torch()
     params = lj.init_params(cfg, 0)
     rows, results = [], []
     for batch in args.batch:
         ours = bench_jax(params, cfg, batch, args.prompt_len, args.new, args.repeats)
-        peer = None if args.no_hf else bench_hf(cfg, batch, args.prompt_len, args.new, args.repeats, args.dtype)
+        peer = peers.get(batch)
         results += [ours] + ([peer] if peer else [])
         config = f"{args.preset} {args.dtype} b{batch} prompt {args.prompt_len} +{args.new}"
         rows.append(row(config, "decode tokens/s", ours["tokens_per_s"], peer and peer["tokens_per_s"], "tok/s",
@@ -130,7 +132,7 @@ def main() -> None:
                         "1/s", ttft_ms=ours["ttft_ms"]))
 
     print(f"# {args.preset} {args.dtype}, prompt {args.prompt_len}, {args.new} new tokens, "
-          f"device {jax.devices()[0].device_kind} x{jax.device_count()}")
+          f"device {device_name()}")
     print(f"{'impl':26} {'batch':>5} {'TTFT ms':>9} {'step ms':>9} {'tok/s':>10} {'GB/s':>8} {'weights GB':>10} "
           f"{'cache GB':>9} {'compile s':>9}")
     for r in results:
