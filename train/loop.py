@@ -16,6 +16,7 @@ is saved, so the last good checkpoint stays the newest.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from sharding import global_batch, is_main_process, make_mesh
 from train import data as data_lib
 from train import step as step_lib
 from train.config import TrainConfig
-from train.evaluate import exact_match
+from train.evaluate import exact_match, per_task, report
 
 
 class TrainingDiverged(RuntimeError):
@@ -241,11 +242,10 @@ def run(cfg: TrainConfig) -> dict:
     def evaluate(step: int, name: str) -> None:
         with jax.set_mesh(mesh):
             acc, rows_out = exact_match(state["params"], mcfg, tokenizer, eval_records, cfg.eval.max_new_tokens)
-        summary[f"eval_{name}"] = acc
+        summary[f"eval_{name}"], summary[f"eval_{name}_per_task"] = acc, per_task(rows_out)
         log.write({"step": step, "eval_exact_match": acc})
-        say(f"exact match on {len(rows_out)} held-out examples ({name}): {acc:.1%}")
-        for r in rows_out[:3]:
-            say(f"  {r['instruction']} {r['input']!r} -> {r['got']!r} (expected {r['expected']!r})")
+        for line in report(rows_out, name, n_examples=3 if name == "before" else 8):
+            say(line)
 
     if eval_records and start == 0:
         evaluate(0, "before")
@@ -261,6 +261,7 @@ def run(cfg: TrainConfig) -> dict:
     pending: list[tuple[int, Any]] = []
     last_saved = start
     timer = {"t": time.time(), "steps": 0, "compile_s": None}
+    recent_losses: collections.deque = collections.deque(maxlen=50)
 
     def flush() -> None:
         """Fetch pending metrics, stop on NaN/inf, log them with throughput."""
@@ -290,6 +291,8 @@ def run(cfg: TrainConfig) -> dict:
             log.write(record)
             summary["loss"] = m["loss"]
             summary.setdefault("first_loss", m["loss"])
+            recent_losses.append(m["loss"])  # the summary's loss_last50: less noisy than one step
+            summary["loss_last50"] = sum(recent_losses) / len(recent_losses)
         bar.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{fetched[-1]['lr']:.2e}")
         pending.clear()
 
