@@ -114,3 +114,32 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
     for name in ("demo", "alpaca-7b", "pretrain-llama2-7b", "pretrain-llama2-70b-fsdp"):
         load_config(f"configs/{name}.yaml")
+
+
+def test_demo_data_regenerates_exactly_and_holds_out_the_eval_inputs(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "scripts/make_demo_data.py", "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    for name in ("demo_alpaca_train.json", "demo_alpaca_eval.json", "demo_pretrain.txt"):
+        assert (tmp_path / name).read_bytes() == open(f"data/{name}", "rb").read(), name
+    train = data_lib.load_alpaca("data/demo_alpaca_train.json")
+    evaluation = data_lib.load_alpaca("data/demo_alpaca_eval.json")
+    assert not {r["input"] for r in evaluation} & {r["input"] for r in train}  # under any instruction
+    assert {r["instruction"] for r in evaluation} == {r["instruction"] for r in train}
+    cfg = load_config("configs/demo.yaml")
+    assert max(len(data_lib.alpaca_example(TOK, r, 10_000)[0]) for r in train + evaluation) <= cfg.data.max_len
+
+
+def test_exact_match_report_groups_by_instruction():
+    from train.evaluate import examples, per_task, report
+
+    rows = [{"instruction": ins, "input": x, "expected": want, "got": got, "correct": want == got}
+            for ins, x, want, got in [("Copy.", "12", "12", "12"), ("Copy.", "34", "34", "34"),
+                                      ("Sort.", "21", "12", "21"), ("Sort.", "31", "13", "13")]]
+    assert per_task(rows) == {"Copy.": 1.0, "Sort.": 0.5}
+    assert [r["instruction"] for r in examples(rows, 3)] == ["Copy.", "Sort.", "Copy."]
+    lines = report(rows, "after", n_examples=2)
+    assert lines[0] == "exact match on 4 held-out examples (after): 75.0%"
+    assert "2/2" in lines[1] and "1/2" in lines[2] and "BAD Sort. input '21': expected '12', got '21'" in lines[4]
