@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from llama_jax.config import LlamaConfig
+from llama_jax.convert import hf_llama
 from llama_jax.layout import params_from_state_dict
 
 
@@ -16,10 +17,7 @@ def hf_model(cfg: LlamaConfig, seed: int = 0, sharpen: float = 1.0) -> transform
     `sharpen` scales the output projection so greedy decoding has no near-ties.
     """
     torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
-                                         if k not in ("architectures", "torch_dtype", "model_type")})
-    hf_cfg._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    model = hf_llama(cfg, "float32", "eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

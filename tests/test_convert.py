@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import llama_jax as lj
 from llama_jax import convert, layout
+from llama_jax.convert import __main__ as convert_cli
 from reference import hf_logits, hf_model
 from sharding.rules import param_shardings
 
@@ -118,7 +119,7 @@ def test_meta_shards_match_hf(tmp_path, shards, preset, dtype):
     cfg, model, expected = reference_model(preset, bf16=dtype == torch.bfloat16)
     src = write_meta(str(tmp_path / "meta"), cfg, model, shards, dtype)
     out = str(tmp_path / "out")
-    got_cfg = convert.main(["meta", src, out, "--dtype", "float32", "--no-progress"])
+    got_cfg = convert_cli.main(["meta", src, out, "--dtype", "float32", "--no-progress"])
     assert got_cfg.vocab_size == cfg.vocab_size and got_cfg.hidden_dim == cfg.hidden_dim  # -1 -> from weights
     assert got_cfg.n_kv_heads == cfg.n_kv_heads
     assert rel_err(ours_logits(out), expected) <= 1e-5
@@ -130,7 +131,7 @@ def test_meta_bf16_keeps_bits_reads_rope_theta_copies_tokenizer_and_verifies(tmp
     src = write_meta(str(llama2 / "llama-2-tiny"), cfg, model, 2, torch.bfloat16, {"rope_theta": 30000.0})
     (llama2 / "tokenizer.model").write_bytes(b"sentencepiece bytes")
     out = str(tmp_path / "out")
-    convert.main(["meta", src, out, "--verify", "--max-seq-len", "128"])
+    convert_cli.main(["meta", src, out, "--verify", "--max-seq-len", "128"])
     stdout = capsys.readouterr().out
     assert "max |logit diff|" in stdout
     diff = float(stdout.split("max |logit diff| = ")[1].split()[0])
@@ -229,11 +230,11 @@ def test_hf_round_trip(tmp_path, safe, shard, dtype, old_config):
         with open(os.path.join(src, "config.json"), "w") as f:
             json.dump(config, f)
     out, back = str(tmp_path / "out"), str(tmp_path / "back")
-    got = convert.main(["hf", src, out, "--no-progress"])
+    got = convert_cli.main(["hf", src, out, "--no-progress"])
     assert got.param_dtype == {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
     if dtype != torch.float16:  # fp16-rounded weights are not the float32 reference's
         assert rel_err(ours_logits(out), expected) <= 1e-5
-    convert.main(["export-hf", out, back, "--no-progress"])
+    convert_cli.main(["export-hf", out, back, "--no-progress"])
     reloaded, info = transformers.LlamaForCausalLM.from_pretrained(back, output_loading_info=True,
                                                                    dtype=dtype)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -284,7 +285,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
                src / "consolidated.00.pth")
     (src / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
     with pytest.raises(ValueError, match="consolidated.00.pth: refused to load"):
-        convert.main(["meta", str(src), str(tmp_path / "out"), "--no-progress"])
+        convert_cli.main(["meta", str(src), str(tmp_path / "out"), "--no-progress"])
     assert not marker.exists()
     assert sorted(os.listdir(tmp_path)) == ["meta"]
 
@@ -304,7 +305,7 @@ def edit_shard(src, rank, change):
 
 def assert_fails_cleanly(tmp_path, argv, error, match):
     with pytest.raises(error, match=match):
-        convert.main(argv + ["--no-progress"])
+        convert_cli.main(argv + ["--no-progress"])
     assert not (tmp_path / "out").exists()
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
@@ -351,10 +352,10 @@ def test_existing_output_is_kept_without_overwrite_and_after_a_failure(tmp_path,
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="already exists.*--overwrite"):
-        convert.main(["meta", src, str(out), "--no-progress"])
+        convert_cli.main(["meta", src, str(out), "--no-progress"])
     edit_shard(src, 0, lambda sd: sd.update({"output.weight": torch.zeros(3, 64)}))
     with pytest.raises(ValueError, match="output.weight"):
-        convert.main(["meta", src, str(out), "--overwrite", "--no-progress"])
+        convert_cli.main(["meta", src, str(out), "--overwrite", "--no-progress"])
     assert os.listdir(out) == ["mine.txt"]  # a failed --overwrite leaves the old output alone
     assert sorted(os.listdir(tmp_path)) == ["meta", "out"]
 

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 import llama_jax as lj
-from llama_jax.generate import main, sample
+from llama_jax.generate import sample
+from llama_jax.generate.__main__ import main
 from llama_jax.model import Llama
 from reference import hf_model, hf_params
 from sharding.rules import shard_params

@@ -9,23 +9,12 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
+from model_loss import loss_logits_grads
 from sharding import (check_mesh, global_batch, initialize, make_mesh, parse_mesh, param_shardings,
                       shard_params)
 
 MHA_ODD = lj.LlamaConfig.preset("tiny", vocab_size=301)  # 301 divides by nothing: vocab replicated
 GQA = lj.LlamaConfig.preset("tiny-gqa")  # 4 heads, 2 kv heads, vocab 512: vocab sharded over tensor
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def loss_logits_grads(params, tokens, cfg):
-    def loss_fn(p):
-        logits = lj.Llama(cfg).apply({"params": p}, tokens[:, :-1])
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-        return jnp.mean(logz - picked), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, logits, grads
 
 
 def _tokens(cfg):
@@ -158,7 +147,7 @@ def test_initialize_arguments(monkeypatch):
 
 
 def test_topology_names():
-    from sharding.plan import parse_topology
+    from train.planner import parse_topology
 
     # Cloud TPU slice shapes (v4/v5p names count TensorCores, 2 per chip; v5e names count chips).
     assert parse_topology("v4-8")[1:] == ("v4:2x2x1", 4)
@@ -179,11 +168,13 @@ def test_aot_compile_for_tpu_topology(capsys):
     pytest.importorskip("libtpu", reason="libtpu is not installed: TPU AOT compilation is unavailable")
     import optax
 
-    from sharding import plan
+    from llama_jax import flops
+    from train import plan as plan_cli
+    from train import planner as plan
     from train import step as step_lib
 
     # The CLI end to end: a tiny model on a v5p-8 slice (4 chips), fsdp over all of them, 2 microbatches.
-    assert plan.main(["--model", "tiny-gqa", "--topology", "v5p:2x2x1", "--mesh", "fsdp=-1",
+    assert plan_cli.main(["--model", "tiny-gqa", "--topology", "v5p:2x2x1", "--mesh", "fsdp=-1",
                       "--batch", "16", "--seq", "64", "--grad-accum", "2"]) == 0
     out = capsys.readouterr().out
     assert ("tiny-gqa on v5p:2x2x1 (4 chips, 95.00 GiB HBM each), mesh data=1 fsdp=4 tensor=1, batch 16 x seq 64, "
@@ -219,12 +210,12 @@ def test_aot_compile_for_tpu_topology(capsys):
     assert sizes["optimizer"] == 2 * sizes["params"] + 8  # two fp32 moments + adam's and the schedule's int32 counts
     assert sizes["batch"] == 5 * 4 * 8 * 64 // 4  # five 4-byte arrays, rows split over data x fsdp = 4
     assert compiled.temp_bytes > 0 and compiled.peak_bytes > sizes["params"] + sizes["optimizer"]
-    per_chip = plan.model_flops(cfg, 8, 64) / len(devices)
+    per_chip = flops.compiled_train_step_flops(cfg, 8, 64) / len(devices)
     assert per_chip <= compiled.xla_flops <= 1.1 * per_chip  # XLA adds elementwise/optimizer FLOPs
     # By hand: dim 64, 4 heads x 16, 2 kv heads, ffn 192, 2 layers, vocab 512, 8 x 64 tokens;
     # 4 passes per layer (fwd, 2x bwd, remat fwd), 3 for the output projection.
     layer = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192) + 4 * 64 * 64
-    assert plan.model_flops(cfg, 8, 64) == 8 * 64 * (2 * layer * 4 + 3 * 2 * 64 * 512)
+    assert flops.compiled_train_step_flops(cfg, 8, 64) == 8 * 64 * (2 * layer * 4 + 3 * 2 * 64 * 512)
 
 
 def test_initialize_does_nothing_on_a_machine_without_tpus(monkeypatch):

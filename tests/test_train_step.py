@@ -5,13 +5,13 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from jax.sharding import Mesh
 
 import llama_jax as lj
+from llama_jax import flops
 from reference import hf_model, hf_params
 from sharding import batch_sharding
 from train import data as data_lib
@@ -149,9 +149,9 @@ def test_schedule_and_decay_mask():
 def test_flops_per_token_formula():
     cfg = lj.LlamaConfig.preset("llama2-7b")
     want = 6 * (6_738_415_616 - 32000 * 4096) + 6 * 32 * 4096 * 2048
-    assert step_lib.flops_per_token(cfg, 2048) == want
+    assert flops.train_flops_per_token(cfg, 2048) == want
     # 1000 tokens/s on one chip of 100 TFLOP/s peak:
-    assert math.isclose(step_lib.mfu(1000.0, cfg, 2048, 1, 100.0), 1000.0 * want / 100e12)
+    assert math.isclose(flops.mfu(1000.0, cfg, 2048, 1, 100e12), 1000.0 * want / 100e12)
 
 
 def test_nan_loss_stops_before_saving(tmp_path):

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from llama_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES
+
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -19,6 +21,7 @@ class ModelConfig:
     overrides: dict = dataclasses.field(default_factory=dict)  # LlamaConfig fields (dim, n_layers, ...)
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators); master params stay float32
     remat: str = "none"  # none | full | save_dots
+    attention: str = "xla"  # xla | cudnn (NVIDIA GPUs) | splash (TPUs)
 
 
 @dataclasses.dataclass
@@ -50,6 +53,8 @@ class MeshConfig:
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1  # several TPU slices: copies of the model across the data-centre network
+    dcn_fsdp: int = 1  # ... or parameters split across slices (rarely worth the slow network)
 
 
 @dataclasses.dataclass
@@ -197,5 +202,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.optim.schedule in ("cosine", "constant"), f"optim.schedule must be cosine or constant, got {cfg.optim.schedule!r}")
     need(0.0 <= cfg.optim.warmup_ratio < 1.0, f"optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
-    need(cfg.model.remat in ("none", "full", "save_dots"), f"model.remat must be none, full or save_dots, got {cfg.model.remat!r}")
-    need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    need(cfg.model.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {cfg.model.remat!r}")
+    need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {tuple(DTYPES)}, got {cfg.model.dtype!r}")
+    need(cfg.model.attention in ATTENTION_IMPLEMENTATIONS,
+         f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {cfg.model.attention!r}")
