@@ -1,5 +1,9 @@
 """Meshes, logical-axis sharding rules, placement of params and batches, multi-host start-up."""
 
+from sharding.platforms import skip_tpu_backend_without_chips
+
+skip_tpu_backend_without_chips()  # before any device query: no libtpu start-up without TPU chips
+
 from sharding.distributed import batch_sharding, global_batch, initialize, is_main_process
 from sharding.mesh import check_mesh, make_mesh, parse_mesh
 from sharding.rules import (LOGICAL_RULES, MESH_AXES, active_mesh, constrain, logical_to_spec,
