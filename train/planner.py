@@ -13,11 +13,14 @@ extrapolating the per-row memory linearly (printed as an estimate). The command 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
-from typing import Any, Callable
+import sys
+import tempfile
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +69,25 @@ def parse_topology(name: str) -> tuple[Chip, str, int]:
     return chip, f"{generation}:{'x'.join(map(str, shape))}", math.prod(shape)
 
 
+@contextlib.contextmanager
+def _held_stderr() -> Iterator[None]:
+    """Hold what C++ code writes to file descriptor 2; show it only if the block fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def tpu_devices(topology: str) -> tuple[Chip, list[Any]]:
     """Compile-only devices of a TPU slice (needs the libtpu package, no TPU)."""
     try:
@@ -77,8 +99,9 @@ def tpu_devices(topology: str) -> tuple[Chip, list[Any]]:
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU to guard
     chip, name, chips = parse_topology(topology)
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip.chip_config,
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    with _held_stderr():  # libtpu's start-up lines (E0000 ... worker hostname) read like failures here
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip.chip_config,
+                                            chips_per_host_bounds=(2, 2, 1), num_slices=1)
     if len(desc.devices) != chips:
         raise RuntimeError(f"libtpu made {len(desc.devices)} devices for {name}, expected {chips}")
     return chip, list(desc.devices)
