@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import llama_jax as lj
 from llama_jax import flops
-from llama_jax.checkpoint import RunCheckpoints, copy_file, read_config, write_config, write_text
+from llama_jax.checkpoint import RunCheckpoints, copy_file, is_remote, read_config, write_config, write_text
 from sharding import batch_groups, chip_of, global_batch, is_main_process, make_mesh
 from train import data as data_lib
 from train import step as step_lib
@@ -69,7 +69,7 @@ class Setup:
     model: lj.LlamaConfig
     init_from: str | None
     mesh: Mesh
-    batches: data_lib.Batches
+    batches: data_lib.Batches | data_lib.StreamBatches
     data_summary: dict
     steps: int
     optimizer: optax.GradientTransformation
@@ -105,12 +105,12 @@ def set_up(cfg: TrainConfig) -> Setup:
     check_resumable(cfg, model)
 
     tokenizer = lj.Tokenizer(cfg.tokenizer)
-    rows, data_summary = data_lib.build_rows(cfg.data.format, cfg.data.train, tokenizer, cfg.data.max_len,
-                                             cfg.data.pack, cfg.seed, cfg.data.text_key)
-    batches = data_lib.Batches(rows, cfg.batch_size, cfg.seed, jax.process_index(), jax.process_count())
+    batches, data_summary = data_lib.make_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed, jax.process_index(),
+                                                  jax.process_count())
     steps = cfg.steps or int(math.ceil(cfg.epochs * batches.per_epoch))
     say(f"data: {data_summary['examples']} examples -> {data_summary['rows']} rows of {data_summary['row_len']} "
-        f"tokens, {data_summary['truncated']} truncated to max_len {cfg.data.max_len}; "
+        f"tokens, {data_summary['truncated']} truncated to max_len {cfg.data.max_len}, "
+        f"{data_summary['skipped']} skipped (no target left); "
         f"{batches.per_epoch} batches of {cfg.batch_size} per epoch; {steps} steps")
     eval_records = []
     if cfg.eval.data:
@@ -272,9 +272,10 @@ def train(run: Setup, state: dict, rng: jax.Array, start: int, ckpts: RunCheckpo
     cfg = run.cfg
     last_saved, started = start, time.time()
     with tqdm(total=run.steps, initial=start, disable=not is_main_process(), desc="train",
-              dynamic_ncols=True) as bar, Preemption() as preemption, jax.set_mesh(run.mesh):
-        for k in range(start, run.steps):
-            state, metrics = run.train_step(state, global_batch(run.batches(k), run.mesh))
+              dynamic_ncols=True) as bar, Preemption() as preemption, jax.set_mesh(run.mesh), \
+            data_lib.Prefetch(run.batches, start, run.steps) as batches:
+        for k, batch in zip(range(start, run.steps), batches):
+            state, metrics = run.train_step(state, global_batch(batch, run.mesh))
             step = k + 1
             log.add(step, metrics)
             bar.update(1)
@@ -313,7 +314,8 @@ def run(cfg: TrainConfig) -> dict:
         write_config(cfg.output_dir, setup.model.replace(dtype="float32"))
         write_text(os.path.join(cfg.output_dir, "train_config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         tokenizer_copy = os.path.join(cfg.output_dir, "tokenizer.model")  # generate/export-hf find it there
-        if not os.path.exists(tokenizer_copy) or not os.path.samefile(cfg.tokenizer, tokenizer_copy):
+        if not os.path.exists(tokenizer_copy) or is_remote(cfg.tokenizer) or not os.path.samefile(cfg.tokenizer,
+                                                                                                   tokenizer_copy):
             copy_file(cfg.tokenizer, tokenizer_copy)
 
     ckpts = RunCheckpoints(cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpointing)

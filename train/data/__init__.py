@@ -3,6 +3,8 @@ the streaming reader. `make_batches` turns a recipe's data block into per-host b
 
 from train.data.formats import alpaca_example, chat_example, load_alpaca
 from train.data.rows import Batches, build_rows, model_batch, pack_rows, pad_rows, stream_rows
+from train.data.spec import make_batches
+from train.data.stream import Prefetch, StreamBatches
 
-__all__ = ["Batches", "alpaca_example", "build_rows", "chat_example", "load_alpaca", "model_batch", "pack_rows",
-           "pad_rows", "stream_rows"]
+__all__ = ["Batches", "Prefetch", "StreamBatches", "alpaca_example", "build_rows", "chat_example", "load_alpaca",
+           "make_batches", "model_batch", "pack_rows", "pad_rows", "stream_rows"]

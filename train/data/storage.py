@@ -92,9 +92,9 @@ class Blob:
     def read(self, start: int, stop: int) -> bytes:
         return self.read_many([(start, stop)])[0]
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:  # os.close bound early: __del__ may run at interpreter exit
         if self.fd is not None:
-            os.close(self.fd)
+            _close(self.fd)
             self.fd = None
 
     def __del__(self) -> None:
