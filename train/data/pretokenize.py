@@ -120,8 +120,7 @@ def tokenize(tokenizer: str, fmt: str, inputs: list[str], output: str, text_key:
         raise TokenizeError(f"--shard-tokens must be >= 1024, got {shard_tokens}")
     tok = Tokenizer(tokenizer)
     kind, reader = FORMATS[fmt]
-    files = [p for p in storage.expand([i for i in inputs if not i.startswith("hf:")])] + \
-        [i for i in inputs if i.startswith("hf:")]
+    files = storage.expand(inputs)
     settings = _settings(tok, fmt, files, text_key, shard_tokens)
     run = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     manifest = shards.read_manifest(output)

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from llama_jax.tokenizer import Tokenizer
+from train.data import storage
 from train.data.formats import Example, detect_kind, iter_records, record_tokens, truncate
 
 # --- rows ----------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def build_rows(fmt: str, paths: Sequence[str], tokenizer: Tokenizer, max_len: in
     truncated = skipped = 0
     examples: list[Example] = []
     docs: list[list[int]] = []
-    for path in paths:
+    for path in storage.expand(paths):
         for where, record in iter_records(path, text_key):
             kind = {"pretrain": "text", "auto": None}.get(fmt, fmt) or detect_kind(record, where, text_key)
             if fmt == "pretrain" or (fmt == "auto" and kind == "text"):

@@ -31,12 +31,12 @@ def _store(folder: str) -> ts.KvStore:
 
 
 def expand(inputs: Sequence[str]) -> list[str]:
-    """Files named by `inputs` (paths, globs, URLs, URL globs), each pattern's matches sorted.
+    """Files named by `inputs` (paths, globs, URLs, URL globs; hf: names pass), each pattern's matches sorted.
 
     A pattern that matches nothing is an error: a typo must not silently drop data."""
     out = []
     for pattern in inputs:
-        if not any(c in pattern for c in WILDCARDS):
+        if pattern.startswith("hf:") or not any(c in pattern for c in WILDCARDS):
             out.append(pattern)
             continue
         if is_remote(pattern):
