@@ -257,3 +257,46 @@ def test_training_on_shards_resumes_exactly(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(stream.Prefetch, "__next__", plain_next)
     assert run(cfg(tmp_path / "resumed"))["start_step"] == 3
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 6
+
+
+RSS_CHILD = """
+import json, resource, sys
+sys.path.insert(0, {root!r})
+import llama_jax as lj
+from train import data as data_lib
+from train.config import DataConfig
+batches, _ = data_lib.make_batches(DataConfig(format="tokens", train=[sys.argv[1]], max_len=1024),
+                                   lj.Tokenizer({tokenizer!r}), 16, 0)
+with data_lib.Prefetch(batches, 0, 40) as it:
+    for _ in it:
+        pass
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+"""
+
+
+def _random_token_set(folder, n_tokens):
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    writer = shards_lib.ShardWriter(str(folder), 1 << 22, np.dtype("<u2"), False, {"run": "t", "tokenizer": TOK.fingerprint})
+    done = docs = 0
+    while done < n_tokens:
+        n = min(int(rng.integers(100, 3000)), n_tokens - done)
+        writer.add(rng.integers(3, 512, n).astype(np.uint16), None, docs, 0)
+        done, docs = done + n, docs + 1
+    writer.flush({"record": docs, "token": 0, "skipped": 0})
+    (folder / "manifest.json").write_text(json.dumps({
+        **shards_lib.FORMAT, "kind": "text", "tokenizer": TOK.fingerprint, "dtype": "<u2", "has_mask": False,
+        "shard_tokens": 1 << 22, "shards": writer.index, "tokens": done, "docs": docs}))
+
+
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
+    """4 MB and 80 MB of tokens, the same recipe: peak RSS within 25 MB (reading the big corpus
+    into memory would add 80 MB; bench/data.py measures 30 MB vs 1 GB)."""
+    peaks = []
+    for name, n in (("small", 2_000_000), ("large", 40_000_000)):
+        _random_token_set(tmp_path / name, n)
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD.format(root=ROOT, tokenizer=TOKENIZER), str(tmp_path / name)],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        peaks.append(float(out.stdout.strip().splitlines()[-1]))
+    assert abs(peaks[1] - peaks[0]) < 25, peaks

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
+import time
 
 from train.data.pretokenize import FORMATS
 
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.data.pretokenize import tokenize
 
+    start = time.perf_counter()
     try:
         manifest = tokenize(args.tokenizer, args.format, args.inputs, args.output, args.text_key, args.workers,
                             args.shard_tokens, args.overwrite, not args.no_progress)
@@ -39,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     if manifest.get("already"):
         print(f"{args.output} is already tokenized from these inputs: nothing to do", file=sys.stderr)
     summary = {k: manifest[k] for k in ("tokens", "docs", "records", "skipped", "shards", "dtype", "kind")}
-    print(json.dumps({"output": args.output, **summary}))
+    seconds = time.perf_counter() - start
+    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    print(json.dumps({"output": args.output, **summary, "seconds": round(seconds, 2),
+                      "peak_rss_mb": round(peak_kb / 1024)}))  # the largest process: this one or a worker
     return 0
 
 

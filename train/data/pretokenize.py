@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -69,18 +70,22 @@ def _start_worker(proto: bytes) -> None:
 def encode_chunk(kind: str, text_key: str, dtype: str, items: list[tuple[str, Any]]) -> tuple:
     """(ids, lengths (0 = skipped: no target), loss mask or None) of a chunk of raw records."""
     tok = _TOKENIZER
+    records = [(where, formats.parse_json(raw, where) if isinstance(raw, str) else raw) for where, raw in items]
+    if kind == "text":  # one batched call (one thread: the processes are the parallelism)
+        texts = [formats.text_of(record, where, text_key) for where, record in records]
+        encoded = tok.sp_model.encode(texts, add_bos=True, add_eos=True, num_threads=1)
+        lengths = np.asarray([len(e) for e in encoded], np.int64)
+        return np.fromiter(itertools.chain.from_iterable(encoded), dtype, int(lengths.sum())), lengths, None
     ids, lengths, masks = [], [], []
-    for where, raw in items:
-        record = formats.parse_json(raw, where) if isinstance(raw, str) else raw
+    for where, record in records:
         tokens, mask = formats.record_tokens(tok, kind, record, where, text_key)
-        if kind != "text" and not any(mask):
+        if not any(mask):
             lengths.append(0)  # nothing to learn from (e.g. a dialog without an answer)
             continue
         ids.extend(tokens)
         masks.extend(mask)
         lengths.append(len(tokens))
-    return (np.asarray(ids, dtype), np.asarray(lengths, np.int64),
-            None if kind == "text" else np.asarray(masks, np.uint8))
+    return np.asarray(ids, dtype), np.asarray(lengths, np.int64), np.asarray(masks, np.uint8)
 
 
 # --- the run -------------------------------------------------------------------------------------
