@@ -154,6 +154,7 @@ class TokenSet:
                 base = shard * self.capacity
                 pieces.setdefault(shard, []).append((i, max(a, base) - base, min(b, base + self.capacity) - base))
         parts: list[list[tuple[int, Any]]] = [[] for _ in spans]
+        requests = []
         for shard, wanted in pieces.items():
             regions = layout(self.shard_size(shard), self.dtype.itemsize)
             ranges = []
@@ -162,7 +163,9 @@ class TokenSet:
                 ranges.append((regions["starts"][0] + lo // 8, regions["starts"][0] + (hi + 7) // 8))
                 if self.has_mask:
                     ranges.append((regions["mask"][0] + lo, regions["mask"][0] + hi))
-            data = iter(self._blob(shard).read_many(ranges))
+            requests.append((shard, wanted, self._blob(shard).request(ranges)))
+        for shard, wanted, request in requests:
+            data = iter(request())
             for i, lo, hi in wanted:
                 ids = np.frombuffer(next(data), self.dtype).astype(np.int32)
                 bits = np.unpackbits(np.frombuffer(next(data), np.uint8), bitorder="little")[lo % 8: lo % 8 + hi - lo]

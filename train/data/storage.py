@@ -12,7 +12,7 @@ import fnmatch
 import glob
 import io
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import tensorstore as ts
 
@@ -83,11 +83,17 @@ class Blob:
         else:
             self.store, self.fd = None, os.open(path, os.O_RDONLY)
 
-    def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def request(self, ranges: Sequence[tuple[int, int]]) -> Callable[[], list[bytes]]:
+        """Start reading byte ranges; the returned function waits for them (URL reads of several
+        files started before any wait overlap)."""
         if self.store is None:
-            return [os.pread(self.fd, stop - start, start) for start, stop in ranges]
+            data = [os.pread(self.fd, stop - start, start) for start, stop in ranges]
+            return lambda: data
         futures = [self.store.read(self.key, byte_range=slice(start, stop)) for start, stop in ranges]
-        return [f.result().value for f in futures]
+        return lambda: [f.result().value for f in futures]
+
+    def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return self.request(ranges)()
 
     def read(self, start: int, stop: int) -> bytes:
         return self.read_many([(start, stop)])[0]
