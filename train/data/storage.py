@@ -67,6 +67,8 @@ def stamp(path: str) -> str:
         if result.state != "value":
             raise FileNotFoundError(f"{path}: no such file")
         return result.stamp.generation.hex()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
     st = os.stat(path)
     return f"{st.st_size}:{st.st_mtime_ns}"
 
