@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -153,7 +152,9 @@ def rss_child(folder: str, steps: int) -> None:
     with data_lib.Prefetch(batches, 0, steps) as it:
         for _ in it:
             pass
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    from train.tokenize import peak_rss_mb
+
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
 def peak_rss_mb(folder: str, steps: int) -> float:

@@ -66,12 +66,22 @@ class Tokenizer:
                                         "(expected a SentencePiece .model file, e.g. tokenizer.model)")
             with open(path, "rb") as f:
                 proto = f.read()
+        self._load(proto, path)
+
+    @classmethod
+    def from_proto(cls, proto: bytes, name: str = "<bytes>") -> "Tokenizer":
+        """A tokenizer from the bytes of a .model file (worker processes get `model_proto`)."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._load(proto, name)
+        return tokenizer
+
+    def _load(self, proto: bytes, path: str) -> None:
         try:
             self.sp_model = spm.SentencePieceProcessor(model_proto=proto)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with a terse message
             raise ValueError(f"not a SentencePiece model file: {path!r} ({e})") from e
         self.model_path = path
-        self.model_proto = proto  # worker processes rebuild the tokenizer from these bytes
+        self.model_proto = proto
         self.fingerprint = hashlib.sha256(proto).hexdigest()[:16]  # tokenized shards record it
 
     def __repr__(self) -> str:

@@ -12,6 +12,14 @@ import time
 from train.data.pretokenize import FORMATS
 
 
+def peak_rss_mb() -> int:
+    """Peak resident memory of the largest process: this one (its VmHWM: ru_maxrss would carry the
+    launching process's peak across exec) or a worker (forked, never exec'd)."""
+    with open("/proc/self/status") as f:
+        own = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    return round(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.tokenize", description=__doc__)
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -43,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.output} is already tokenized from these inputs: nothing to do", file=sys.stderr)
     summary = {k: manifest[k] for k in ("tokens", "docs", "records", "skipped", "shards", "dtype", "kind")}
     seconds = time.perf_counter() - start
-    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print(json.dumps({"output": args.output, **summary, "seconds": round(seconds, 2),
-                      "peak_rss_mb": round(peak_kb / 1024)}))  # the largest process: this one or a worker
+    print(json.dumps({"output": args.output, **summary, "seconds": round(seconds, 2), "peak_rss_mb": peak_rss_mb()}))
     return 0
 
 

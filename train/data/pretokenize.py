@@ -61,10 +61,7 @@ _TOKENIZER: Tokenizer | None = None
 
 def _start_worker(proto: bytes) -> None:
     global _TOKENIZER
-    _TOKENIZER = Tokenizer.__new__(Tokenizer)
-    import sentencepiece as spm
-
-    _TOKENIZER.sp_model = spm.SentencePieceProcessor(model_proto=proto)
+    _TOKENIZER = Tokenizer.from_proto(proto)
 
 
 def encode_chunk(kind: str, text_key: str, dtype: str, items: list[tuple[str, Any]]) -> tuple:

@@ -29,13 +29,13 @@ from train.data.formats import Example, detect_kind, iter_records, record_tokens
 Rows = dict  # "tokens", "loss_mask", "segment_ids", "positions": int32 arrays (N, row_len)
 
 
-def _empty_rows(n: int, row_len: int) -> Rows:
+def empty_rows(n: int, row_len: int) -> Rows:
     return {k: np.zeros((n, row_len), np.int32) for k in ("tokens", "loss_mask", "segment_ids", "positions")}
 
 
 def pad_rows(examples: Sequence[Example], row_len: int) -> Rows:
     """One example per row, right-padded (segment id 0, no loss)."""
-    rows = _empty_rows(len(examples), row_len)
+    rows = empty_rows(len(examples), row_len)
     for i, (tokens, mask) in enumerate(examples):
         n = len(tokens)
         if n > row_len:
@@ -59,7 +59,7 @@ def pack_rows(examples: Sequence[Example], row_len: int) -> Rows:
         placed[-1].append(ex)
         used += n
     placed = [p for p in placed if p]
-    rows = _empty_rows(len(placed), row_len)
+    rows = empty_rows(len(placed), row_len)
     for r, group in enumerate(placed):
         start = 0
         for seg, (tokens, mask) in enumerate(group, 1):
@@ -81,7 +81,7 @@ def stream_rows(documents: Sequence[list[int]], row_len: int) -> Rows:
     n = (len(tokens) - 1) // stride
     if n == 0:
         raise ValueError(f"pretraining data has {len(tokens)} tokens, fewer than one row of {row_len}")
-    rows = _empty_rows(n, row_len)
+    rows = empty_rows(n, row_len)
     for r in range(n):
         t = tokens[r * stride: r * stride + row_len]
         d = doc_ids[r * stride: r * stride + row_len]

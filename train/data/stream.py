@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from train.data.rows import Rows, _empty_rows, model_batch
+from train.data.rows import Rows, empty_rows, model_batch
 from train.data.shards import TokenSet
 
 BLOCK = 1024  # mixture block (rows)
@@ -76,7 +76,7 @@ class WindowRows:
         self.summary = {"documents": tokens.manifest["docs"], "tokens": tokens.n_tokens, "truncated": 0, "skipped": 0}
 
     def rows(self, ids: np.ndarray) -> Rows:
-        out = _empty_rows(len(ids), self.row_len)
+        out = empty_rows(len(ids), self.row_len)
         spans = [(int(r) * self.stride, int(r) * self.stride + self.row_len) for r in ids]
         for i, (tokens, starts, _) in enumerate(self.tokens.read(spans)):
             starts[0] = True
@@ -118,7 +118,7 @@ class ExampleRows:
         self.num_rows = len(self.first) - 1 if len(self.lengths) else 0
 
     def rows(self, ids: np.ndarray) -> Rows:
-        out = _empty_rows(len(ids), self.row_len)
+        out = empty_rows(len(ids), self.row_len)
         members = [range(self.first[r], self.first[r + 1]) for r in ids]
         flat = [e for m in members for e in m]
         data = iter(self.tokens.read([(int(self.starts[e]), int(self.starts[e] + self.lengths[e])) for e in flat]))
@@ -213,7 +213,7 @@ class StreamBatches:
 
     def rows(self, g: np.ndarray) -> Rows:
         dataset, index = self.locate(g)
-        out = _empty_rows(len(g), self.sources[0].row_len)
+        out = empty_rows(len(g), self.sources[0].row_len)
         for d in np.unique(dataset):
             chosen = np.flatnonzero(dataset == d)
             for name, values in self.sources[d].rows(index[chosen]).items():
