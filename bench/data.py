@@ -85,26 +85,35 @@ def bench_tokenize(tmp: str, megabytes: float) -> list[dict]:
     docs = make_corpus(src, megabytes)
     sp = spm.SentencePieceProcessor(model_file=TOKENIZER)
     print(f"tokenize: {len(docs)} documents, {os.path.getsize(src) / 1e6:.1f} MB; {load()}", flush=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     n_tokens = sum(map(len, sp.encode(docs, add_bos=True, add_eos=True, num_threads=1)))  # as the shards hold them
     ceiling = n_tokens / (time.perf_counter() - start)
+    ceiling_cpu = n_tokens / (time.process_time() - cpu_start)
     del docs
-    rates, rss = {}, {}
+    rates, results = {}, {}
     for workers in (1, 2):
         out = subprocess.run([sys.executable, "-m", "train.tokenize", "--tokenizer", TOKENIZER, "--format", "jsonl",
                               "--output", os.path.join(tmp, f"tok{workers}"), "--workers", str(workers),
                               "--no-progress", src], capture_output=True, text=True, check=True, cwd=ROOT)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = results[workers] = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["tokens"] == n_tokens
-        rates[workers], rss[workers] = result["tokens"] / result["seconds"], result["peak_rss_mb"]
-        print(f"  {workers} worker(s): {rates[workers]:,.0f} tokens/s, peak RSS {rss[workers]} MB; {load()}",
-              flush=True)
-    print(f"  sentencepiece alone, one process: {ceiling:,.0f} tokens/s", flush=True)
+        rates[workers] = result["tokens"] / result["seconds"]
+        print(f"  {workers} worker(s): {rates[workers]:,.0f} tokens/s, peak RSS {result['peak_rss_mb']} MB, CPU s "
+              f"{result['cpu_s']}; {load()}", flush=True)
+    print(f"  sentencepiece alone, one process: {ceiling:,.0f} tokens/s ({ceiling_cpu:,.0f} per CPU second)", flush=True)
+    # What 2 idle cores give: the workers' CPU split over 2 cores, this process's share on top.
+    cpu = results[2]["cpu_s"]
+    capacity = n_tokens / max(cpu["workers"] / 2 + cpu["main"] / 2, cpu["main"])
+    print(f"  CPU accounting: workers {n_tokens / cpu['workers']:,.0f} tokens per CPU second, the reading process "
+          f"{cpu['main'] / (cpu['main'] + cpu['workers']):.1%} of all CPU: 2 idle cores would give "
+          f"{capacity:,.0f} tokens/s", flush=True)
     config = f"{megabytes:g} MB JSONL, 512-piece tokenizer, {os.cpu_count()} cores"
     return [row(config, "tokenize tokens/s, 1 worker vs sentencepiece alone", rates[1], ceiling, "tokens/s"),
             row(config, "tokenize tokens/s, 2 workers vs 1 worker", rates[2], rates[1], "tokens/s",
-                peak_rss_mb=rss[2]),
-            row(config, "tokenize tokens/s, 2 workers vs sentencepiece alone", rates[2], ceiling, "tokens/s")]
+                peak_rss_mb=results[2]["peak_rss_mb"]),
+            row(config, "tokenize tokens/s, 2 workers vs sentencepiece alone", rates[2], ceiling, "tokens/s"),
+            row(config, "tokenize tokens per CPU second in the workers vs sentencepiece alone",
+                n_tokens / cpu["workers"], ceiling_cpu, "tokens/CPU s", main_cpu_share=cpu["main"] / sum(cpu.values()))]
 
 
 def needed_rows_per_s(mfu: float = 0.6) -> tuple[float, float]:

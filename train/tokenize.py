@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.data.pretokenize import tokenize
 
-    start = time.perf_counter()
+    start, started = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     try:
         manifest = tokenize(args.tokenizer, args.format, args.inputs, args.output, args.text_key, args.workers,
                             args.shard_tokens, args.overwrite, not args.no_progress)
@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.output} is already tokenized from these inputs: nothing to do", file=sys.stderr)
     summary = {k: manifest[k] for k in ("tokens", "docs", "records", "skipped", "shards", "dtype", "kind")}
     seconds = time.perf_counter() - start
-    print(json.dumps({"output": args.output, **summary, "seconds": round(seconds, 2), "peak_rss_mb": peak_rss_mb()}))
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = {"main": round(own.ru_utime + own.ru_stime - started.ru_utime - started.ru_stime, 2),  # after start-up
+           "workers": round(workers.ru_utime + workers.ru_stime, 2)}
+    print(json.dumps({"output": args.output, **summary, "seconds": round(seconds, 2), "cpu_s": cpu,
+                      "peak_rss_mb": peak_rss_mb()}))
     return 0
 
 
