@@ -37,7 +37,7 @@ def load() -> str:
 
 def make_corpus(path: str, megabytes: float, seed: int = 0) -> list[str]:
     """JSONL documents of words from the tokenizer's corpus, `megabytes` in all."""
-    words = open(os.path.join(ROOT, "data", "tokenizer_corpus.txt")).read().split()
+    words = np.asarray(open(os.path.join(ROOT, "data", "tokenizer_corpus.txt")).read().split())
     rng = np.random.default_rng(seed)
     docs, size = [], 0
     while size < megabytes * 1e6:
