@@ -13,11 +13,10 @@ from train.data.pretokenize import FORMATS
 
 
 def peak_rss_mb() -> int:
-    """Peak resident memory of the largest process: this one (its VmHWM: ru_maxrss would carry the
-    launching process's peak across exec) or a worker (forked, never exec'd)."""
+    """This process's peak resident memory (VmHWM: ru_maxrss would carry the launching process's
+    peak across exec)."""
     with open("/proc/self/status") as f:
-        own = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
-    return round(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
+        return round(next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0) / 1024)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.output} is already tokenized from these inputs: nothing to do", file=sys.stderr)
     summary = {k: manifest[k] for k in ("tokens", "docs", "records", "skipped", "shards", "dtype", "kind")}
     seconds = time.perf_counter() - start
-    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = resource.getrusage(resource.RUSAGE_SELF)
     cpu = {"main": round(own.ru_utime + own.ru_stime - started.ru_utime - started.ru_stime, 2),  # after start-up
-           "workers": round(workers.ru_utime + workers.ru_stime, 2)}
+           "workers": round(manifest.get("workers_cpu_s", 0.0), 2)}
     print(json.dumps({"output": args.output, **summary, "seconds": round(seconds, 2), "cpu_s": cpu,
-                      "peak_rss_mb": peak_rss_mb()}))
+                      "peak_rss_mb": max(peak_rss_mb(), manifest.get("workers_peak_rss_mb", 0))}))
     return 0
 
 

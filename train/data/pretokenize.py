@@ -20,6 +20,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -64,8 +65,20 @@ def _start_worker(proto: bytes) -> None:
     _TOKENIZER = Tokenizer.from_proto(proto)
 
 
+def _worker_stats() -> tuple[int, float, int]:
+    """(pid, CPU seconds so far, peak RSS in kB) of this worker."""
+    with open("/proc/self/status") as f:
+        peak = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    return os.getpid(), time.process_time(), peak
+
+
 def encode_chunk(kind: str, text_key: str, dtype: str, items: list[tuple[str, Any]]) -> tuple:
-    """(ids, lengths (0 = skipped: no target), loss mask or None) of a chunk of raw records."""
+    """(ids, lengths (0 = skipped: no target), loss mask or None, worker stats) of a chunk of raw records."""
+    ids, lengths, mask = _encode(kind, text_key, dtype, items)
+    return ids, lengths, mask, _worker_stats()
+
+
+def _encode(kind: str, text_key: str, dtype: str, items: list[tuple[str, Any]]) -> tuple:
     tok = _TOKENIZER
     records = [(where, formats.parse_json(raw, where) if isinstance(raw, str) else raw) for where, raw in items]
     if kind == "text":  # one batched call (one thread: the processes are the parallelism)
@@ -115,7 +128,8 @@ def _resume_point(output: str, run: str) -> tuple[int, dict, list[int]]:
 def tokenize(tokenizer: str, fmt: str, inputs: list[str], output: str, text_key: str = "text",
              workers: int | None = None, shard_tokens: int = 1 << 25, overwrite: bool = False,
              progress: bool = True) -> dict:
-    """Tokenize `inputs` into `output`; returns its manifest (see the module docstring)."""
+    """Tokenize `inputs` into `output`; returns its manifest (see the module docstring) with the
+    workers' CPU seconds and peak RSS of this run added."""
     if fmt not in FORMATS:
         raise TokenizeError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
     if shard_tokens < 1024:
@@ -141,11 +155,16 @@ def tokenize(tokenizer: str, fmt: str, inputs: list[str], output: str, text_key:
     writer = shards.ShardWriter(output, shard_tokens, dtype, kind != "text", {"run": run, "tokenizer": tok.fingerprint},
                                 first_shard)
     workers = workers or os.cpu_count() or 1
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # Workers fork from a clean server process, not from this one: a caller may run JAX's threads,
+    # and forking a multithreaded process can deadlock the child.
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload([__name__])
     record, skipped = 0, resume["skipped"]
     bar = tqdm(unit="tok", unit_scale=True, disable=not progress, desc=f"tokenize ({workers} workers)",
                initial=totals[0], dynamic_ncols=True)
     pool = ctx.Pool(workers, initializer=_start_worker, initargs=(tok.model_proto,))
+    worker_stats: dict[int, tuple[float, int]] = {}  # pid -> (CPU seconds, peak RSS kB)
     try:
         pending: collections.deque = collections.deque()
 
@@ -153,7 +172,8 @@ def tokenize(tokenizer: str, fmt: str, inputs: list[str], output: str, text_key:
             nonlocal record, skipped
             while len(pending) > limit:
                 first_record, job = pending.popleft()
-                ids, lengths, mask = job.get()
+                ids, lengths, mask, (pid, cpu, peak) = job.get()
+                worker_stats[pid] = (cpu, peak)
                 offset = 0
                 for j, n in enumerate(lengths):
                     r = first_record + j
@@ -196,4 +216,5 @@ def tokenize(tokenizer: str, fmt: str, inputs: list[str], output: str, text_key:
                 "tokens": totals[0] + writer.totals[0], "docs": totals[1] + writer.totals[1],
                 "records": record, "skipped": skipped, "settings": settings}
     write_text(join(output, shards.MANIFEST), json.dumps(manifest, indent=1))
-    return manifest
+    return {**manifest, "workers_cpu_s": sum(c for c, _ in worker_stats.values()),
+            "workers_peak_rss_mb": round(max((p for _, p in worker_stats.values()), default=0) / 1024)}
