@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from llama_jax.checkpoint import write_text
-from llama_jax.eval.loading import eval_mesh, load_for_eval
+from llama_jax.eval.loading import eval_mesh, load_for_eval, tokenizer_path
 from llama_jax.eval.perplexity import perplexity, read_texts
 from llama_jax.eval.scoring import Scorer
 from llama_jax.tokenizer import Tokenizer
@@ -19,7 +19,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     commands = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="a llama_jax checkpoint directory (or a training run)")
-    common.add_argument("--tokenizer", required=True, help="the SentencePiece tokenizer.model")
+    common.add_argument("--tokenizer", default=None,
+                        help="the SentencePiece tokenizer.model (default: the checkpoint's or run folder's)")
     common.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (a multiple of --fsdp)")
     common.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="params and compute dtype (default: as saved); logits are float32")
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _perplexity(args: argparse.Namespace) -> None:
-    tokenizer = Tokenizer(args.tokenizer)
+    tokenizer = Tokenizer(tokenizer_path(args.checkpoint, args.tokenizer))
     texts = read_texts(args.data, args.text_key)  # bad data fails before the model loads
     mesh = eval_mesh(args.tensor_parallel, args.fsdp)
     cfg, params = load_for_eval(args.checkpoint, args.dtype, mesh)

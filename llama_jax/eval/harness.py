@@ -29,7 +29,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from llama_jax.config import LlamaConfig
-from llama_jax.eval.loading import eval_mesh, load_for_eval
+from llama_jax.eval.loading import eval_mesh, load_for_eval, tokenizer_path
 from llama_jax.eval.scoring import Scorer
 from llama_jax.generate import Generator
 from llama_jax.tokenizer import Tokenizer
@@ -42,11 +42,13 @@ class LlamaJaxLM(TemplateLM):
     """lm-eval's LM over a llama_jax model.
 
     `checkpoint` is a checkpoint directory (or training run) or a (LlamaConfig, params) pair;
-    `tokenizer` the SentencePiece model. From the harness's command line:
-    `--model llama_jax --model_args checkpoint=DIR,tokenizer=FILE,batch_size=16,dtype=bfloat16`.
+    `tokenizer` the SentencePiece model (default: the checkpoint's tokenizer.model). Once this
+    module is imported the harness also builds it by name: lm_eval.simple_evaluate(model="llama_jax",
+    model_args="checkpoint=DIR,batch_size=16,dtype=bfloat16", tasks=[...]).
     """
 
-    def __init__(self, checkpoint: str | tuple[LlamaConfig, Any], tokenizer: str | Tokenizer, batch_size: int = 8,
+    def __init__(self, checkpoint: str | tuple[LlamaConfig, Any], tokenizer: str | Tokenizer | None = None,
+                 batch_size: int = 8,
                  dtype: str | None = None, tensor_parallel: int = 1, fsdp: int = 1, max_length: int | None = None,
                  max_gen_toks: int = 256, add_bos_token: bool = True, device: str | None = None,
                  max_batch_size: int | None = None) -> None:
@@ -58,7 +60,7 @@ class LlamaJaxLM(TemplateLM):
             model = checkpoint
         else:
             model = load_for_eval(str(checkpoint), dtype, mesh)
-        self.generator = Generator(model, tokenizer, mesh=mesh)
+        self.generator = Generator(model, tokenizer_path(checkpoint, tokenizer), mesh=mesh)
         self.cfg, self.tok = self.generator.cfg, self.generator.tokenizer
         self.scorer = Scorer(self.generator.params, self.cfg, int(batch_size), mesh)
         self._max_length = int(max_length or self.cfg.max_seq_len)
@@ -99,7 +101,8 @@ class LlamaJaxLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens)
 
-    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
         """(log p(continuation | context), greedy?) per (request text, context ids, continuation ids)."""
         sequences, n_scored = [], []
         for _, context, continuation in requests:

@@ -1,4 +1,4 @@
-"""A checkpoint loaded for evaluation: its dtype (params and compute) and its device mesh."""
+"""A checkpoint loaded for evaluation: its dtype (params and compute), its device mesh, its tokenizer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from llama_jax.checkpoint import load_checkpoint
+from llama_jax.checkpoint import checkpoint_tokenizer, load_checkpoint
 from llama_jax.config import LlamaConfig
 from sharding import make_mesh
 
@@ -32,3 +32,14 @@ def load_for_eval(checkpoint: str, dtype: str | None = None,
     params and the compute dtype (bfloat16 on accelerators); logits stay float32."""
     cfg, params = load_checkpoint(checkpoint, mesh=mesh, dtype=dtype)
     return (cfg if dtype is None else cfg.replace(dtype=dtype)), params
+
+
+def tokenizer_path(checkpoint: Any, tokenizer: str | None) -> Any:
+    """`tokenizer` if given, else the tokenizer.model a checkpoint or run folder carries."""
+    if tokenizer is not None:
+        return tokenizer
+    found = checkpoint_tokenizer(str(checkpoint)) if isinstance(checkpoint, str) else None
+    if found is None:
+        raise ValueError("no tokenizer given and the checkpoint carries no tokenizer.model; pass --tokenizer "
+                         "(e.g. Meta's tokenizer.model)")
+    return found

@@ -72,7 +72,8 @@ class Generator:
             settings["max_new_tokens"] = self.cfg.max_seq_len - longest
         return settings
 
-    def _run(self, prompts: list[list[int]], sampling: Mapping[str, Any], stop: str | Sequence[str] | None) -> list[str]:
+    def _run(self, prompts: list[list[int]], sampling: Mapping[str, Any],
+             stop: str | Sequence[str] | None) -> list[str]:
         settings = self._settings(prompts, sampling)
         matchers = [StopMatcher(stop, self.tokenizer.decode) for _ in prompts]
         check = (lambda i, tokens: matchers[i].update(tokens)) if matchers[0].stops else None
