@@ -13,9 +13,9 @@ import torch
 import transformers
 
 import llama_jax as lj
-from llama_jax.eval import Scorer, eval_mesh, load_for_eval, perplexity, sliding_windows
+from llama_jax.eval import Scorer, load_for_eval, perplexity, sliding_windows
 from llama_jax.eval.__main__ import main
-from llama_jax.eval.scoring import score_batch
+from llama_jax.eval.scoring import length_bucket, score_batch
 
 TOKENIZER = "data/tokenizer.model"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,6 +68,7 @@ def test_perplexity_equals_the_guide_loop_on_hf(models, tok):
     ids = tok.encode(text, bos=True, eos=False)
     assert 120 < len(ids) < cfg.max_seq_len
     scorer = Scorer(params, cfg, batch_size=4)
+    buckets = set()
     for max_len, stride in ((32, 16), (32, 32), (64, 24), (48, 5), (None, None)):  # None: L = context > text
         got = perplexity(scorer, [ids], max_len, stride)
         ppl, nll, n = guide_perplexity(hf, ids, max_len or cfg.max_seq_len, stride or cfg.max_seq_len // 2)
@@ -75,7 +76,32 @@ def test_perplexity_equals_the_guide_loop_on_hf(models, tok):
         assert abs(got["ppl"] / ppl - 1) <= 1e-5 and abs(got["nll"] / nll - 1) <= 1e-5, (max_len, stride, got, ppl)
         if stride != max_len:
             assert n == len(ids) - 1  # every token but BOS scored exactly once
-    assert score_batch._cache_size() <= 5  # one program per length bucket (16..256), not one per window
+        windows = sliding_windows(len(ids), max_len or cfg.max_seq_len, stride or cfg.max_seq_len // 2)
+        buckets |= {length_bucket(end - begin - 1, cfg.max_seq_len) for begin, end, _ in windows}
+    assert score_batch._cache_size() == len(buckets) < 8  # one program per length bucket, not one per window
+
+
+def test_requests_differing_in_the_last_token_share_a_row(models, monkeypatch):
+    cfg, params, _, _, hf = models
+    context = [1, 428, 460, 292, 430, 264, 300]
+    with torch.no_grad():
+        best = int(hf(torch.tensor([context])).logits[0, -1].argmax())  # the greedy answer is one of the four
+    answers = [best] + [t for t in (290, 13, 77, 451) if t != best][:3]
+    requests = [context + [t] for t in answers] + [context + [77, 5], context[:4] + [9]]
+    scorer = Scorer(params, cfg, batch_size=4)
+    rows = []
+    dispatch = scorer._dispatch
+    monkeypatch.setattr(scorer, "_dispatch", lambda seqs, n: rows.extend(seqs) or dispatch(seqs, n))
+    n_scored = [1, 1, 1, 1, 2, 1]
+    totals, greedy = scorer(requests, n_scored)
+    assert len(rows) == 3  # four one-token answers after the same context: one row
+    for seq, n, total, is_greedy in zip(requests, n_scored, totals, greedy):
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([seq])).logits[0].double(), -1)
+        positions = range(len(seq) - n, len(seq))
+        assert total == pytest.approx(sum(logp[p - 1, seq[p]].item() for p in positions), abs=1e-5)
+        assert is_greedy == all(int(logp[p - 1].argmax()) == seq[p] for p in positions)
+    assert list(greedy[:4]) == [True, False, False, False]
 
 
 def test_sliding_windows_by_hand():

@@ -48,10 +48,9 @@ class LlamaJaxLM(TemplateLM):
     """
 
     def __init__(self, checkpoint: str | tuple[LlamaConfig, Any], tokenizer: str | Tokenizer | None = None,
-                 batch_size: int = 8,
-                 dtype: str | None = None, tensor_parallel: int = 1, fsdp: int = 1, max_length: int | None = None,
-                 max_gen_toks: int = 256, add_bos_token: bool = True, device: str | None = None,
-                 max_batch_size: int | None = None) -> None:
+                 batch_size: int = 8, dtype: str | None = None, tensor_parallel: int = 1, fsdp: int = 1,
+                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = True,
+                 device: str | None = None, max_batch_size: int | None = None) -> None:
         """`device` and `max_batch_size` are accepted (the harness passes them to every model) and
         unused: JAX places the model (tensor_parallel / fsdp choose the mesh)."""
         super().__init__()
@@ -97,9 +96,6 @@ class LlamaJaxLM(TemplateLM):
         bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
         ids = self.tok.encode(string, bos=bos)
         return ids[-left_truncate_len:] if left_truncate_len else ids
-
-    def tok_decode(self, tokens: list[int]) -> str:
-        return self.tok.decode(tokens)
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:
