@@ -66,6 +66,9 @@ class EvalConfig:
     data: str | None = None  # Alpaca JSON of held-out examples: exact-match accuracy, greedy decoding
     examples: int = 0  # how many of them (0 = all)
     max_new_tokens: int = 32
+    loss_data: str | None = None  # held-out file in data.format: eval_loss / eval_ppl over its target tokens
+    every: int = 0  # steps between validation passes (0: only at the start and the end)
+    batches: int = 0  # batches of batch_size rows per validation pass (0 = all of loss_data)
 
 
 @dataclasses.dataclass
@@ -212,6 +215,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.optim.schedule in ("cosine", "constant"), f"optim.schedule must be cosine or constant, got {cfg.optim.schedule!r}")
     need(0.0 <= cfg.optim.warmup_ratio < 1.0, f"optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    need(cfg.eval.every >= 0 and cfg.eval.batches >= 0,
+         f"eval.every and eval.batches must be >= 0, got {cfg.eval.every} and {cfg.eval.batches}")
     need(cfg.model.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {cfg.model.remat!r}")
     need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {tuple(DTYPES)}, got {cfg.model.dtype!r}")
     need(cfg.model.attention in ATTENTION_IMPLEMENTATIONS,

@@ -37,7 +37,7 @@ from sharding import batch_groups, chip_of, global_batch, is_main_process, make_
 from train import data as data_lib
 from train import step as step_lib
 from train.config import TrainConfig
-from train.evaluate import exact_match
+from train.evaluate import exact_match, make_validation_loss, validation_batches, validation_loss
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,6 +77,8 @@ class Setup:
     train_step: Callable
     tokenizer: lj.Tokenizer
     eval_records: list
+    validation: list = dataclasses.field(default_factory=list)  # held-out batches for eval_loss (eval.loss_data)
+    validation_fn: Callable | None = None
 
 
 def check_resumable(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
@@ -117,6 +119,16 @@ def set_up(cfg: TrainConfig) -> Setup:
         eval_records = data_lib.load_alpaca(cfg.eval.data)
         eval_records = eval_records[: cfg.eval.examples or len(eval_records)]
 
+    validation = []
+    if cfg.eval.loss_data:
+        try:
+            held_out, _ = data_lib.build_rows(cfg.data.format, [cfg.eval.loss_data], tokenizer, cfg.data.max_len,
+                                              cfg.data.pack, cfg.seed, cfg.data.text_key)
+        except ValueError as e:
+            raise ValueError(f"eval.loss_data: {e}") from None
+        validation = validation_batches(held_out, cfg.batch_size, cfg.eval.batches, jax.process_index(),
+                                        jax.process_count())
+
     o = cfg.optim
     schedule = step_lib.lr_schedule(o.lr, steps, o.schedule, step_lib.warmup_steps_for(steps, o.warmup_steps,
                                                                                         o.warmup_ratio), o.min_lr_ratio)
@@ -124,7 +136,8 @@ def set_up(cfg: TrainConfig) -> Setup:
     train_step = step_lib.make_train_step(model, optimizer, schedule, mesh, (cfg.batch_size, cfg.data.max_len),
                                           cfg.grad_accum, o.z_loss)
     return Setup(cfg, model, init_from, mesh, batches, data_summary, steps, optimizer,
-                 step_lib.state_shardings(model, optimizer, mesh), train_step, tokenizer, eval_records)
+                 step_lib.state_shardings(model, optimizer, mesh), train_step, tokenizer, eval_records,
+                 validation, make_validation_loss(model) if validation else None)
 
 
 # --- resume --------------------------------------------------------------------------------------
@@ -179,6 +192,7 @@ class MetricsLog:
         self.first_step_s: float | None = None
         self.first_loss: float | None = None
         self.loss: float | None = None
+        self.eval_loss: float | None = None  # the latest validation loss
         self.tb = None
         if not self.main:
             return
@@ -231,6 +245,7 @@ class MetricsLog:
         self.pending.clear()
 
     def write(self, record: dict) -> None:
+        self.eval_loss = record.get("eval_loss", self.eval_loss)
         if not self.main:
             return
         self.file.write(json.dumps(record) + "\n")
@@ -238,7 +253,7 @@ class MetricsLog:
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+                    self.tb.add_scalar(f"{'eval' if key.startswith('eval_') else 'train'}/{key}", value, record["step"])
 
     def close(self) -> None:
         if self.main:
@@ -282,6 +297,9 @@ def train(run: Setup, state: dict, rng: jax.Array, start: int, ckpts: RunCheckpo
             if step % cfg.log_every == 0 or step == run.steps:
                 log.flush(started, last_saved, cfg.output_dir)
                 bar.set_postfix(loss=f"{log.loss:.4f}")
+            if run.validation and (step == run.steps or cfg.eval.every and step % cfg.eval.every == 0):
+                log.flush(started, last_saved, cfg.output_dir)
+                validate(run, state["params"], step, log)  # before the save: a resume never skips it
             if step % cfg.checkpoint_every == 0 or step == run.steps or preemption.requested:
                 log.flush(started, last_saved, cfg.output_dir)  # never save a state whose loss was not checked
                 ckpts.save(step, state, {"step": step, "data_index": step, "data_rows": run.batches.num_rows,
@@ -303,6 +321,15 @@ def evaluate(run: Setup, params: Any, step: int, name: str, log: MetricsLog) -> 
     for r in rows[:3]:
         say(f"  {r['instruction']} {r['input']!r} -> {r['got']!r} (expected {r['expected']!r})")
     return acc
+
+
+def validate(run: Setup, params: Any, step: int, log: MetricsLog) -> float:
+    """eval_loss / eval_ppl on the held-out batches (eval.loss_data), logged: at step 0, every
+    eval.every steps and at the last step."""
+    with jax.set_mesh(run.mesh):
+        loss, ppl = validation_loss(run.validation_fn, params, run.validation, run.mesh)
+    log.write({"step": step, "eval_loss": loss, "eval_ppl": ppl})
+    return loss
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -329,12 +356,14 @@ def run(cfg: TrainConfig) -> dict:
         summary: dict[str, Any] = {"steps": setup.steps, "start_step": start, "data": setup.data_summary}
         if setup.eval_records and start == 0:
             summary["eval_before"] = evaluate(setup, state["params"], 0, "before", log)
+        if setup.validation and start == 0:
+            summary["eval_loss_before"] = validate(setup, state["params"], 0, log)
         t_loop = time.time()
         state, preempted_at = train(setup, state, rng, start, ckpts, log)
     finally:
         ckpts.close()
     summary.update(train_s=time.time() - t_loop, first_step_s=log.first_step_s, first_loss=log.first_loss,
-                   loss=log.loss)
+                   loss=log.loss, eval_loss=log.eval_loss)
     if preempted_at is not None:
         say(f"\nSIGTERM: saved step {preempted_at} to {cfg.output_dir}; run the same command to resume")
         summary["preempted_at"] = preempted_at
