@@ -300,3 +300,18 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         peaks.append(float(out.stdout.strip().splitlines()[-1]))
     assert abs(peaks[1] - peaks[0]) < 25, peaks
+
+
+def test_held_out_batches_read_tokenized_shards(corpus):
+    """eval.loss_data in a run whose data.format is tokens: fixed batches drawn from the shards' rows
+    (the window rows checked above), each row a real row of the shard set, the same on every call."""
+    _, _, tmp = corpus
+    data = DataConfig(format="tokens", train=[str(tmp / "w1")], max_len=96)
+    batches = data_lib.held_out_batches(data, str(tmp / "w1"), TOK, 8, 3, seed=0)
+    again = data_lib.held_out_batches(data, str(tmp / "w1"), TOK, 8, 3, seed=0)
+    source = stream.open_rows(str(tmp / "w1"), 97, pack=False, fingerprint=TOK.fingerprint)
+    all_rows = {tuple(r) for r in source.rows(np.arange(source.num_rows))["tokens"][:, :-1]}
+    assert len(batches) == 3
+    for b, b2 in zip(batches, again):
+        np.testing.assert_array_equal(b["tokens"], b2["tokens"])
+        assert b["tokens"].shape == (8, 96) and all(tuple(r) in all_rows for r in b["tokens"])

@@ -19,7 +19,8 @@ from train import data as data_lib
 from train import loop
 from train import step as step_lib
 from train.config import load_config
-from train.evaluate import make_validation_loss, validation_batches, validation_loss
+from train.data import validation_batches
+from train.evaluate import make_validation_loss, validation_loss
 
 CFG = lj.LlamaConfig.preset("tiny-gqa")
 HELD_OUT = "data/demo_alpaca_eval.json"

@@ -37,7 +37,7 @@ from sharding import batch_groups, chip_of, global_batch, is_main_process, make_
 from train import data as data_lib
 from train import step as step_lib
 from train.config import TrainConfig
-from train.evaluate import exact_match, make_validation_loss, validation_batches, validation_loss
+from train.evaluate import exact_match, make_validation_loss, validation_loss
 
 
 class TrainingDiverged(RuntimeError):
@@ -122,12 +122,11 @@ def set_up(cfg: TrainConfig) -> Setup:
     validation = []
     if cfg.eval.loss_data:
         try:
-            held_out, _ = data_lib.build_rows(cfg.data.format, [cfg.eval.loss_data], tokenizer, cfg.data.max_len,
-                                              cfg.data.pack, cfg.seed, cfg.data.text_key)
+            validation = data_lib.held_out_batches(cfg.data, cfg.eval.loss_data, tokenizer, cfg.batch_size,
+                                                   cfg.eval.batches, cfg.seed, jax.process_index(),
+                                                   jax.process_count())
         except ValueError as e:
             raise ValueError(f"eval.loss_data: {e}") from None
-        validation = validation_batches(held_out, cfg.batch_size, cfg.eval.batches, jax.process_index(),
-                                        jax.process_count())
 
     o = cfg.optim
     schedule = step_lib.lr_schedule(o.lr, steps, o.schedule, step_lib.warmup_steps_for(steps, o.warmup_steps,

@@ -176,3 +176,20 @@ class Batches:
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         idx = self.global_indices(k)[self.offset: self.offset + self.local]
         return model_batch({name: a[idx] for name, a in self.rows.items()})
+
+
+def validation_batches(rows: Rows, batch_size: int, limit: int = 0, process_index: int = 0,
+                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Held-out rows in their order, as this host's share of global batches of `batch_size` (the
+    last one padded with empty rows, which hold no targets); the first `limit` batches (0 = all).
+    The same rows every time: validation numbers depend only on the params."""
+    n, local = len(rows["tokens"]), batch_size // process_count
+    count = -(-n // batch_size)
+    batches = []
+    for b in range(min(count, limit) if limit else count):
+        index = b * batch_size + process_index * local + np.arange(local)
+        chunk = {k: np.zeros((local,) + a.shape[1:], a.dtype) for k, a in rows.items()}
+        for k, a in rows.items():
+            chunk[k][index < n] = a[index[index < n]]
+        batches.append(model_batch(chunk))
+    return batches

@@ -8,7 +8,7 @@ from typing import Any
 from llama_jax.checkpoint.files import join
 from llama_jax.tokenizer import Tokenizer
 from train.data import storage
-from train.data.rows import Batches, build_rows
+from train.data.rows import Batches, build_rows, validation_batches
 from train.data.shards import MANIFEST
 from train.data.stream import StreamBatches, open_rows
 
@@ -43,3 +43,16 @@ def make_batches(data: Any, tokenizer: Tokenizer, batch_size: int, seed: int, pr
                          "(python -m train.tokenize makes them)")
     rows, summary = build_rows(fmt, data.train, tokenizer, data.max_len, data.pack, seed, data.text_key)
     return Batches(rows, batch_size, seed, process_index, process_count), summary
+
+
+def held_out_batches(data: Any, path: str, tokenizer: Tokenizer, batch_size: int, limit: int, seed: int,
+                     process_index: int = 0, process_count: int = 1) -> list[dict]:
+    """This host's share of fixed held-out batches from `path`, read in the recipe's data format: the first
+    `limit` batches (0 = all). The same batches every call, so validation numbers depend only on the params."""
+    fmt = data.format
+    if fmt == "tokens" or (fmt == "auto" and is_tokenized(path)):
+        stream = StreamBatches([open_rows(path, data.max_len + 1, data.pack, tokenizer.fingerprint)], None,
+                               batch_size, seed, process_index, process_count)
+        return [stream(k) for k in range(min(limit, stream.per_epoch) if limit else stream.per_epoch)]
+    rows, _ = build_rows(fmt, [path], tokenizer, data.max_len, data.pack, seed, data.text_key)
+    return validation_batches(rows, batch_size, limit, process_index, process_count)
