@@ -54,20 +54,55 @@ def reference_model(preset, bf16=False, **overrides):
     return _MODELS[key]
 
 
+# Meta's llama/model.py builds its layers from fairscale's model-parallel modules, written out here by
+# hand (not read from llama_jax.layout): ColumnParallelLinear splits its output features (torch weight
+# dim 0), RowParallelLinear its input features (dim 1), ParallelEmbedding the embedding dim (dim 1);
+# the RMSNorm weights are whole on every rank. HF name -> (Meta name, split dim or None).
+META_LAYOUT = {
+    "model.embed_tokens.weight": ("tok_embeddings.weight", 1),  # ParallelEmbedding
+    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.attention_norm.weight", None),
+    "model.layers.{i}.self_attn.q_proj.weight": ("layers.{i}.attention.wq.weight", 0),  # ColumnParallelLinear
+    "model.layers.{i}.self_attn.k_proj.weight": ("layers.{i}.attention.wk.weight", 0),  # ColumnParallelLinear
+    "model.layers.{i}.self_attn.v_proj.weight": ("layers.{i}.attention.wv.weight", 0),  # ColumnParallelLinear
+    "model.layers.{i}.self_attn.o_proj.weight": ("layers.{i}.attention.wo.weight", 1),  # RowParallelLinear
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.ffn_norm.weight", None),
+    "model.layers.{i}.mlp.gate_proj.weight": ("layers.{i}.feed_forward.w1.weight", 0),  # ColumnParallelLinear
+    "model.layers.{i}.mlp.up_proj.weight": ("layers.{i}.feed_forward.w3.weight", 0),  # ColumnParallelLinear
+    "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.feed_forward.w2.weight", 1),  # RowParallelLinear
+    "model.norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("output.weight", 0),  # ColumnParallelLinear
+}
+ROPE_HEADS = {"q_proj": "n_heads", "k_proj": "n_kv_heads"}  # the projections HF's converter permutes
+
+
+def hf_rows_to_meta(w, heads):
+    """Undo HF's RoPE row permutation, one row at a time: in head h (hd rows), HF row j < hd/2 is Meta's
+    row 2j and HF row hd/2 + j is Meta's row 2j + 1 (Meta rotates pairs (2j, 2j+1), HF (j, j + hd/2))."""
+    hd = w.shape[0] // heads
+    meta = np.empty_like(w)
+    for h in range(heads):
+        for j in range(hd // 2):
+            meta[h * hd + 2 * j] = w[h * hd + j]
+            meta[h * hd + 2 * j + 1] = w[h * hd + hd // 2 + j]
+    return meta
+
+
 def write_meta(folder, cfg, model, shards, dtype=torch.float32, params_extra=None, rope_freqs=True):
     """Meta's layout: params.json + consolidated.NN.pth, rows permuted back to interleaved RoPE."""
     os.makedirs(folder, exist_ok=True)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     ranks = [{} for _ in range(shards)]
-    for entry, _, hf_name in layout.names(cfg, "hf"):
-        meta_name = entry.meta.format(i=hf_name.split(".")[2]) if entry.per_layer else entry.meta
-        w = sd[hf_name]
-        if entry.rope_heads:
-            w = layout.hf_to_meta_rows(w, getattr(cfg, entry.rope_heads))
-        w = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
-        pieces = [w] * shards if entry.meta_split_dim is None else torch.chunk(w, shards, entry.meta_split_dim)
-        for rank, piece in zip(ranks, pieces):
-            rank[meta_name] = piece.clone()
+    for hf_template, (meta_template, split) in META_LAYOUT.items():
+        for i in range(cfg.n_layers) if "{i}" in hf_template else [None]:
+            w = sd.pop(hf_template.format(i=i))
+            rope = [heads for proj, heads in ROPE_HEADS.items() if proj in hf_template]
+            if rope:
+                w = hf_rows_to_meta(w, getattr(cfg, rope[0]))
+            w = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+            pieces = [w] * shards if split is None else torch.chunk(w, shards, split)
+            for rank, piece in zip(ranks, pieces):
+                rank[meta_template.format(i=i)] = piece.clone()
+    assert not sd, f"HF tensors without a Meta name: {sorted(sd)}"
     for r, rank in enumerate(ranks):
         if rope_freqs:
             rank["rope.freqs"] = torch.zeros(cfg.head_dim // 2, dtype=dtype)
