@@ -14,7 +14,7 @@ import llama_jax as lj
 from llama_jax import flops
 from llama_jax.layout import params_from_state_dict
 from reference import hf_model, hf_params
-from sharding import batch_sharding
+from sharding import batch_sharding, chip_of
 from train import data as data_lib
 from train import step as step_lib
 
@@ -252,6 +252,24 @@ def test_flops_per_token_formula():
     assert flops.train_flops_per_token(cfg, 2048) == want
     # 1000 tokens/s on one chip of 100 TFLOP/s peak:
     assert math.isclose(flops.mfu(1000.0, cfg, 2048, 1, 100e12), 1000.0 * want / 100e12)
+
+
+def test_chip_lookup_by_device_kind():
+    """jax's device_kind strings -> the chip and its dense bf16 peak from the vendors' data sheets
+    (TFLOP/s per chip: v4 275, v5e 197, v5p 459, v6e 918, H100/H200 SXM 989, A100 312, L4 121).
+    "TPU v5 lite" (v5e) also contains "TPU v5" (v5p): the longer name must win. CPUs have no peak."""
+    class Device:
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    cases = {"TPU v4": ("v4", 275e12), "TPU v5 lite": ("v5e", 197e12), "TPU v5": ("v5p", 459e12),
+             "TPU v5p": ("v5p", 459e12), "TPU v6 lite": ("v6e", 918e12), "NVIDIA H100 80GB HBM3": ("H100", 989e12),
+             "NVIDIA H200": ("H200", 989e12), "NVIDIA A100-SXM4-80GB": ("A100", 312e12), "NVIDIA L4": ("L4", 121e12)}
+    for kind, (name, peak) in cases.items():
+        chip = chip_of(Device(kind))
+        assert (chip.name, chip.peak_bf16_flops) == (name, peak), kind
+    assert chip_of(jax.devices("cpu")[0]) is None
+    assert flops.mfu(1000.0, CFG, 32, 8, None) is None
 
 
 def test_nan_loss_stops_before_saving(tmp_path):
