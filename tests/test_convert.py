@@ -411,3 +411,64 @@ def test_hf_errors(tmp_path):
     assert_fails_cleanly(tmp_path, argv, FileNotFoundError, f"{files[1]}: listed in the index but missing")
     os.remove(os.path.join(src, "config.json"))
     assert_fails_cleanly(tmp_path, argv, FileNotFoundError, "no config.json")
+
+
+# --- --verify, --verify-layers and --dtype casts -----------------------------------------------
+
+
+def verified(stdout):
+    """(layers used, relative max logit diff) from the line --verify prints."""
+    line = next(l for l in stdout.splitlines() if l.startswith("verify ("))
+    return line.split("verify (")[1].split(" of")[0], float(line.split("(relative ")[1].rstrip(")"))
+
+
+def test_verify_and_verify_layers_for_hf_and_export_hf(tmp_path, capsys):
+    """--verify runs the source and the result on the same tokens (float32 conversions agree to 1e-5
+    relative); it must also see a damaged result (w2 of the second layer tripled: > 1e-2), and
+    --verify-layers 1 must cut both models to the first layer (then that damage is out of sight)."""
+    from llama_jax.convert.reference import verify
+
+    cfg, model, _ = reference_model("tiny-gqa")
+    src, out, back = str(tmp_path / "hf"), str(tmp_path / "out"), str(tmp_path / "back")
+    model.save_pretrained(src, safe_serialization=True)
+    convert_cli.main(["hf", src, out, "--verify", "--no-progress"])
+    layers, rel = verified(capsys.readouterr().out)
+    assert layers == "2" and rel <= 1e-5
+    convert_cli.main(["export-hf", out, back, "--verify", "--verify-layers", "1", "--no-progress"])
+    layers, rel = verified(capsys.readouterr().out)
+    assert layers == "1" and rel <= 1e-5
+
+    got_cfg, params = lj.load_checkpoint(out)
+    params["layers"]["feed_forward"]["w2"] = params["layers"]["feed_forward"]["w2"].at[1].multiply(3.0)
+    damaged, damaged_hf = str(tmp_path / "damaged"), str(tmp_path / "damaged_hf")
+    lj.save_checkpoint(damaged, got_cfg, params)
+    convert.export_hf(damaged, damaged_hf, progress=False)
+    capsys.readouterr()
+    for kind, a, b in (("hf", src, damaged), ("export-hf", out, damaged_hf)):
+        verify(kind, a, b, got_cfg)
+        assert verified(capsys.readouterr().out)[1] > 1e-2, kind
+        verify(kind, a, b, got_cfg, layers=1)
+        layers, rel = verified(capsys.readouterr().out)
+        assert layers == "1" and rel <= 1e-5, kind
+
+
+def test_dtype_bfloat16_casts_like_torch(tmp_path):
+    """--dtype bfloat16 on a float32 source stores each weight rounded as torch's .to(bfloat16) rounds
+    it (round to nearest even), both ways: hf -> ours, and ours (float32) -> export-hf."""
+    cfg, model, _ = reference_model("tiny")
+    src, out, back = str(tmp_path / "hf"), str(tmp_path / "out16"), str(tmp_path / "back16")
+    model.save_pretrained(src, safe_serialization=True)
+    got = convert_cli.main(["hf", src, out, "--dtype", "bfloat16", "--no-progress"])
+    assert got.param_dtype == "bfloat16"
+    _, params = lj.load_checkpoint(out)
+    rounded = {k: v.to(torch.bfloat16).float().numpy() for k, v in model.state_dict().items()}
+    want = layout.params_from_state_dict(rounded, cfg, "hf")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        assert a.dtype == ml_dtypes.bfloat16 and np.array_equal(np.asarray(a, np.float32), b)
+
+    full = str(tmp_path / "out32")
+    convert_cli.main(["hf", src, full, "--no-progress"])
+    convert_cli.main(["export-hf", full, back, "--dtype", "bfloat16", "--no-progress"])
+    exported = transformers.LlamaForCausalLM.from_pretrained(back, dtype=torch.bfloat16).state_dict()
+    for name, tensor in model.state_dict().items():
+        assert exported[name].dtype == torch.bfloat16 and torch.equal(exported[name], tensor.to(torch.bfloat16)), name
