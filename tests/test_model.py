@@ -99,6 +99,25 @@ def test_rope_on_bf16_inputs_rotates_in_float32():
     assert np.all(np.abs(np.asarray(out, np.float64) - exact) <= bound)
 
 
+def test_rmsnorm_on_bf16_inputs_takes_statistics_in_float32():
+    """bf16 activations and weight: mean(x^2) and rsqrt in float32, then two bf16 roundings (the normed
+    value, its product with the weight), so |error| <= (2u + u^2) |exact| with u = 2^-8 against a float64
+    reference: measured 0.90 of that bound. Statistics in bf16 round the squares, the mean, the rsqrt
+    and the product as well: 1.36x the bound here."""
+    from llama_jax.model import RMSNorm
+
+    cfg = lj.LlamaConfig.preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 64, cfg.dim)) * 3, jnp.bfloat16)
+    w = jnp.asarray(1 + 0.2 * rng.standard_normal(cfg.dim), jnp.bfloat16)
+    out = RMSNorm(cfg).apply({"params": {"weight": w}}, x)
+    assert out.dtype == jnp.bfloat16
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    exact = x64 / np.sqrt(np.mean(x64**2, -1, keepdims=True) + cfg.norm_eps) * w64
+    u = 2.0**-8
+    assert np.all(np.abs(np.asarray(out, np.float64) - exact) <= (2 * u + u * u) * np.abs(exact) + 1e-7)
+
+
 def test_rope_scores_depend_only_on_relative_position():
     q = jnp.asarray(np.random.RandomState(2).randn(1, 1, 1, 16), jnp.float32)
     k = jnp.asarray(np.random.RandomState(3).randn(1, 1, 1, 16), jnp.float32)

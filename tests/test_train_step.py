@@ -213,6 +213,9 @@ def test_schedule_and_decay_mask():
     assert math.isclose(float(s(60)), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), rel_tol=1e-6)
     assert math.isclose(float(s(110)), 0.1, rel_tol=1e-6) and math.isclose(float(s(500)), 0.1, rel_tol=1e-6)
     assert float(step_lib.lr_schedule(2.0, 100, "constant")(77)) == 2.0
+    # warmup_ratio: ceil(ratio x steps) warmup steps, unless warmup_steps is given
+    assert [step_lib.warmup_steps_for(5, None, 0.5), step_lib.warmup_steps_for(100, None, 0.03),
+            step_lib.warmup_steps_for(100, 7, 0.5)] == [3, 3, 7]
     mask = step_lib.decay_mask(lj.param_shapes(CFG))
     assert mask["tok_embeddings"] and mask["output"] and mask["layers"]["attention"]["wq"]
     assert not mask["norm"]["weight"] and not mask["layers"]["attention_norm"]["weight"]
@@ -252,6 +255,7 @@ def test_flops_per_token_formula():
     assert flops.train_flops_per_token(cfg, 2048) == want
     # 1000 tokens/s on one chip of 100 TFLOP/s peak:
     assert math.isclose(flops.mfu(1000.0, cfg, 2048, 1, 100e12), 1000.0 * want / 100e12)
+    assert math.isclose(flops.mfu(8000.0, cfg, 2048, 8, 100e12), 1000.0 * want / 100e12)  # per chip
 
 
 def test_chip_lookup_by_device_kind():
