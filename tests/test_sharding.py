@@ -85,7 +85,7 @@ def assert_layout(tree, model, shape):
     assert got == want
 
 
-@pytest.mark.parametrize("model,shape", sorted(LAYOUTS))
+@pytest.mark.parametrize("model,shape", sorted(LAYOUTS), ids=[f"{m}-{'x'.join(map(str, s))}" for m, s in sorted(LAYOUTS)])
 def test_every_parameter_kind_gets_the_hand_written_layout(model, shape):
     mesh = make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
     assert_layout(param_shardings(MODELS[model], mesh), model, shape)

@@ -106,7 +106,6 @@ MUTATIONS = [
       "(jnp.arange(s)[None, :] < jnp.arange(t)[:, None])", "tests/test_attention.py::test_xla_matches_reference_with_gqa_and_segments"),
     M("swiglu-gate-swapped", "model", MODEL, "gate = jax.nn.silu(x @ w1) * (x @ w3)",
       "gate = jax.nn.silu(x @ w3) * (x @ w1)", HF_GQA),
-    M("attention-residual-dropped", "model", MODEL, "x = x + h\n", "x = h\n", HF_GQA),
     M("logits-in-compute-dtype", "RoPE/precision", MODEL, 'logits = constrain(logits, ',
       'logits = constrain(logits.astype(cfg.compute_dtype), ', T_MODEL + "test_bf16_compute_is_close_to_float32_reference"),
     M("rmsnorm-statistics-in-bf16", "RoPE/precision", MODEL, "x32 = x.astype(jnp.float32)", "x32 = x",
@@ -118,7 +117,7 @@ MUTATIONS = [
     M("rope-frequency-exponent", "RoPE/precision", MODEL, "* 2.0 / x.shape[-1]))", "* 1.0 / x.shape[-1]))",
       T_MODEL + "test_rope_matches_independent_formula"),
     M("rope-theta-ignored", "RoPE/precision", MODEL, "rope(k, positions, cfg.rope_theta)", "rope(k, positions, 10000.0)",
-      T_MODEL + "test_rope_theta_is_really_used"),
+      T_MODEL + "test_logits_match_hf_transformers[tiny-gqa-1000000.0]"),
     # --- conversion layouts
     M("meta-wk-permuted-with-n-heads", "conversion layout", LAYOUT, '"heads_out", 0, "n_kv_heads")',
       '"heads_out", 0, "n_heads")', T_CONV + "test_meta_shards_match_hf[2-tiny-gqa-dtype1]"),
@@ -139,8 +138,9 @@ MUTATIONS = [
       T_DATA + "test_alpaca_example_masks_bos_and_prompt_and_keeps_eos"),
     M("accumulation-keeps-last-microbatch", "loss/mask", STEP, "return jax.tree.map(jnp.add, carry, (g, s)), None",
       "return (g, s), None", T_STEP + "test_gradient_accumulation_equals_big_batch"),
+    # (RoPE is relative, so logits barely see this one: the spec test of the packed table catches it)
     M("packed-positions-continue", "loss/mask", DATA, "= seg, np.arange(end - start)", "= seg, np.arange(start, end)",
-      T_DATA + "test_packed_rows_equal_each_example_alone"),
+      T_DATA + "test_build_rows_pack_places_whole_examples_greedily"),
     M("pack-ignored", "loss/mask", DATA, "rows = pack_rows(examples, row_len) if pack else", "rows = pad_rows(examples, row_len) if pack else",
       T_DATA + "test_build_rows_pack_places_whole_examples_greedily"),
     # --- optimizer masks and schedules
@@ -167,15 +167,11 @@ MUTATIONS = [
       T_GEN + "test_decode_loop_keys_differ_per_step_and_per_row"),
     M("first-decode-step-reuses-prefill-key", "sampling", ENGINE, 'sample(_step_keys(s["row_keys"], step)',
       'sample(_step_keys(s["row_keys"], step - 1)', T_GEN + "test_decode_loop_keys_differ_per_step_and_per_row"),
-    M("greedy-argmin", "sampling", ENGINE, "lambda l: jnp.argmax(l, axis=-1)", "lambda l: jnp.argmin(l, axis=-1)",
-      T_GEN + "test_greedy_ragged_batch_equals_hf_with_logprobs_and_echo"),
     # --- KV cache
     M("decode-position-off-by-one", "KV cache", ENGINE, 'positions = (s["lengths"] + step - 1)[:, None]',
       'positions = (s["lengths"] + step)[:, None]', T_GEN + "test_greedy_ragged_batch_equals_hf_with_logprobs_and_echo"),
     M("cache-mask-excludes-self", "KV cache", MODEL, "mask = slots[None, None, :] <= positions[:, :, None]",
       "mask = slots[None, None, :] < positions[:, :, None]", T_GEN + "test_cache_logits_equal_full_forward_every_step[tiny]"),
-    M("v-cache-written-with-k", "KV cache", MODEL, '_write_cache(cache["v"], v, positions[:, 0])',
-      '_write_cache(cache["v"], k, positions[:, 0])', T_GEN + "test_cache_logits_equal_full_forward_every_step[tiny]"),
     M("cache-batch-not-sharded", "KV cache", MODEL, 'CACHE_AXES = ("layers", "act_batch",', 'CACHE_AXES = ("layers", None,',
       T_SHARD + "test_batch_cache_and_logits_layout"),
     # --- sharding rules
