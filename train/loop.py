@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import llama_jax as lj
 from llama_jax import flops
-from llama_jax.checkpoint import RunCheckpoints, read_config, write_config, write_text
+from llama_jax.checkpoint import RunCheckpoints, copy_file, read_config, write_config, write_text
 from llama_jax.model import check_params
 from sharding import batch_groups, chip_of, global_batch, is_main_process, make_mesh
 from train import data as data_lib
@@ -314,10 +314,17 @@ def run(cfg: TrainConfig) -> dict:
     if is_main_process():
         write_config(cfg.output_dir, setup.model.replace(dtype="float32"))
         write_text(os.path.join(cfg.output_dir, "train_config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tokenizer_copy = os.path.join(cfg.output_dir, "tokenizer.model")  # generate/export-hf find it there
+        if not os.path.exists(tokenizer_copy) or not os.path.samefile(cfg.tokenizer, tokenizer_copy):
+            copy_file(cfg.tokenizer, tokenizer_copy)
 
     ckpts = RunCheckpoints(cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpointing)
     try:
         state, rng, start = resume_or_start(setup, ckpts)
+        if start >= setup.steps:
+            say(f"{cfg.output_dir} has already trained {start} of {setup.steps} steps: nothing to do "
+                "(raise steps= to train longer, or use a new output_dir)")
+            return {"steps": setup.steps, "start_step": start, "finished": True}
         log = MetricsLog(setup, start)
         summary: dict[str, Any] = {"steps": setup.steps, "start_step": start, "data": setup.data_summary}
         if setup.eval_records and start == 0:

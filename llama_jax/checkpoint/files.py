@@ -68,6 +68,14 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+class OutputExists(FileExistsError):
+    """The output folder exists and overwrite was not asked for (command lines name their --overwrite)."""
+
+    def __init__(self, path: str):
+        super().__init__(f"{path} already exists; pass overwrite=True to replace it")
+        self.path = path
+
+
 class Staging:
     """Write into a temporary sibling of `out`; `commit()` renames it to `out` when complete.
 
@@ -85,7 +93,7 @@ class Staging:
             return
         self.out = os.path.abspath(self.out)
         if os.path.exists(self.out) and not overwrite:
-            raise FileExistsError(f"{self.out} already exists; pass overwrite=True (--overwrite) to replace it")
+            raise OutputExists(self.out)
         os.makedirs(os.path.dirname(self.out), exist_ok=True)  # like mkdir -p: "out/llama2-7b" just works
         shared = jax.process_count() > 1  # every process must name the same folder
         self.path = f"{self.out}.tmp-{'multihost' if shared else os.getpid()}"
