@@ -1,7 +1,7 @@
 """Mutation harness: plants plausible bugs one at a time in a scratch copy of the repo and checks that
 the tests meant to catch each one fail.
 
-    python tests/mutations/run.py                 # all mutations (~30 minutes on a 2-core machine)
+    python tests/mutations/run.py                 # all of them: 33 min on the shared 2-core machine
     python tests/mutations/run.py --list          # names, areas, targets
     python tests/mutations/run.py --only NAME ... # some of them
     python tests/mutations/run.py --no-baseline   # skip the unmutated run of the selected tests
