@@ -54,7 +54,7 @@ def M(name, area, file, old, new, *tests, from_issue=False, more=()):
 
 MODEL, ATTN, LAYOUT = "llama_jax/model.py", "llama_jax/attention.py", "llama_jax/layout.py"
 ENGINE, CLI, RULES = "llama_jax/generate/engine.py", "llama_jax/generate/__main__.py", "sharding/rules.py"
-STEP, DATA, TOK = "train/step.py", "train/data.py", "llama_jax/tokenizer.py"
+STEP, DATA, TOK = "train/step.py", "train/data/rows.py", "llama_jax/tokenizer.py"
 T_MODEL, T_GEN, T_CONV = "tests/test_model.py::", "tests/test_generate.py::", "tests/test_convert.py::"
 T_STEP, T_DATA, T_SHARD = "tests/test_train_step.py::", "tests/test_train_data.py::", "tests/test_sharding.py::"
 T_RUN, T_TOK = "tests/test_train_run.py::", "tests/test_tokenizer.py::"
@@ -133,7 +133,7 @@ MUTATIONS = [
       T_STEP + "test_loss_and_adamw_update_match_hf_and_torch"),
     M("z-loss-not-squared", "loss/mask", STEP, "z = jnp.sum(jnp.square(lse) * w)", "z = jnp.sum(lse * w)",
       T_STEP + "test_z_loss_value_and_gradient_match_torch"),
-    M("alpaca-last-prompt-token-a-target", "loss/mask", DATA, "[0] * n_prompt + [1] * (len(full) - n_prompt)",
+    M("alpaca-last-prompt-token-a-target", "loss/mask", "train/data/formats.py", "[0] * n_prompt + [1] * (len(full) - n_prompt)",
       "[0] * (n_prompt - 1) + [1] * (len(full) - n_prompt + 1)",
       T_DATA + "test_alpaca_example_masks_bos_and_prompt_and_keeps_eos"),
     M("accumulation-keeps-last-microbatch", "loss/mask", STEP, "return jax.tree.map(jnp.add, carry, (g, s)), None",
