@@ -39,3 +39,11 @@ def hf_params(model, cfg: LlamaConfig) -> dict:
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def hf_greedy(model, prompt: list[int], n: int, eos_id: int | None = None) -> list[int]:
+    """HF's greedy `generate`: up to n new tokens, cut before EOS (as Meta's and ours are)."""
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=0 if eos_id else n,
+                         eos_token_id=eos_id, pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    new = out[0, len(prompt):].tolist()
+    return new[:new.index(eos_id)] if eos_id in new else new

@@ -33,6 +33,7 @@ from tqdm import tqdm
 import llama_jax as lj
 from llama_jax import flops
 from llama_jax.checkpoint import RunCheckpoints, copy_file, is_remote, read_config, write_config, write_text
+from llama_jax.model import check_params
 from sharding import batch_groups, chip_of, global_batch, is_main_process, make_mesh
 from train import data as data_lib
 from train import step as step_lib
@@ -161,6 +162,7 @@ def resume_or_start(run: Setup, ckpts: RunCheckpoints) -> tuple[dict, jax.Array,
         init_rng, rng = jax.random.split(jax.random.key(cfg.seed))
         if run.init_from is not None:
             _, params = lj.load_checkpoint(run.init_from, mesh=run.mesh, dtype="float32")
+            check_params(params, run.model, f"init_from {run.init_from} with model.overrides {cfg.model.overrides}")
             say(f"initialised from {run.init_from}")
         else:
             params = lj.init_params(run.model, init_rng)
