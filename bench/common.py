@@ -73,21 +73,12 @@ def hf_peer_model(cfg: Any, dtype: str = "bfloat16", attn: str = "sdpa") -> Any:
     CPU) in `dtype`: the PyTorch peer. Returns None when torch/transformers are missing."""
     try:
         import torch
-        import transformers
+        import transformers  # noqa: F401
     except ImportError:
         return None
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
-                                         if k not in ("architectures", "torch_dtype", "model_type")})
-    hf_cfg._attn_implementation = attn
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        with torch.device(device):
-            model = transformers.LlamaForCausalLM(hf_cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    from llama_jax.convert import hf_llama
+
+    return hf_llama(cfg, dtype, attn, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def free_torch() -> None:

@@ -15,7 +15,6 @@ the same dtype on the same device (torch CUDA when available, else CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

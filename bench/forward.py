@@ -1,17 +1,17 @@
-"""Forward-pass benchmark: compile time and steady-state run time of the jitted forward.
+"""Forward-pass benchmark: compile time and steady-state run time of the jitted forward, HF beside it.
 
     python bench/forward.py --preset llama-1b --batch 1 --seq 128 [--dtype bfloat16]
+    python bench/forward.py --smoke          # a tiny model, seconds on a CPU
 
-Prints one table row; params are random (nothing is downloaded). On a 2-core CPU use small
-batch/seq: a 1B-sized model is ~4 GB in float32.
+Params are random (nothing is downloaded). On a 2-core CPU use small batch/seq: a 1B-sized model
+is ~4 GB in float32. The peer is HF transformers' LlamaForCausalLM of the same shape and dtype
+(eager attention on a CPU, sdpa on a GPU), timed in the same process.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -21,26 +21,27 @@ import jax
 import jax.numpy as jnp
 
 import llama_jax as lj
+from bench.common import device_name, free_torch, hf_peer_model, median_seconds, row, torch_sync, write_result
+from llama_jax.flops import forward_flops_per_token
 
 
-def hf_forward_seconds(cfg: lj.LlamaConfig, batch: int, seq: int, iters: int) -> float | None:
-    """The same forward in HF transformers (PyTorch, eager attention) on this machine, or None."""
-    try:
-        import torch
-        import transformers
-    except ImportError:
+def peer_seconds(cfg: lj.LlamaConfig, batch: int, seq: int, iters: int) -> float | None:
+    """The same forward in HF transformers (PyTorch) on this machine, or None without torch."""
+    import torch
+
+    model = hf_peer_model(cfg, cfg.dtype, "eager" if jax.devices()[0].platform == "cpu" else "sdpa")
+    if model is None:
         return None
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items() if k != "architectures"})
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model = transformers.LlamaForCausalLM(hf_cfg).to(dtype).eval()
-    tokens = torch.zeros((batch, seq), dtype=torch.long)
-    with torch.no_grad():
-        model(tokens)  # warm-up
-        start = time.perf_counter()
-        for _ in range(iters):
+    tokens = torch.zeros((batch, seq), dtype=torch.long, device=next(model.parameters()).device)
+
+    def run():
+        with torch.no_grad():
             model(tokens)
-    seconds = (time.perf_counter() - start) / iters
+        torch_sync()
+
+    seconds = median_seconds(run, iters, warmup=1)
     del model
+    free_torch()
     return seconds
 
 
@@ -52,34 +53,29 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true", help="skip HF transformers (PyTorch) in the same run")
+    parser.add_argument("--smoke", action="store_true", help="the tiny demo preset (a CPU check)")
+    parser.add_argument("--out", help="write the JSON result here")
     args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.seq = "demo", min(args.seq, 64)
 
     cfg = lj.LlamaConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
+    peer_s = None if args.no_peer else peer_seconds(cfg, args.batch, args.seq, args.iters)
     params = lj.init_params(cfg, 0)
     tokens = jnp.zeros((args.batch, args.seq), jnp.int32)
-
     start = time.perf_counter()
     compiled = jax.jit(lambda p, t: lj.forward(p, t, cfg)).lower(params, tokens).compile()
     compile_s = time.perf_counter() - start
-    compiled(params, tokens).block_until_ready()  # warm-up
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        compiled(params, tokens).block_until_ready()
-    run_s = (time.perf_counter() - start) / args.iters
+    run_s = median_seconds(lambda: compiled(params, tokens).block_until_ready(), args.iters, warmup=1)
 
-    peer_s = None if args.no_peer else hf_forward_seconds(cfg, args.batch, args.seq, args.iters)
-    flops = 2 * (cfg.num_params() - cfg.vocab_size * cfg.dim) * args.batch * args.seq  # matmul FLOPs
-    row = {
-        "preset": args.preset, "params": cfg.num_params(), "batch": args.batch, "seq": args.seq,
-        "dtype": args.dtype, "compile_s": round(compile_s, 2), "run_s": round(run_s, 4),
-        "tokens_per_s": round(args.batch * args.seq / run_s, 1), "gflops_per_s": round(flops / run_s / 1e9, 1),
-        "hf_torch_run_s": None if peer_s is None else round(peer_s, 4),
-        "speedup_vs_hf": None if peer_s is None else round(peer_s / run_s, 2),
-        "device": f"{jax.devices()[0].device_kind} ({os.cpu_count()} cores, {platform.machine()})",
-    }
-    print(json.dumps(row))
-    print(f"| {row['preset']} | {row['batch']}x{row['seq']} | {row['dtype']} | compile {row['compile_s']} s | "
-          f"run {row['run_s']} s (HF torch {row['hf_torch_run_s']} s, x{row['speedup_vs_hf']}) | {row['tokens_per_s']} tok/s | {row['gflops_per_s']} GFLOP/s | {row['device']} |")
+    tokens_n = args.batch * args.seq
+    flops = forward_flops_per_token(cfg, args.seq) * tokens_n
+    config = f"forward {args.preset} {args.batch}x{args.seq} {args.dtype}"
+    rows = [row(config, "tokens/s", tokens_n / run_s, None if peer_s is None else tokens_n / peer_s, "tok/s",
+                run_s=run_s, peer_run_s=peer_s, compile_s=compile_s, tflops=flops / run_s / 1e12)]
+    print(f"{config}: compile {compile_s:.2f} s, run {run_s:.4f} s ({tokens_n / run_s:,.0f} tok/s, "
+          f"{flops / run_s / 1e9:,.1f} GFLOP/s); HF torch {'n/a' if peer_s is None else f'{peer_s:.4f} s'}", flush=True)
+    write_result(args.out, {"bench": "forward", "device": device_name(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -24,15 +24,11 @@ import jax
 import numpy as np
 
 import llama_jax as lj
+from llama_jax.flops import prefill_flops
 from bench.common import (device_name, free_torch, hf_peer_model, median_seconds, read_ceilings, row, sig,
                           torch_sync, write_result)
 
 AVAILABLE = {"cpu": ("xla",), "gpu": ("xla", "cudnn"), "tpu": ("xla", "splash")}
-
-
-def prefill_flops(cfg: lj.LlamaConfig, p: int) -> float:
-    d, v, n_layers = cfg.dim, cfg.vocab_size, cfg.n_layers
-    return 2 * (cfg.num_params() - 2 * v * d) * p + 2 * n_layers * p * p * d + 2 * d * v
 
 
 def peer_seconds(cfg: lj.LlamaConfig, prompt: np.ndarray, iters: int) -> float | None:

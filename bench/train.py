@@ -9,7 +9,7 @@ Our step: bfloat16 compute (float32 on CPU), float32 master params and AdamW mom
 global-norm clipping, one device mesh over all devices (data parallel). The peer: a random
 LlamaForCausalLM in float32 under torch.autocast(bfloat16) with fused AdamW, the usual HF recipe.
 MFU = tokens/s * (6 * (params - input embedding) + 6 * layers * dim * seq) / (chips * peak); peak
-from the chip's data sheet (train/step.py PEAK_TFLOPS) or --peak-tflops (e.g. a CPU's measured matmul rate).
+from the chip table (sharding/hardware.py) or --peak-tflops (e.g. a CPU's measured matmul rate).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import numpy as np
 
 import llama_jax as lj
 from bench.common import device_name, free_torch, hf_peer_model, median_seconds, row, write_result
-from sharding import batch_sharding, make_mesh
+from llama_jax import flops
+from sharding import batch_sharding, chip_of, make_mesh
 from train import step as step_lib
 
 FULL = [("llama-1b", None, 8, 2048), ("llama2-7b", 8, 1, 4096)]  # (preset, layers, batch, seq)
@@ -115,7 +116,7 @@ def main() -> None:
 
     on_cpu = jax.devices()[0].platform == "cpu"
     shapes = [(args.preset, args.layers, args.batch, args.seq)] if args.preset else (SMOKE if args.smoke else FULL)
-    peak = args.peak_tflops or step_lib.peak_tflops(jax.devices()[0])
+    peak = args.peak_tflops * 1e12 or getattr(chip_of(jax.devices()[0]), "peak_bf16_flops", None)
     rows = []
     for preset, layers, batch, seq in shapes:
         overrides = {"n_layers": layers} if layers else {}
@@ -126,15 +127,16 @@ def main() -> None:
         tokens = batch * seq
         name = f"train {preset}{f' {layers} layers' if layers else ''} bs {batch} seq {seq} {cfg.dtype}"
         n = jax.device_count()
-        ours_mfu = step_lib.mfu(tokens / step_s, cfg, seq, n, peak)
-        peer_mfu = None if peer_s is None else step_lib.mfu(tokens / peer_s, cfg, seq, n, peak)
+        ours_mfu = flops.mfu(tokens / step_s, cfg, seq, n, peak)
+        peer_mfu = None if peer_s is None else flops.mfu(tokens / peer_s, cfg, seq, n, peak)
         rows.append(row(name, "tokens/s", tokens / step_s, None if peer_s is None else tokens / peer_s, "tok/s",
                         mfu=ours_mfu, peer_mfu=peer_mfu, step_s=step_s, compile_s=compile_s,
-                        params=cfg.num_params(), flops_per_token=step_lib.flops_per_token(cfg, seq)))
+                        params=cfg.num_params(), flops_per_token=flops.train_flops_per_token(cfg, seq)))
         print(f"{name}: {tokens / step_s:,.0f} tok/s, step {step_s * 1e3:.1f} ms, MFU "
               f"{'n/a' if ours_mfu is None else f'{ours_mfu:.1%}'}; HF peer "
               f"{'n/a' if peer_s is None else f'{tokens / peer_s:,.0f} tok/s'}", flush=True)
-    write_result(args.out, {"bench": "train", "device": device_name(), "peak_tflops": peak, "rows": rows})
+    write_result(args.out, {"bench": "train", "device": device_name(), "peak_tflops": peak and peak / 1e12,
+                            "rows": rows})
 
 
 if __name__ == "__main__":

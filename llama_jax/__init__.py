@@ -1,10 +1,4 @@
-"""llama_jax: LLaMA and Llama 2 in JAX/Flax."""
-
-import warnings
-
-# `python -m llama_jax.generate` runs a module this package also imports (for lj.generate);
-# runpy's warning about that is noise for users, not a problem.
-warnings.filterwarnings("ignore", message=r"'llama_jax\.\w+' found in sys\.modules", category=RuntimeWarning)
+"""llama_jax: LLaMA and Llama 2 in JAX/Flax (the public API: `import llama_jax as lj`)."""
 
 from llama_jax.checkpoint import load_checkpoint, save_checkpoint
 from llama_jax.config import PRESETS, LlamaConfig

@@ -28,10 +28,11 @@ from jax import lax
 
 from llama_jax.attention import attend
 from llama_jax.config import LlamaConfig
-from sharding.rules import active_mesh, constrain, param_shardings  # no-ops outside a mesh
+from sharding import active_mesh, check_shapes, constrain, param_layout, param_shardings  # no-ops outside a mesh
 
 Array = jax.Array
 KVCache = dict  # {"k": (layers, batch, slots, kv_heads, head_dim), "v": same}
+CACHE_AXES = ("layers", "act_batch", "act_seq", "act_kv_heads", None)  # logical axes of a KVCache leaf
 
 
 def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, init=None) -> Array:
@@ -142,7 +143,7 @@ class Llama(nn.Module):
 
     positions: (B, T) int, default 0..T-1 per row (packed rows restart per document).
     segment_ids: (B, T) int, tokens attend only within their segment (packing, padding).
-    cache: a KVCache from `init_cache`; then returns (logits, new_cache) (see generate.py).
+    cache: a KVCache from `init_cache`; then returns (logits, new_cache) (see llama_jax/generate/engine.py).
     """
 
     cfg: LlamaConfig
@@ -170,6 +171,8 @@ class Llama(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, cache = stack(cfg, name="layers")(x, positions, segment_ids, cache)
+        if cache is not None:
+            cache = jax.tree.map(lambda c: constrain(c, CACHE_AXES), cache)
 
         x = RMSNorm(cfg, name="norm")(x)
         output = _param(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
@@ -180,9 +183,11 @@ class Llama(nn.Module):
 
 
 def init_cache(cfg: LlamaConfig, batch: int, slots: int) -> KVCache:
-    """An empty KV cache: kv heads (not query heads) x `slots` positions, in the compute dtype."""
+    """An empty KV cache: kv heads (not query heads) x `slots` positions, in the compute dtype.
+
+    Under a mesh its batch rows and kv heads are split like the activations (CACHE_AXES)."""
     shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+    return {name: constrain(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES) for name in ("k", "v")}
 
 
 # --- public functional API ------------------------------------------------------------------
@@ -207,10 +212,11 @@ def param_shapes(cfg: LlamaConfig) -> Any:
 
 def check_params(params: Any, cfg: LlamaConfig, where: str) -> None:
     """Raise a clear error when `params` is not a parameter tree of the model `cfg` describes."""
-    expected = jax.tree.map(lambda s: tuple(s.shape), param_shapes(cfg))
-    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-    if jax.tree.structure(got) != jax.tree.structure(expected) or got != expected:
-        raise ValueError(f"{where}: params do not match the config's parameter shapes (a different model?)")
+    check_shapes(params, param_shapes(cfg), where)
+
+
+# sharding.param_shardings / shard_params(params, cfg, mesh) find a LlamaConfig's axes here.
+param_layout.register(LlamaConfig, lambda cfg: (param_axes(cfg), param_shapes(cfg)))
 
 
 def init_params(cfg: LlamaConfig, rng: Array | int = 0) -> Any:
@@ -232,7 +238,8 @@ def _forward(params: Any, tokens: Array, cfg: LlamaConfig, positions: Array | No
 
 
 def check_tokens(tokens: Any, cfg: LlamaConfig) -> None:
-    """Raise a clear error for token arrays the model cannot take (shape, dtype, range, length)."""
+    """Raise a clear error for token arrays the model cannot take (shape, dtype, length, and the id
+    range of host arrays: device arrays are not copied back to check, that would stall the device)."""
     shape, dtype = jnp.shape(tokens), jnp.result_type(tokens)
     if len(shape) != 2:
         raise ValueError(f"tokens must be 2-D (batch, seq), got shape {shape}")
@@ -240,8 +247,8 @@ def check_tokens(tokens: Any, cfg: LlamaConfig) -> None:
         raise TypeError(f"tokens must be an integer array (int32), got dtype {dtype}")
     if shape[1] > cfg.max_seq_len:
         raise ValueError(f"sequence length {shape[1]} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    if not isinstance(tokens, jax.core.Tracer) and shape[0] * shape[1] > 0:
-        low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+    if isinstance(tokens, np.ndarray) and tokens.size > 0:
+        low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got range [{low}, {high}]")
 

@@ -14,9 +14,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from sharding.rules import LOGICAL_RULES
+from sharding.compat import attached_tpu_chips
+from sharding.rules import batch_groups, batch_sharding
 
 
 def _on_tpu_vm() -> bool:
@@ -24,10 +25,7 @@ def _on_tpu_vm() -> bool:
 
     (Not TPU_SKIP_MDS_QUERY: importing jax sets that on machines *without* TPUs.)
     """
-    from jax._src import hardware_utils
-
-    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
-    return chips > 0 or "TPU_WORKER_HOSTNAMES" in os.environ
+    return attached_tpu_chips() > 0 or "TPU_WORKER_HOSTNAMES" in os.environ
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -74,19 +72,13 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch rows split over the mesh axes of the "act_batch" rule (data, fsdp); the rest replicated."""
-    axes = tuple(a for a in LOGICAL_RULES["act_batch"] if a in mesh.shape)
-    return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
-
-
 def global_batch(local: Any, mesh: Mesh) -> Any:
     """A global jax.Array (or pytree of them) from this host's rows of the batch.
 
     Every process passes its own `local` rows (same shape on each host: global batch / number
     of processes); rows are split over data x fsdp. No host ever holds the global batch.
     """
-    groups = int(np.prod([mesh.shape[a] for a in LOGICAL_RULES["act_batch"] if a in mesh.shape]))
+    groups = batch_groups(mesh)
 
     def one(x: Any) -> jax.Array:
         x = np.asarray(x)

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
-from sharding.rules import MESH_AXES
+from sharding.rules import MESH_AXES, batch_groups
 
 
 def _resolve(sizes: dict[str, int], total: int, what: str) -> tuple[int, ...]:
@@ -100,7 +100,7 @@ def check_mesh(mesh: Mesh, cfg: Any = None, batch: int | None = None) -> None:
         if cfg.hidden_dim % tensor:
             raise ValueError(f"tensor={tensor} does not divide the FFN width hidden_dim={cfg.hidden_dim}")
     if batch is not None:
-        groups = shape.get("data", 1) * shape.get("fsdp", 1)
+        groups = batch_groups(mesh)
         if batch % groups:
             raise ValueError(f"global batch {batch} is not divisible by data x fsdp = "
                              f"{shape.get('data', 1)} x {shape.get('fsdp', 1)} = {groups}; "

@@ -3,15 +3,23 @@
 Parameters and optimizer state use the parameter names (embed, vocab, heads, ...); activations
 use the act_* names. A logical axis is left unsharded where its size does not divide the mesh
 axes it maps to (e.g. a 32001-token vocabulary), so odd shapes still run, just replicated.
+
+This floor knows no model: a model library registers how to get its parameters' logical axes
+and shapes from its config (`param_layout.register`), and `param_shardings` / `shard_params`
+then work on that config.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sharding.compat import current_mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -36,14 +44,8 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 
 
 def active_mesh() -> Mesh | None:
-    """The mesh of an enclosing `with mesh:` (or `jax.set_mesh`), or None outside any."""
-    from jax._src import mesh as mesh_lib
-
-    legacy = mesh_lib.thread_resources.env.physical_mesh
-    if not legacy.empty:
-        return legacy
-    concrete = mesh_lib.get_concrete_mesh()  # works inside jit, unlike jax.sharding.get_mesh
-    return None if concrete.empty else concrete
+    """The mesh of an enclosing `jax.set_mesh(mesh)` (or `with mesh:`), also inside jit; None outside any."""
+    return current_mesh()
 
 
 def logical_to_spec(names: tuple, shape: tuple, mesh: Mesh) -> PartitionSpec:
@@ -71,22 +73,60 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))
 
 
-def param_shardings(cfg: Any, mesh: Mesh) -> Any:
-    """NamedSharding for every parameter of a model with config `cfg` (a pytree like params)."""
-    from llama_jax.model import param_axes, param_shapes
-
-    axes, shapes = param_axes(cfg), param_shapes(cfg)
-    return jax.tree.map(
-        lambda names, s: NamedSharding(mesh, logical_to_spec(names, s.shape, mesh)),
-        axes, shapes, is_leaf=lambda x: isinstance(x, tuple),
-    )
+def tree_shardings(axes: Any, shapes: Any, mesh: Mesh) -> Any:
+    """NamedSharding for every leaf of a tree, from its logical axis names (a tuple per leaf) and shape."""
+    return jax.tree.map(lambda names, s: NamedSharding(mesh, logical_to_spec(names, np.shape(s), mesh)),
+                        axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def shard_params(params: Any, cfg: Any, mesh: Mesh) -> Any:
+# --- the batch: rows over the mesh axes of "act_batch" -------------------------------------------
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes that split batch rows (the "act_batch" rule: data, fsdp)."""
+    return tuple(a for a in LOGICAL_RULES["act_batch"] if a in mesh.shape)
+
+
+def batch_groups(mesh: Mesh) -> int:
+    """How many groups of batch rows the mesh holds (data x fsdp): a global batch must be a multiple."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch rows split over the batch axes (data, fsdp); the other axes replicated."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), *([None] * (ndim - 1))))
+
+
+# --- a model's parameters --------------------------------------------------------------------------
+
+
+@functools.singledispatch
+def param_layout(model_config: Any) -> tuple[Any, Any]:
+    """(logical axes tree, shapes tree) of a model's parameters, from its config.
+
+    A model library registers its config type (llama_jax.model does it for LlamaConfig).
+    """
+    raise TypeError(f"no parameter layout is registered for {type(model_config).__name__}; "
+                    "expected a model config such as llama_jax.LlamaConfig")
+
+
+def param_shardings(model_config: Any, mesh: Mesh) -> Any:
+    """NamedSharding for every parameter of the model `model_config` describes (a tree like its params)."""
+    return tree_shardings(*param_layout(model_config), mesh)
+
+
+def check_shapes(tree: Any, shapes: Any, where: str) -> None:
+    """Raise a clear error when `tree`'s structure or leaf shapes differ from `shapes`' (a different model)."""
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), tree)
+    expected = jax.tree.map(lambda s: tuple(np.shape(s)), shapes)
+    if jax.tree.structure(got) != jax.tree.structure(expected) or got != expected:
+        raise ValueError(f"{where}: params do not match the config's parameter shapes (a different model?)")
+
+
+def shard_params(params: Any, model_config: Any, mesh: Mesh) -> Any:
     """Place every parameter leaf on `mesh` by the logical-axis rules."""
-    from llama_jax.model import check_params
-
     if not isinstance(mesh, Mesh):
         raise TypeError(f"shard_params needs a jax.sharding.Mesh (see sharding.make_mesh), got {type(mesh).__name__}")
-    check_params(params, cfg, "shard_params")
-    return jax.device_put(params, param_shardings(cfg, mesh))
+    axes, shapes = param_layout(model_config)
+    check_shapes(params, shapes, "shard_params")
+    return jax.device_put(params, tree_shardings(axes, shapes, mesh))

@@ -9,9 +9,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 import llama_jax as lj  # noqa: E402
 import sharding  # noqa: E402
 from llama_jax.checkpoint import write_config  # noqa: E402
+from model_loss import loss_logits_grads  # noqa: E402
 
 CFG = lj.LlamaConfig.preset("tiny-gqa", vocab_size=301)
 BATCH, SEQ = 8, 17
@@ -29,18 +30,6 @@ BATCH, SEQ = 8, 17
 def global_tokens() -> np.ndarray:
     """The whole batch (the test rebuilds it the same way); each host feeds only its rows."""
     return np.random.default_rng(0).integers(0, CFG.vocab_size, (BATCH, SEQ), dtype=np.int32)
-
-
-@jax.jit
-def loss_logits_grads(params, tokens):
-    def loss_fn(p):
-        logits = lj.Llama(CFG).apply({"params": p}, tokens[:, :-1])
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-        return jnp.mean(logz - picked), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, logits, grads
 
 
 def main() -> None:
@@ -55,7 +44,7 @@ def main() -> None:
     local = global_tokens()[process_id * rows:(process_id + 1) * rows]
     tokens = sharding.global_batch(local, mesh)
     with jax.set_mesh(mesh):
-        loss, logits, grads = loss_logits_grads(params, tokens)
+        loss, logits, grads = loss_logits_grads(params, tokens, CFG)
 
     # Saved as a training run does on a pod: an Orbax CheckpointManager step with a "params" item
     # (every process writes its own shards) + config.json written by process 0 only.

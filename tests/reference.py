@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from llama_jax.config import LlamaConfig
+from llama_jax.convert import hf_llama
 from llama_jax.layout import params_from_state_dict
 
 
@@ -16,10 +17,7 @@ def hf_model(cfg: LlamaConfig, seed: int = 0, sharpen: float = 1.0) -> transform
     `sharpen` scales the output projection so greedy decoding has no near-ties.
     """
     torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
-                                         if k not in ("architectures", "torch_dtype", "model_type")})
-    hf_cfg._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    model = hf_llama(cfg, "float32", "eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -41,3 +39,11 @@ def hf_params(model, cfg: LlamaConfig) -> dict:
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def hf_greedy(model, prompt: list[int], n: int, eos_id: int | None = None) -> list[int]:
+    """HF's greedy `generate`: up to n new tokens, cut before EOS (as Meta's and ours are)."""
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=0 if eos_id else n,
+                         eos_token_id=eos_id, pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    new = out[0, len(prompt):].tolist()
+    return new[:new.index(eos_id)] if eos_id in new else new

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import llama_jax as lj
 from llama_jax import convert, layout
+from llama_jax.convert import __main__ as convert_cli
 from reference import hf_logits, hf_model
 from sharding.rules import param_shardings
 
@@ -53,20 +54,55 @@ def reference_model(preset, bf16=False, **overrides):
     return _MODELS[key]
 
 
+# Meta's llama/model.py builds its layers from fairscale's model-parallel modules, written out here by
+# hand (not read from llama_jax.layout): ColumnParallelLinear splits its output features (torch weight
+# dim 0), RowParallelLinear its input features (dim 1), ParallelEmbedding the embedding dim (dim 1);
+# the RMSNorm weights are whole on every rank. HF name -> (Meta name, split dim or None).
+META_LAYOUT = {
+    "model.embed_tokens.weight": ("tok_embeddings.weight", 1),  # ParallelEmbedding
+    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.attention_norm.weight", None),
+    "model.layers.{i}.self_attn.q_proj.weight": ("layers.{i}.attention.wq.weight", 0),  # ColumnParallelLinear
+    "model.layers.{i}.self_attn.k_proj.weight": ("layers.{i}.attention.wk.weight", 0),  # ColumnParallelLinear
+    "model.layers.{i}.self_attn.v_proj.weight": ("layers.{i}.attention.wv.weight", 0),  # ColumnParallelLinear
+    "model.layers.{i}.self_attn.o_proj.weight": ("layers.{i}.attention.wo.weight", 1),  # RowParallelLinear
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.ffn_norm.weight", None),
+    "model.layers.{i}.mlp.gate_proj.weight": ("layers.{i}.feed_forward.w1.weight", 0),  # ColumnParallelLinear
+    "model.layers.{i}.mlp.up_proj.weight": ("layers.{i}.feed_forward.w3.weight", 0),  # ColumnParallelLinear
+    "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.feed_forward.w2.weight", 1),  # RowParallelLinear
+    "model.norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("output.weight", 0),  # ColumnParallelLinear
+}
+ROPE_HEADS = {"q_proj": "n_heads", "k_proj": "n_kv_heads"}  # the projections HF's converter permutes
+
+
+def hf_rows_to_meta(w, heads):
+    """Undo HF's RoPE row permutation, one row at a time: in head h (hd rows), HF row j < hd/2 is Meta's
+    row 2j and HF row hd/2 + j is Meta's row 2j + 1 (Meta rotates pairs (2j, 2j+1), HF (j, j + hd/2))."""
+    hd = w.shape[0] // heads
+    meta = np.empty_like(w)
+    for h in range(heads):
+        for j in range(hd // 2):
+            meta[h * hd + 2 * j] = w[h * hd + j]
+            meta[h * hd + 2 * j + 1] = w[h * hd + hd // 2 + j]
+    return meta
+
+
 def write_meta(folder, cfg, model, shards, dtype=torch.float32, params_extra=None, rope_freqs=True):
     """Meta's layout: params.json + consolidated.NN.pth, rows permuted back to interleaved RoPE."""
     os.makedirs(folder, exist_ok=True)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     ranks = [{} for _ in range(shards)]
-    for entry, _, hf_name in layout.names(cfg, "hf"):
-        meta_name = entry.meta.format(i=hf_name.split(".")[2]) if entry.per_layer else entry.meta
-        w = sd[hf_name]
-        if entry.rope_heads:
-            w = layout.hf_to_meta_rows(w, getattr(cfg, entry.rope_heads))
-        w = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
-        pieces = [w] * shards if entry.meta_split_dim is None else torch.chunk(w, shards, entry.meta_split_dim)
-        for rank, piece in zip(ranks, pieces):
-            rank[meta_name] = piece.clone()
+    for hf_template, (meta_template, split) in META_LAYOUT.items():
+        for i in range(cfg.n_layers) if "{i}" in hf_template else [None]:
+            w = sd.pop(hf_template.format(i=i))
+            rope = [heads for proj, heads in ROPE_HEADS.items() if proj in hf_template]
+            if rope:
+                w = hf_rows_to_meta(w, getattr(cfg, rope[0]))
+            w = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+            pieces = [w] * shards if split is None else torch.chunk(w, shards, split)
+            for rank, piece in zip(ranks, pieces):
+                rank[meta_template.format(i=i)] = piece.clone()
+    assert not sd, f"HF tensors without a Meta name: {sorted(sd)}"
     for r, rank in enumerate(ranks):
         if rope_freqs:
             rank["rope.freqs"] = torch.zeros(cfg.head_dim // 2, dtype=dtype)
@@ -118,7 +154,7 @@ def test_meta_shards_match_hf(tmp_path, shards, preset, dtype):
     cfg, model, expected = reference_model(preset, bf16=dtype == torch.bfloat16)
     src = write_meta(str(tmp_path / "meta"), cfg, model, shards, dtype)
     out = str(tmp_path / "out")
-    got_cfg = convert.main(["meta", src, out, "--dtype", "float32", "--no-progress"])
+    got_cfg = convert_cli.main(["meta", src, out, "--dtype", "float32", "--no-progress"])
     assert got_cfg.vocab_size == cfg.vocab_size and got_cfg.hidden_dim == cfg.hidden_dim  # -1 -> from weights
     assert got_cfg.n_kv_heads == cfg.n_kv_heads
     assert rel_err(ours_logits(out), expected) <= 1e-5
@@ -130,7 +166,7 @@ def test_meta_bf16_keeps_bits_reads_rope_theta_copies_tokenizer_and_verifies(tmp
     src = write_meta(str(llama2 / "llama-2-tiny"), cfg, model, 2, torch.bfloat16, {"rope_theta": 30000.0})
     (llama2 / "tokenizer.model").write_bytes(b"sentencepiece bytes")
     out = str(tmp_path / "out")
-    convert.main(["meta", src, out, "--verify", "--max-seq-len", "128"])
+    convert_cli.main(["meta", src, out, "--verify", "--max-seq-len", "128"])
     stdout = capsys.readouterr().out
     assert "max |logit diff|" in stdout
     diff = float(stdout.split("max |logit diff| = ")[1].split()[0])
@@ -229,11 +265,11 @@ def test_hf_round_trip(tmp_path, safe, shard, dtype, old_config):
         with open(os.path.join(src, "config.json"), "w") as f:
             json.dump(config, f)
     out, back = str(tmp_path / "out"), str(tmp_path / "back")
-    got = convert.main(["hf", src, out, "--no-progress"])
+    got = convert_cli.main(["hf", src, out, "--no-progress"])
     assert got.param_dtype == {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
     if dtype != torch.float16:  # fp16-rounded weights are not the float32 reference's
         assert rel_err(ours_logits(out), expected) <= 1e-5
-    convert.main(["export-hf", out, back, "--no-progress"])
+    convert_cli.main(["export-hf", out, back, "--no-progress"])
     reloaded, info = transformers.LlamaForCausalLM.from_pretrained(back, output_loading_info=True,
                                                                    dtype=dtype)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -284,7 +320,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
                src / "consolidated.00.pth")
     (src / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
     with pytest.raises(ValueError, match="consolidated.00.pth: refused to load"):
-        convert.main(["meta", str(src), str(tmp_path / "out"), "--no-progress"])
+        convert_cli.main(["meta", str(src), str(tmp_path / "out"), "--no-progress"])
     assert not marker.exists()
     assert sorted(os.listdir(tmp_path)) == ["meta"]
 
@@ -304,7 +340,7 @@ def edit_shard(src, rank, change):
 
 def assert_fails_cleanly(tmp_path, argv, error, match):
     with pytest.raises(error, match=match):
-        convert.main(argv + ["--no-progress"])
+        convert_cli.main(argv + ["--no-progress"])
     assert not (tmp_path / "out").exists()
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
@@ -350,11 +386,11 @@ def test_existing_output_is_kept_without_overwrite_and_after_a_failure(tmp_path,
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="already exists.*--overwrite"):
-        convert.main(["meta", src, str(out), "--no-progress"])
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        convert_cli.main(["meta", src, str(out), "--no-progress"])
     edit_shard(src, 0, lambda sd: sd.update({"output.weight": torch.zeros(3, 64)}))
     with pytest.raises(ValueError, match="output.weight"):
-        convert.main(["meta", src, str(out), "--overwrite", "--no-progress"])
+        convert_cli.main(["meta", src, str(out), "--overwrite", "--no-progress"])
     assert os.listdir(out) == ["mine.txt"]  # a failed --overwrite leaves the old output alone
     assert sorted(os.listdir(tmp_path)) == ["meta", "out"]
 
@@ -375,3 +411,64 @@ def test_hf_errors(tmp_path):
     assert_fails_cleanly(tmp_path, argv, FileNotFoundError, f"{files[1]}: listed in the index but missing")
     os.remove(os.path.join(src, "config.json"))
     assert_fails_cleanly(tmp_path, argv, FileNotFoundError, "no config.json")
+
+
+# --- --verify, --verify-layers and --dtype casts -----------------------------------------------
+
+
+def verified(stdout):
+    """(layers used, relative max logit diff) from the line --verify prints."""
+    line = next(l for l in stdout.splitlines() if l.startswith("verify ("))
+    return line.split("verify (")[1].split(" of")[0], float(line.split("(relative ")[1].rstrip(")"))
+
+
+def test_verify_and_verify_layers_for_hf_and_export_hf(tmp_path, capsys):
+    """--verify runs the source and the result on the same tokens (float32 conversions agree to 1e-5
+    relative); it must also see a damaged result (w2 of the second layer tripled: > 1e-2), and
+    --verify-layers 1 must cut both models to the first layer (then that damage is out of sight)."""
+    from llama_jax.convert.reference import verify
+
+    cfg, model, _ = reference_model("tiny-gqa")
+    src, out, back = str(tmp_path / "hf"), str(tmp_path / "out"), str(tmp_path / "back")
+    model.save_pretrained(src, safe_serialization=True)
+    convert_cli.main(["hf", src, out, "--verify", "--no-progress"])
+    layers, rel = verified(capsys.readouterr().out)
+    assert layers == "2" and rel <= 1e-5
+    convert_cli.main(["export-hf", out, back, "--verify", "--verify-layers", "1", "--no-progress"])
+    layers, rel = verified(capsys.readouterr().out)
+    assert layers == "1" and rel <= 1e-5
+
+    got_cfg, params = lj.load_checkpoint(out)
+    params["layers"]["feed_forward"]["w2"] = params["layers"]["feed_forward"]["w2"].at[1].multiply(3.0)
+    damaged, damaged_hf = str(tmp_path / "damaged"), str(tmp_path / "damaged_hf")
+    lj.save_checkpoint(damaged, got_cfg, params)
+    convert.export_hf(damaged, damaged_hf, progress=False)
+    capsys.readouterr()
+    for kind, a, b in (("hf", src, damaged), ("export-hf", out, damaged_hf)):
+        verify(kind, a, b, got_cfg)
+        assert verified(capsys.readouterr().out)[1] > 1e-2, kind
+        verify(kind, a, b, got_cfg, layers=1)
+        layers, rel = verified(capsys.readouterr().out)
+        assert layers == "1" and rel <= 1e-5, kind
+
+
+def test_dtype_bfloat16_casts_like_torch(tmp_path):
+    """--dtype bfloat16 on a float32 source stores each weight rounded as torch's .to(bfloat16) rounds
+    it (round to nearest even), both ways: hf -> ours, and ours (float32) -> export-hf."""
+    cfg, model, _ = reference_model("tiny")
+    src, out, back = str(tmp_path / "hf"), str(tmp_path / "out16"), str(tmp_path / "back16")
+    model.save_pretrained(src, safe_serialization=True)
+    got = convert_cli.main(["hf", src, out, "--dtype", "bfloat16", "--no-progress"])
+    assert got.param_dtype == "bfloat16"
+    _, params = lj.load_checkpoint(out)
+    rounded = {k: v.to(torch.bfloat16).float().numpy() for k, v in model.state_dict().items()}
+    want = layout.params_from_state_dict(rounded, cfg, "hf")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        assert a.dtype == ml_dtypes.bfloat16 and np.array_equal(np.asarray(a, np.float32), b)
+
+    full = str(tmp_path / "out32")
+    convert_cli.main(["hf", src, full, "--no-progress"])
+    convert_cli.main(["export-hf", full, back, "--dtype", "bfloat16", "--no-progress"])
+    exported = transformers.LlamaForCausalLM.from_pretrained(back, dtype=torch.bfloat16).state_dict()
+    for name, tensor in model.state_dict().items():
+        assert exported[name].dtype == torch.bfloat16 and torch.equal(exported[name], tensor.to(torch.bfloat16)), name

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 import llama_jax as lj
-from llama_jax.generate import main, sample
+from llama_jax.generate import sample
+from llama_jax.generate.__main__ import main
 from llama_jax.model import Llama
-from reference import hf_model, hf_params
+from reference import hf_greedy, hf_model, hf_params
 from sharding.rules import shard_params
 
 TOKENIZER = "data/tokenizer.model"
@@ -41,13 +42,6 @@ def generator(gqa, tmp_path_factory):
 def ragged_prompts(seed=0, lengths=(5, 13, 2, 9)):
     rng = np.random.default_rng(seed)
     return [rng.integers(3, 512, n).tolist() for n in lengths]
-
-
-def hf_greedy(model, prompt, n, eos_id=None):
-    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=0 if eos_id else n,
-                         eos_token_id=eos_id, pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    new = out[0, len(prompt):].tolist()
-    return new[:new.index(eos_id)] if eos_id in new else new  # ours stops before EOS, like Meta's
 
 
 def hf_token_logprobs(model, ids):
@@ -207,6 +201,99 @@ def test_sampling_frequencies_chi_square():
     assert stats.chisquare(counts[kept], n * expected[kept]).pvalue > 1e-3
 
 
+# --- sampling statistics inside the real decode loop ---------------------------------------------------
+# A hand-built model whose next-token logits are one chosen vector whatever the input: every layer's
+# output projections are zero (the residual stream stays the embedding), every embedding row is ones,
+# so the final RMSNorm gives ones / sqrt(1 + eps) and output row 0 holds the chosen logits. lj.generate
+# then draws ROWS x STEPS tokens (prefill + the on-device decode loop) from one known distribution.
+
+ROWS, STEPS = 64, 128
+FIXED = lj.LlamaConfig.preset("tiny")
+
+
+def fixed_logits_params(logits):
+    params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), lj.param_shapes(FIXED))
+    params["tok_embeddings"][:] = 1.0
+    for norm in (params["norm"], params["layers"]["attention_norm"], params["layers"]["ffn_norm"]):
+        norm["weight"][:] = 1.0
+    params["output"][0] = np.asarray(logits, np.float32) * np.sqrt(1.0 + FIXED.norm_eps)
+    return params
+
+
+def draw(logits, **sampling):
+    """(ROWS, STEPS) tokens from the decode loop; every row has the same prompt."""
+    out = lj.generate(fixed_logits_params(logits), FIXED, [[1, 5]] * ROWS, max_new_tokens=STEPS, eos_id=None,
+                      **sampling)
+    return np.array(out)
+
+
+def softmax64(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def assert_draws_follow(tokens, expected):
+    """No token outside the support of `expected` ever appears, and the counts inside it pass a
+    chi-square test (p > 1e-3; the seeds are fixed, so the test is deterministic)."""
+    counts = np.bincount(tokens.ravel(), minlength=FIXED.vocab_size)
+    support = expected > 0
+    assert counts[~support].sum() == 0, f"tokens outside the support: {np.flatnonzero(counts * ~support)[:10]}"
+    assert stats.chisquare(counts[support], tokens.size * expected[support]).pvalue > 1e-3
+
+
+def test_fixed_logits_model_really_gives_the_chosen_logits():
+    logits = np.random.default_rng(0).normal(size=FIXED.vocab_size)
+    got = lj.forward(fixed_logits_params(logits), np.array([[1, 7, 300], [2, 9, 511]]), FIXED)
+    np.testing.assert_allclose(np.asarray(got), np.broadcast_to(logits, got.shape), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_loop_top_k_support_and_frequencies():
+    """top_k=7 on a flat-ish distribution (99% of the mass outside the 7): over 8192 draws no other
+    token may appear, and the 7 follow the renormalised softmax."""
+    logits = np.random.default_rng(1).normal(size=FIXED.vocab_size)
+    top = np.argsort(-logits)[:7]
+    expected = np.zeros(FIXED.vocab_size)
+    expected[top] = softmax64(logits)[top] / softmax64(logits)[top].sum()
+    assert_draws_follow(draw(logits, temperature=1.0, top_p=1.0, top_k=7, seed=3), expected)
+
+
+def test_decode_loop_top_p_support_and_frequencies():
+    """top_p=0.8 at temperature 0.7 with Meta's rule (keep a token when the mass before it is <= p),
+    computed here in float64 (no token's preceding mass is within 1e-4 of p, far above float32's
+    ~1e-6 cumulative-sum error, so both keep the same 40 tokens)."""
+    logits = np.random.default_rng(2).normal(size=FIXED.vocab_size) * 1.5
+    p = softmax64(logits / 0.7)
+    order = np.argsort(-p)
+    preceding = np.cumsum(p[order]) - p[order]
+    assert np.min(np.abs(preceding - 0.8)) > 1e-4
+    kept = order[preceding <= 0.8]
+    expected = np.zeros(FIXED.vocab_size)
+    expected[kept] = p[kept] / p[kept].sum()
+    assert len(kept) == 40
+    assert_draws_follow(draw(logits, temperature=0.7, top_p=0.8, seed=4), expected)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_decode_loop_temperature_scales_logits(temperature):
+    """p ~ softmax(logits / T) on 8 tokens (the rest at -1e4): T=0.5 sharpens, T=2 flattens; a T that
+    multiplies or is ignored gives a very different histogram (chi-square p ~ 0)."""
+    logits = np.full(FIXED.vocab_size, -1e4)
+    logits[[3, 40, 41, 100, 200, 300, 400, 511]] = [0.0, 0.4, 0.8, 1.2, 1.6, 2.0, 2.4, 2.8]
+    assert_draws_follow(draw(logits, temperature=temperature, top_p=1.0, seed=5), softmax64(logits / temperature))
+
+
+def test_decode_loop_keys_differ_per_step_and_per_row():
+    """Uniform logits: every token is equally likely at every step and row. With a fresh key per step
+    and per row, a row repeats its previous token 1/512 of the time (64 x 127 pairs: ~16 expected, so
+    < 48 is 8 standard deviations) and two rows agree at a step as rarely; a key reused across steps
+    (or rows) repeats it every time, and reusing the prefill's key for the first decode step alone adds 64."""
+    tokens = draw(np.zeros(FIXED.vocab_size), temperature=1.0, top_p=1.0, seed=6)
+    assert np.sum(tokens[:, 1:] == tokens[:, :-1]) < 48
+    assert np.sum(tokens[1:] == tokens[:-1]) < 48
+    assert_draws_follow(tokens, np.full(FIXED.vocab_size, 1.0 / FIXED.vocab_size))
+
+
 def test_seeded_sampling_reproducible_and_streaming_identical(gqa):
     cfg, _, params = gqa
     prompts = ragged_prompts()
@@ -297,3 +384,130 @@ def test_cli_prompt_chat_and_interactive(generator, capsys, monkeypatch):
         with pytest.raises(SystemExit) as exit_info:
             main(bad)
         assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_chat_history_drops_only_the_oldest_turns(generator):
+    """A chat past 3/4 of the context loses its oldest (user, assistant) pairs, one at a time, and keeps
+    the system message and the newest pairs. Reference: the longest suffix of whole pairs whose Llama-2
+    prompt (built here from literal [INST]/<<SYS>> text) fits in 3/4 of max_seq_len."""
+    from llama_jax.generate.__main__ import _fit_history
+
+    gen = generator[0]
+    tok, limit = gen.tokenizer, gen.cfg.max_seq_len * 3 // 4
+    system = "Answer briefly."
+    pairs = [(f"Question {i}: what is {i} + {i}?", f"It is {2 * i}, as always.") for i in range(12)]
+    text = "And the next one?"
+
+    def literal_prompt(kept):  # the system message folds into the first kept user turn
+        ids = []
+        for n, (user, answer) in enumerate(kept):
+            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}" if n == 0 else user
+            ids += tok.encode(f"[INST] {user} [/INST] {answer} ", bos=True, eos=True)
+        return ids + tok.encode(f"[INST] {text} [/INST]", bos=True)
+
+    n = max(k for k in range(1, len(pairs) + 1) if len(literal_prompt(pairs[-k:])) <= limit)
+    assert n < len(pairs)
+    history = [{"role": "system", "content": system}]
+    for user, answer in pairs:
+        history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    ids = _fit_history(gen, history, text, "chat", "")
+    assert ids == literal_prompt(pairs[-n:])
+    assert history[0] == {"role": "system", "content": system}
+    assert [m["content"] for m in history[1:]] == [c for pair in pairs[-n:] for c in pair]
+
+
+@pytest.fixture(scope="module")
+def cli_run(generator):
+    """Run the CLI; return (stdout, the Generator it built) so tests can see its params placement."""
+    from llama_jax.generate import __main__ as cli
+
+    _, path = generator
+    made = []
+
+    class Recording(lj.Generator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    def run(capsys, monkeypatch, *args):
+        monkeypatch.setattr(cli, "Generator", Recording)
+        main(["--checkpoint", str(path), "--tokenizer", TOKENIZER, "--max-new-tokens", str(NEW), *args])
+        return capsys.readouterr().out, made[-1]
+    return run
+
+
+STANFORD_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                       "Add the numbers.\n\n### Input:\n2+3\n\n### Response:")
+
+
+def test_cli_alpaca_input_and_chat_system_prompts_equal_hf(gqa, cli_run, capsys, monkeypatch):
+    """--alpaca --input and --chat --system build the prompts written out literally here (Stanford's
+    template; Meta's <<SYS>> folding), and the greedy answer is HF's for those ids."""
+    _, model, _ = gqa
+    tok = lj.Tokenizer(TOKENIZER)
+
+    def hf_text(prompt):
+        return tok.decode(hf_greedy(model, tok.encode(prompt, bos=True), NEW, eos_id=tok.eos_id))
+
+    out, _ = cli_run(capsys, monkeypatch, "--temperature", "0", "--alpaca", "--prompt", "Add the numbers.",
+                     "--input", "2+3")
+    assert out == hf_text(STANFORD_WITH_INPUT) + "\n"
+    out, _ = cli_run(capsys, monkeypatch, "--temperature", "0", "--chat", "--system", "Be terse.", "--prompt", "Hello")
+    assert out == hf_text("[INST] <<SYS>>\nBe terse.\n<</SYS>>\n\nHello [/INST]") + "\n"
+
+
+def test_cli_top_k_and_seed(gqa, cli_run, capsys, monkeypatch):
+    """--top-k 1 at temperature 1.5 is greedy (only the argmax is left: HF's greedy text); --seed picks
+    the draw: the same seed gives the same text, another seed another text."""
+    _, model, _ = gqa
+    tok = lj.Tokenizer(TOKENIZER)
+    prompt = "Once upon a time"
+    greedy = tok.decode(hf_greedy(model, tok.encode(prompt, bos=True), NEW, eos_id=tok.eos_id))
+    out, _ = cli_run(capsys, monkeypatch, "--temperature", "1.5", "--top-k", "1", "--prompt", prompt)
+    assert out == greedy + "\n"
+    hot = ("--temperature", "1.5", "--top-p", "1.0", "--prompt", prompt)
+    seeded = [cli_run(capsys, monkeypatch, *hot, "--seed", seed)[0] for seed in ("1", "1", "2")]
+    assert seeded[0] == seeded[1] != seeded[2] and seeded[0] != greedy + "\n"
+
+
+def test_cli_tensor_parallel_dtype_and_generator_mesh(gqa, cli_run, capsys, monkeypatch):
+    """--tensor-parallel 2 places the params on a (data 1, fsdp 1, tensor 2) mesh (specs written out
+    by hand) and decodes HF's greedy text; Generator(mesh=) from (cfg, params) does the same. --dtype
+    bfloat16 loads bfloat16 params: float32 compute on bf16-rounded weights, i.e. HF's greedy text of the
+    model with its weights rounded to bfloat16."""
+    from jax.sharding import PartitionSpec as P
+
+    cfg, model, params = gqa
+    tok = lj.Tokenizer(TOKENIZER)
+    prompt = "The capital of France is"
+    ids = tok.encode(prompt, bos=True)
+    greedy = tok.decode(hf_greedy(model, ids, NEW, eos_id=tok.eos_id))
+    tensor2 = {("layers", "attention", "wq"): P(None, None, "tensor", None),
+               ("layers", "attention", "wk"): P(None, None, "tensor", None),
+               ("layers", "attention", "wo"): P(None, "tensor", None, None),
+               ("layers", "feed_forward", "w1"): P(None, None, "tensor"),
+               ("layers", "feed_forward", "w2"): P(None, "tensor", None),
+               ("tok_embeddings",): P("tensor", None), ("output",): P(None, "tensor"), ("norm", "weight"): P(None)}
+
+    def assert_tensor2(gen):
+        for path, spec in tensor2.items():
+            leaf = gen.params
+            for key in path:
+                leaf = leaf[key]
+            assert leaf.sharding.spec == spec and len(leaf.sharding.device_set) == 2, path
+
+    out, gen = cli_run(capsys, monkeypatch, "--temperature", "0", "--tensor-parallel", "2", "--prompt", prompt)
+    assert out == greedy + "\n"
+    assert_tensor2(gen)
+    mesh_gen = lj.Generator((cfg, params), TOKENIZER, mesh=gen.mesh)
+    assert_tensor2(mesh_gen)
+    assert mesh_gen.complete(prompt, temperature=0, max_new_tokens=NEW) == greedy
+
+    out, gen = cli_run(capsys, monkeypatch, "--temperature", "0", "--dtype", "bfloat16", "--prompt", prompt)
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(gen.params))
+    rounded = hf_model(cfg, seed=1, sharpen=4.0)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    assert out == tok.decode(hf_greedy(rounded, ids, NEW, eos_id=tok.eos_id)) + "\n"

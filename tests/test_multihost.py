@@ -48,7 +48,7 @@ def test_two_processes_match_single_process(tmp_path):
     tokens = worker.global_tokens()
     np.testing.assert_array_equal(got["['tokens']"], tokens)  # host p's rows landed at rows p*4..p*4+3
     params = lj.init_params(cfg, 0)
-    loss, logits, grads = worker.loss_logits_grads(params, jax.numpy.asarray(tokens))
+    loss, logits, grads = worker.loss_logits_grads(params, jax.numpy.asarray(tokens), worker.CFG)
 
     def close(actual, expected):
         expected = np.asarray(expected)

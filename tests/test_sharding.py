@@ -8,24 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 import llama_jax as lj
-from sharding import (check_mesh, global_batch, initialize, make_mesh, parse_mesh, param_shardings,
+from model_loss import loss_logits_grads
+from sharding import (batch_sharding, check_mesh, global_batch, initialize, make_mesh, parse_mesh, param_shardings,
                       shard_params)
 
 MHA_ODD = lj.LlamaConfig.preset("tiny", vocab_size=301)  # 301 divides by nothing: vocab replicated
 GQA = lj.LlamaConfig.preset("tiny-gqa")  # 4 heads, 2 kv heads, vocab 512: vocab sharded over tensor
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def loss_logits_grads(params, tokens, cfg):
-    def loss_fn(p):
-        logits = lj.Llama(cfg).apply({"params": p}, tokens[:, :-1])
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-        return jnp.mean(logz - picked), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, logits, grads
 
 
 def _tokens(cfg):
@@ -46,6 +37,73 @@ def assert_rel_close(actual, expected, rel=1e-5):
     assert actual.shape == expected.shape
     scale = max(float(np.max(np.abs(expected))), 1e-30)
     assert float(np.max(np.abs(actual - expected))) <= rel * scale
+
+
+# --- the layout each mesh gives every parameter kind, written out by hand -----------------------------
+# The rules (sharding/rules.py): embed -> fsdp; vocab, heads, kv_heads, mlp -> tensor; layers, head_dim
+# -> nothing; a mesh axis of size 1 is dropped, and a dimension it does not divide stays whole. Sizes:
+# tiny-gqa: vocab 512, dim 64, 4 heads, 2 kv heads, mlp 192; the odd MHA model: vocab 301, 4 kv heads.
+# Parameter axes: tok_embeddings (vocab, embed), norms (layers, embed) / (embed,), wq (layers, embed,
+# heads, head_dim), wk/wv (layers, embed, kv_heads, head_dim), wo (layers, heads, head_dim, embed),
+# w1/w3 (layers, embed, mlp), w2 (layers, mlp, embed), output (embed, vocab).
+
+def _specs(tok, layer_norm, wq, wkv, wo, w13, w2, norm, output):
+    return {("tok_embeddings",): tok, ("layers", "attention_norm", "weight"): layer_norm,
+            ("layers", "attention", "wq"): wq, ("layers", "attention", "wk"): wkv, ("layers", "attention", "wv"): wkv,
+            ("layers", "attention", "wo"): wo, ("layers", "ffn_norm", "weight"): layer_norm,
+            ("layers", "feed_forward", "w1"): w13, ("layers", "feed_forward", "w3"): w13,
+            ("layers", "feed_forward", "w2"): w2, ("norm", "weight"): norm, ("output",): output}
+
+
+F, T = "fsdp", "tensor"
+LAYOUTS = {  # (model, (data, fsdp, tensor)) -> every parameter's PartitionSpec
+    ("mha-odd", (8, 1, 1)): _specs(P(None, None), P(None, None), P(None, None, None, None), P(None, None, None, None),
+                                   P(None, None, None, None), P(None, None, None), P(None, None, None), P(None),
+                                   P(None, None)),
+    ("mha-odd", (1, 8, 1)): _specs(P(None, F), P(None, F), P(None, F, None, None), P(None, F, None, None),
+                                   P(None, None, None, F), P(None, F, None), P(None, None, F), P(F), P(F, None)),
+    ("gqa", (1, 4, 2)): _specs(P(T, F), P(None, F), P(None, F, T, None), P(None, F, T, None), P(None, T, None, F),
+                               P(None, F, T), P(None, T, F), P(F), P(F, T)),
+    ("gqa", (2, 2, 2)): _specs(P(T, F), P(None, F), P(None, F, T, None), P(None, F, T, None), P(None, T, None, F),
+                               P(None, F, T), P(None, T, F), P(F), P(F, T)),
+    # tensor 4 > 2 kv heads: wk/wv stay whole on the tensor axis
+    ("gqa", (2, 1, 4)): _specs(P(T, None), P(None, None), P(None, None, T, None), P(None, None, None, None),
+                               P(None, T, None, None), P(None, None, T), P(None, T, None), P(None), P(None, T)),
+    ("gqa", (1, 2, 4)): _specs(P(T, F), P(None, F), P(None, F, T, None), P(None, F, None, None), P(None, T, None, F),
+                               P(None, F, T), P(None, T, F), P(F), P(F, T)),
+    ("gqa", (1, 1, 2)): _specs(P(T, None), P(None, None), P(None, None, T, None), P(None, None, T, None),
+                               P(None, T, None, None), P(None, None, T), P(None, T, None), P(None), P(None, T)),
+}
+MODELS = {"mha-odd": MHA_ODD, "gqa": GQA}
+
+
+def assert_layout(tree, model, shape):
+    """Every leaf of `tree` (NamedShardings or placed arrays) has its hand-written PartitionSpec."""
+    want = LAYOUTS[(model, shape)]
+    got = {tuple(k.key for k in path): getattr(leaf, "sharding", leaf).spec
+           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    assert got == want
+
+
+@pytest.mark.parametrize("model,shape", sorted(LAYOUTS), ids=[f"{m}-{'x'.join(map(str, s))}" for m, s in sorted(LAYOUTS)])
+def test_every_parameter_kind_gets_the_hand_written_layout(model, shape):
+    mesh = make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+    assert_layout(param_shardings(MODELS[model], mesh), model, shape)
+
+
+def test_batch_cache_and_logits_layout():
+    """On data 2 x fsdp 2 x tensor 2: batch rows over (data, fsdp); the KV cache (layers, batch, slots,
+    kv heads, head_dim) over batch and kv heads; logits over batch and vocab."""
+    mesh = make_mesh(2, 2, 2)
+    rows = ("data", "fsdp")
+    assert batch_sharding(mesh).spec == P(rows, None)
+    params = shard_params(lj.init_params(GQA, 0), GQA, mesh)
+    with jax.set_mesh(mesh):
+        cache = jax.jit(lambda: lj.init_cache(GQA, 8, 16))()
+        logits = lj.forward(params, _tokens(GQA), GQA)
+    for leaf in cache.values():
+        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, P(None, rows, None, "tensor", None)), 5)
+    assert logits.sharding.is_equivalent_to(NamedSharding(mesh, P(rows, None, "tensor")), 3)
 
 
 @pytest.mark.parametrize("cfg,shape", [
@@ -69,9 +127,8 @@ def test_sharded_equals_single_device(cfg, shape):
     sharded = shard_params(params, cfg, mesh)
     with jax.set_mesh(mesh):
         loss, logits, grads = loss_logits_grads(sharded, tokens, cfg)
-    # It really ran sharded: params split by the rules, logits split over the batch axes.
-    assert sharded["layers"]["feed_forward"]["w1"].sharding.spec == param_shardings(cfg, mesh)["layers"][
-        "feed_forward"]["w1"].spec != (None, None, None)
+    # It really ran sharded: params placed as the hand-written table says, logits split over the batch axes.
+    assert_layout(sharded, "gqa" if cfg is GQA else "mha-odd", shape)
     assert len(logits.sharding.device_set) == 8 and not logits.sharding.is_fully_replicated
     assert abs(float(loss) - loss_ref) <= 1e-5 * abs(loss_ref)
     assert_rel_close(logits, logits_ref)
@@ -158,7 +215,7 @@ def test_initialize_arguments(monkeypatch):
 
 
 def test_topology_names():
-    from sharding.plan import parse_topology
+    from train.planner import parse_topology
 
     # Cloud TPU slice shapes (v4/v5p names count TensorCores, 2 per chip; v5e names count chips).
     assert parse_topology("v4-8")[1:] == ("v4:2x2x1", 4)
@@ -179,11 +236,13 @@ def test_aot_compile_for_tpu_topology(capsys):
     pytest.importorskip("libtpu", reason="libtpu is not installed: TPU AOT compilation is unavailable")
     import optax
 
-    from sharding import plan
+    from llama_jax import flops
+    from train import plan as plan_cli
+    from train import planner as plan
     from train import step as step_lib
 
     # The CLI end to end: a tiny model on a v5p-8 slice (4 chips), fsdp over all of them, 2 microbatches.
-    assert plan.main(["--model", "tiny-gqa", "--topology", "v5p:2x2x1", "--mesh", "fsdp=-1",
+    assert plan_cli.main(["--model", "tiny-gqa", "--topology", "v5p:2x2x1", "--mesh", "fsdp=-1",
                       "--batch", "16", "--seq", "64", "--grad-accum", "2"]) == 0
     out = capsys.readouterr().out
     assert ("tiny-gqa on v5p:2x2x1 (4 chips, 95.00 GiB HBM each), mesh data=1 fsdp=4 tensor=1, batch 16 x seq 64, "
@@ -219,12 +278,12 @@ def test_aot_compile_for_tpu_topology(capsys):
     assert sizes["optimizer"] == 2 * sizes["params"] + 8  # two fp32 moments + adam's and the schedule's int32 counts
     assert sizes["batch"] == 5 * 4 * 8 * 64 // 4  # five 4-byte arrays, rows split over data x fsdp = 4
     assert compiled.temp_bytes > 0 and compiled.peak_bytes > sizes["params"] + sizes["optimizer"]
-    per_chip = plan.model_flops(cfg, 8, 64) / len(devices)
+    per_chip = flops.compiled_train_step_flops(cfg, 8, 64) / len(devices)
     assert per_chip <= compiled.xla_flops <= 1.1 * per_chip  # XLA adds elementwise/optimizer FLOPs
     # By hand: dim 64, 4 heads x 16, 2 kv heads, ffn 192, 2 layers, vocab 512, 8 x 64 tokens;
     # 4 passes per layer (fwd, 2x bwd, remat fwd), 3 for the output projection.
     layer = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192) + 4 * 64 * 64
-    assert plan.model_flops(cfg, 8, 64) == 8 * 64 * (2 * layer * 4 + 3 * 2 * 64 * 512)
+    assert flops.compiled_train_step_flops(cfg, 8, 64) == 8 * 64 * (2 * layer * 4 + 3 * 2 * 64 * 512)
 
 
 def test_initialize_does_nothing_on_a_machine_without_tpus(monkeypatch):

@@ -116,6 +116,72 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(f"configs/{name}.yaml")
 
 
+def test_build_rows_chat_masks_everything_but_the_answers(tmp_path):
+    """Chat records ({"messages": [...]}, {"dialog": [...]} or a bare list) -> one row each whose targets
+    are exactly the assistant answers and their EOS. Reference: Meta's Llama-2-chat text written out."""
+    first = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "How are you?"},
+             {"role": "assistant", "content": "Fine."}]
+    second = [{"role": "user", "content": "Count to 3"}, {"role": "assistant", "content": "1 2 3"}]
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps([{"messages": first}, {"dialog": second}, second]))
+
+    def turn(prompt, answer):  # BOS [INST] prompt [/INST] (masked) + " answer " EOS (targets)
+        masked = TOK.encode(f"[INST] {prompt} [/INST]", bos=True)
+        whole = TOK.encode(f"[INST] {prompt} [/INST] {answer} ", bos=True, eos=True)
+        assert whole[: len(masked)] == masked
+        return whole, [0] * len(masked) + [1] * (len(whole) - len(masked))
+
+    def example(*turns):
+        pieces = [turn(*t) for t in turns]
+        return sum((p[0] for p in pieces), []), sum((p[1] for p in pieces), [])
+
+    want = [example(("<<SYS>>\nBe kind.\n<</SYS>>\n\nHi", "Hello there"), ("How are you?", "Fine.")),
+            example(("Count to 3", "1 2 3"))]
+    want.append(want[1])
+    rows, summary = data_lib.build_rows("chat", [str(path)], TOK, max_len=63, pack=False, seed=1)
+    assert rows["tokens"].shape == (3, 64) and summary["examples"] == 3
+    got = []
+    for r in range(3):
+        n = int(rows["segment_ids"][r].sum())
+        np.testing.assert_array_equal(rows["positions"][r, :n], np.arange(n))
+        got.append((rows["tokens"][r, :n].tolist(), rows["loss_mask"][r, :n].tolist()))
+    assert sorted(got) == sorted(want)
+    assert summary["targets"] == sum(sum(mask) for _, mask in want)
+
+
+def test_build_rows_pack_places_whole_examples_greedily(tmp_path):
+    """pack: true puts the (shuffled) examples, unchanged, into rows of max_len + 1 tokens in order,
+    opening a new row when the next one does not fit; each is its own segment with positions from 0."""
+    path = tmp_path / "a.json"
+    with open("data/demo_alpaca_train.json") as f:
+        path.write_text(json.dumps(json.load(f)[:20]))
+    padded, padded_summary = data_lib.build_rows("alpaca", [str(path)], TOK, max_len=255, pack=False, seed=2)
+    packed, packed_summary = data_lib.build_rows("alpaca", [str(path)], TOK, max_len=255, pack=True, seed=2)
+    examples = []  # in shuffled order, from the one-example-per-row table
+    for r in range(20):
+        n = int(padded["segment_ids"][r].sum())
+        examples.append((padded["tokens"][r, :n].tolist(), padded["loss_mask"][r, :n].tolist()))
+    rows, used = [[]], 0  # the greedy rule, by hand
+    for ex in examples:
+        if used + len(ex[0]) > 256:
+            rows.append([])
+            used = 0
+        rows[-1].append(ex)
+        used += len(ex[0])
+    assert 1 < len(rows) < 20 and packed["tokens"].shape == (len(rows), 256)
+    for r, group in enumerate(rows):
+        start = 0
+        for seg, (tokens, mask) in enumerate(group, 1):
+            end = start + len(tokens)
+            assert packed["tokens"][r, start:end].tolist() == tokens and packed["loss_mask"][r, start:end].tolist() == mask
+            assert (packed["segment_ids"][r, start:end] == seg).all()
+            np.testing.assert_array_equal(packed["positions"][r, start:end], np.arange(len(tokens)))
+            start = end
+        assert (packed["segment_ids"][r, start:] == 0).all() and (packed["loss_mask"][r, start:] == 0).all()
+    assert packed_summary["targets"] == padded_summary["targets"] == sum(sum(m[1:]) for _, m in examples)
+
+
 def test_demo_data_regenerates_exactly_and_holds_out_the_eval_inputs(tmp_path):
     import subprocess
     import sys

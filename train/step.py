@@ -25,8 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, param_shapes
-from sharding import batch_sharding
-from sharding.rules import param_shardings
+from sharding import batch_sharding, param_shardings
 
 State = dict  # {"params": pytree, "opt_state": optax state, "step": int32 scalar}
 BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
@@ -134,37 +133,6 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, s
     fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
                            grad_accum=grad_accum, z_loss=z_loss)
     return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
-
-
-def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * (params - input embedding) + 6 * layers * dim * seq_len.
-
-    The first term is the matmuls forward (2) and backward (4); the second is attention's
-    QK^T and PV, 12*L*d*T halved because a causal mask needs only half of the score matrix.
-    """
-    return 6.0 * (cfg.num_params() - cfg.vocab_size * cfg.dim) + 6.0 * cfg.n_layers * cfg.dim * seq_len
-
-
-PEAK_TFLOPS = {  # dense bf16 per chip, from the vendors' data sheets
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
-    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0,
-}
-
-
-def peak_tflops(device: Any) -> float | None:
-    """Per-chip peak for MFU from the device kind, or None when unknown (e.g. CPUs)."""
-    kind = getattr(device, "device_kind", "")
-    for name, tflops in PEAK_TFLOPS.items():  # longer names first where they overlap
-        if name in kind:
-            return tflops
-    return None
-
-
-def mfu(tokens_per_s: float, cfg: LlamaConfig, seq_len: int, n_chips: int, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved training FLOP/s over n_chips * peak (TFLOP/s per chip)."""
-    if not peak:
-        return None
-    return tokens_per_s * flops_per_token(cfg, seq_len) / (n_chips * peak * 1e12)
 
 
 def warmup_steps_for(steps: int, warmup_steps: int | None, warmup_ratio: float) -> int:

@@ -1,5 +1,5 @@
-"""Text generation: a jitted prefill, an on-device decode loop over a preallocated KV cache, and
-Meta's samplers; `Generator` and the CLI put a tokenizer and the prompt formats in front.
+"""The token-level generation engine: a jitted prefill, an on-device decode loop over a
+preallocated KV cache, and Meta's samplers (`generate`, `generate_stream`).
 
 How a batch runs (read `generate`):
 - Prompts of different lengths are right-padded into one (batch, length) array. The prefill runs
@@ -13,34 +13,27 @@ How a batch runs (read `generate`):
   (0 = greedy, a lax.cond), top-p, top-k, seed, eos_id and max_new_tokens are traced values:
   changing them never recompiles.
 - Streaming (`generate_stream`) runs the same compiled decode loop a chunk of steps at a time.
+- A `stop` check (stop strings: generate/stops.py) runs on the host between chunks of the same
+  loop; a row it ends gets its done flag set on the device, and the loop exits once all are done.
 - Sampling draws row r's step-s token with key fold_in(fold_in(key(seed), r), s), so a prompt's
   text depends only on (seed, its index, the settings), not on the batch bucket or on streaming.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import functools
 import math
-import os
-import sys
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from llama_jax.checkpoint import load_checkpoint
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, init_cache
-from llama_jax.tokenizer import Tokenizer, format_alpaca
-from sharding import make_mesh, shard_params
-from sharding.rules import constrain
 
 Array = jax.Array
-CACHE_AXES = ("layers", "act_batch", "act_seq", "act_kv_heads", None)
 MIN_LENGTH_BUCKET = 16
 
 
@@ -100,7 +93,7 @@ def _prefill(params: Any, tokens: Array, lengths: Array, active: Array, sampling
     """Run the padded prompts (B, T), sample each row's first new token, return the loop state and
     the log-probability of every prompt token after the first (for echo; fused, nearly free)."""
     b, t = tokens.shape
-    cache = jax.tree.map(lambda c: constrain(c, CACHE_AXES), init_cache(cfg, b, slots))
+    cache = init_cache(cfg, b, slots)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, cache = Llama(cfg).apply({"params": params}, tokens, positions, None, cache)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
@@ -129,7 +122,6 @@ def _decode(params: Any, state: dict, until: Array, sampling: dict, *, cfg: Llam
         positions = (s["lengths"] + step - 1)[:, None]  # where the last token goes
         logits, cache = model.apply({"params": params}, jnp.maximum(s["last"], 0)[:, None], positions, None,
                                     s["cache"])
-        cache = jax.tree.map(lambda c: constrain(c, CACHE_AXES), cache)
         logits = logits[:, 0]
         token = sample(_step_keys(s["row_keys"], step), logits, sampling["temperature"], sampling["top_p"],
                        sampling["top_k"])
@@ -220,9 +212,58 @@ def _kept(tokens: np.ndarray, eos_id: int | None) -> int:
     return stop[0] if stop else len(tokens)
 
 
+StopCheck = Callable[[int, list[int]], int | None]  # (row, its new tokens so far) -> None or tokens to keep
+
+
+def _chunks(params: Any, cfg: LlamaConfig, rows: list[list[int]], state: dict, sampling: dict, max_new_tokens: int,
+            eos_id: int | None, chunk: int, stop: StopCheck | None,
+            kept: list[int | None]) -> Iterator[tuple[list[list[int]], dict]]:
+    """Decode `chunk` steps per call of the compiled loop; yield (each row's new tokens since the
+    last yield, the state). After each chunk `stop(row, its new tokens so far)` may end a row:
+    kept[row] records how many tokens it keeps, and its done flag is set on the device, so the
+    loop exits as soon as every row has ended (EOS, max_new_tokens or a stop)."""
+    seen: list[list[int]] = [[] for _ in rows]
+    ended = [False] * len(rows)
+    done_until = 0
+    while True:
+        step = int(state["step"])
+        new = np.asarray(state["tokens"])[: len(rows), done_until:step]  # a few KB to the host, no slicing op
+        pieces, stopped_now = [], []
+        for i in range(len(rows)):
+            piece = [] if ended[i] else new[i, :_kept(new[i], eos_id)].tolist()
+            ended[i] = ended[i] or len(piece) < new.shape[1]
+            if stop is not None and piece:
+                seen[i] += piece
+                keep = stop(i, seen[i])
+                if keep is not None:
+                    lowest = len(seen[i]) - len(piece)
+                    if not isinstance(keep, (int, np.integer)) or not lowest <= keep <= len(seen[i]):
+                        raise ValueError(f"stop({i}, tokens) returned {keep!r}: expected None or a token count in "
+                                         f"[{lowest}, {len(seen[i])}] (earlier tokens were already returned)")
+                    piece = piece[:keep - lowest]
+                    kept[i], ended[i] = int(keep), True
+                    stopped_now.append(i)
+            pieces.append(piece)
+        yield pieces, state
+        done_until = step
+        if step >= max_new_tokens or all(ended):
+            return
+        if stopped_now:
+            ended_now = np.zeros(state["done"].shape, bool)
+            ended_now[stopped_now] = True
+            state = {**state, "done": state["done"] | ended_now}
+        state = _decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), sampling, cfg=cfg)
+
+
+def _check_chunk(chunk: Any) -> None:
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+
+
 def generate(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-             eos_id: int | None = 2, logprobs: bool = False, echo: bool = False) -> Any:
+             eos_id: int | None = 2, logprobs: bool = False, echo: bool = False, stop: StopCheck | None = None,
+             chunk: int = 16) -> Any:
     """New tokens for each prompt (list of token-id lists, any lengths), EOS not included.
 
     temperature 0 is greedy; otherwise temperature, then top-k (0 = off), then nucleus top-p with
@@ -231,15 +272,26 @@ def generate(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
     (before temperature/top-p, as Meta reports). With `echo=True` the returned rows start with
     the prompt, whose logprobs are those of each prompt token given the ones before (0.0 for the
     first token), as in Meta's reference. Run it under `with mesh:` for sharded decoding.
+
+    `stop(row, new_tokens_so_far)` is called every `chunk` decode steps for each running row and
+    returns None to go on or how many of its tokens to keep (the row ends there: see
+    `StopMatcher.update` for stop strings). Without it the whole decode is one on-device loop.
     """
+    _check_chunk(chunk)
     rows, state, prompt_logprobs, sampling = _start(params, cfg, prompts, max_new_tokens, temperature,
                                                             top_p, top_k, seed, eos_id)
-    state = _decode(params, state, jnp.int32(max_new_tokens), sampling, cfg=cfg)
+    kept: list[int | None] = [None] * len(rows)
+    if stop is None:
+        state = _decode(params, state, jnp.int32(max_new_tokens), sampling, cfg=cfg)
+    else:
+        for _, state in _chunks(params, cfg, rows, state, sampling, max_new_tokens, eos_id, chunk, stop, kept):
+            pass
     out_tokens, out_logprobs = np.asarray(state["tokens"]), np.asarray(state["logprobs"])
     prompt_logprobs = np.asarray(prompt_logprobs) if echo else None
     results, scores = [], []
     for i, row in enumerate(rows):
         n = _kept(out_tokens[i, :max_new_tokens], eos_id)
+        n = n if kept[i] is None else min(n, kept[i])
         new, new_lp = out_tokens[i, :n].tolist(), out_logprobs[i, :n].tolist()
         if echo:
             new = row + new
@@ -251,222 +303,15 @@ def generate(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
 
 def generate_stream(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                    eos_id: int | None = 2, chunk: int = 8) -> Iterator[list[list[int]]]:
+                    eos_id: int | None = 2, chunk: int = 8, stop: StopCheck | None = None) -> Iterator[list[list[int]]]:
     """Like `generate`, but yields each row's new tokens as they come: a list (one entry per prompt)
     of the tokens produced since the last yield (empty for rows that are done). The first yield
     comes right after the prefill; then one per `chunk` decode steps, each chunk one call of the
-    same compiled on-device loop. Concatenating the yields gives exactly `generate`'s output."""
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    same compiled on-device loop. Concatenating the yields gives exactly `generate`'s output
+    (with the same `stop`, which is checked before each yield)."""
+    _check_chunk(chunk)
     rows, state, _, sampling = _start(params, cfg, prompts, max_new_tokens, temperature, top_p, top_k, seed,
                                       eos_id)
-    stopped = [False] * len(rows)
-    done_until = 0
-    while True:
-        step = int(state["step"])
-        new = np.asarray(state["tokens"])[: len(rows), done_until:step]  # a few KB to the host, no slicing op
-        pieces = []
-        for i in range(len(rows)):
-            piece = [] if stopped[i] else new[i, :_kept(new[i], eos_id)].tolist()
-            stopped[i] = stopped[i] or len(piece) < new.shape[1]
-            pieces.append(piece)
+    for pieces, _ in _chunks(params, cfg, rows, state, sampling, max_new_tokens, eos_id, chunk, stop,
+                             [None] * len(rows)):
         yield pieces
-        done_until = step
-        if step >= max_new_tokens or all(stopped):
-            return
-        state = _decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), sampling, cfg=cfg)
-
-
-# --- text level: Generator ----------------------------------------------------------------------
-
-
-class Generator:
-    """Text in, text out: a model (a checkpoint directory, or (cfg, params)) plus a tokenizer.
-
-    Sampling keywords of every method (defaults as in Meta's examples): max_new_tokens=None (up to
-    the model's context), temperature=0.6, top_p=0.9, top_k=0, seed=0. With `mesh`, params are
-    placed on it by the logical-axis rules and every call decodes under it.
-    """
-
-    defaults = {"max_new_tokens": None, "temperature": 0.6, "top_p": 0.9, "top_k": 0, "seed": 0}
-
-    def __init__(self, checkpoint_or_params: str | os.PathLike | tuple[LlamaConfig, Any],
-                 tokenizer: Tokenizer | str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
-                 dtype: str | None = None) -> None:
-        if isinstance(checkpoint_or_params, (str, os.PathLike)):
-            self.cfg, self.params = load_checkpoint(os.fspath(checkpoint_or_params), mesh=mesh, dtype=dtype)
-        elif isinstance(checkpoint_or_params, tuple) and len(checkpoint_or_params) == 2:
-            self.cfg, self.params = checkpoint_or_params
-            if not isinstance(self.cfg, LlamaConfig):
-                raise TypeError(f"expected (LlamaConfig, params), got ({type(self.cfg).__name__}, ...)")
-            if dtype is not None:
-                self.params = jax.tree.map(lambda x: x.astype(dtype), self.params)
-            if mesh is not None:
-                self.params = shard_params(self.params, self.cfg, mesh)
-        else:
-            raise TypeError("checkpoint_or_params must be a checkpoint directory or a (cfg, params) tuple, "
-                            f"got {type(checkpoint_or_params).__name__}")
-        self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-        if self.tokenizer.vocab_size != self.cfg.vocab_size:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} pieces but the model's vocab_size is "
-                             f"{self.cfg.vocab_size}: they do not belong together")
-        self.mesh = mesh
-
-    def _settings(self, prompts: list[list[int]], sampling: Mapping[str, Any]) -> dict:
-        unknown = sorted(set(sampling) - set(self.defaults))
-        if unknown:
-            raise TypeError(f"unknown sampling keyword(s) {unknown}; expected some of {sorted(self.defaults)}")
-        settings = {**self.defaults, **sampling}
-        if settings["max_new_tokens"] is None:
-            longest = max(len(p) for p in prompts)
-            if longest >= self.cfg.max_seq_len:
-                raise ValueError(f"prompt of {longest} tokens leaves no room in the context "
-                                 f"max_seq_len={self.cfg.max_seq_len}")
-            settings["max_new_tokens"] = self.cfg.max_seq_len - longest
-        return settings
-
-    def _run(self, prompts: list[list[int]], sampling: Mapping[str, Any]) -> list[str]:
-        settings = self._settings(prompts, sampling)
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            out = generate(self.params, self.cfg, prompts, eos_id=self.tokenizer.eos_id, **settings)
-        return [self.tokenizer.decode(t) for t in out]
-
-    def stream(self, prompt: str | Sequence[int], **sampling: Any) -> Iterator[str]:
-        """Yield the completion of one prompt (text gets BOS; a token list is used as is) piece by
-        piece as it is produced; the pieces join to exactly the decoded completion."""
-        ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
-        settings = self._settings([ids], sampling)
-        new: list[int] = []
-        shown = ""
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            for pieces in generate_stream(self.params, self.cfg, [ids], eos_id=self.tokenizer.eos_id, **settings):
-                new += pieces[0]
-                text = self.tokenizer.decode(new)
-                if len(text) > len(shown) and not text.endswith("\ufffd"):  # hold back half a UTF-8 char
-                    yield text[len(shown):]
-                    shown = text
-        text = self.tokenizer.decode(new)
-        if text != shown:
-            yield text[len(shown):]
-
-    def complete(self, texts: str | Sequence[str], **sampling: Any) -> str | list[str]:
-        """Plain completion of one text or a list of texts (each gets BOS)."""
-        single = isinstance(texts, str)
-        prompts = [self.tokenizer.encode(t, bos=True) for t in ([texts] if single else texts)]
-        out = self._run(prompts, sampling)
-        return out[0] if single else out
-
-    def chat(self, dialogs: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
-             **sampling: Any) -> dict | list[dict]:
-        """Llama-2-chat answers: one dialog ([{"role", "content"}, ...] ending with a user turn) or a
-        list of them -> {"role": "assistant", "content": ...} each."""
-        single = len(dialogs) > 0 and isinstance(dialogs[0], Mapping)
-        prompts = [self.tokenizer.encode_dialog(d) for d in ([dialogs] if single else dialogs)]
-        out = [{"role": "assistant", "content": text} for text in self._run(prompts, sampling)]
-        return out[0] if single else out
-
-    def alpaca(self, instruction: str, input: str = "", **sampling: Any) -> str:
-        """The response of an Alpaca-tuned model to one instruction (optional input), stripped."""
-        return self._run([self.tokenizer.encode(format_alpaca(instruction, input), bos=True)], sampling)[0].strip()
-
-    def prompt_ids(self, text: str, mode: str = "complete", input: str = "", history: Sequence[Mapping] = ()) -> list[int]:
-        """The token ids the model sees for `text` in a mode: complete | alpaca | chat (after `history`)."""
-        if mode == "complete":
-            return self.tokenizer.encode(text, bos=True)
-        if mode == "alpaca":
-            return self.tokenizer.encode(format_alpaca(text, input), bos=True)
-        if mode == "chat":
-            return self.tokenizer.encode_dialog([*history, {"role": "user", "content": text}])
-        raise ValueError(f"mode must be complete, alpaca or chat, got {mode!r}")
-
-
-# --- command line -------------------------------------------------------------------------------
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llama_jax.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a llama_jax checkpoint directory (or a training run)")
-    p.add_argument("--tokenizer", required=True, help="the SentencePiece tokenizer.model")
-    p.add_argument("--prompt", help="the prompt text (chat: the user message; alpaca: the instruction)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chat", action="store_true", help="Llama-2-chat format")
-    mode.add_argument("--alpaca", action="store_true", help="Stanford Alpaca prompt format")
-    p.add_argument("--input", default="", help="alpaca: the optional input that goes with the instruction")
-    p.add_argument("--system", default=None, help="chat: an optional system message")
-    p.add_argument("--interactive", action="store_true", help="read prompts from stdin in a loop (chat keeps history)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: up to the model's context")
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast params (default: as saved)")
-    p.add_argument("--tensor-parallel", type=int, default=1,
-                   help="split heads/MLP over this many devices (a (1, 1, N) data/fsdp/tensor mesh)")
-    args = p.parse_args(argv)
-    if not args.interactive and args.prompt is None:
-        p.error("give --prompt TEXT or --interactive")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = _parse(argv)
-    try:
-        _run(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _fit_history(gen: Generator, history: list[dict], text: str, mode: str, input: str) -> list[int]:
-    """Prompt ids for `text`; in a chat, the oldest (user, assistant) turns are dropped until the
-    prompt leaves room to answer (a quarter of the context), so a long session never overflows."""
-    ids = gen.prompt_ids(text, mode, input=input, history=history)
-    first = 1 if history and history[0]["role"] == "system" else 0
-    while mode == "chat" and len(ids) > gen.cfg.max_seq_len * 3 // 4 and len(history) >= first + 2:
-        del history[first:first + 2]
-        ids = gen.prompt_ids(text, mode, input=input, history=history)
-    return ids
-
-
-def _run(args: argparse.Namespace) -> None:
-    mesh = None
-    if args.tensor_parallel > 1:
-        if args.tensor_parallel > jax.device_count():
-            raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; "
-                             f"{jax.device_count()} are visible")
-        mesh = make_mesh(1, 1, args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
-    gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype)
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                "top_k": args.top_k, "seed": args.seed}
-    mode = "chat" if args.chat else "alpaca" if args.alpaca else "complete"
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.chat and args.system else []
-
-    def answer(text: str) -> str:
-        ids = _fit_history(gen, history, text, mode, args.input)
-        reply = ""
-        for piece in gen.stream(ids, **sampling):
-            reply += piece
-            print(piece, end="", flush=True)
-        print(flush=True)
-        if mode == "chat":
-            history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
-        return reply
-
-    if args.prompt is not None:
-        answer(args.prompt)
-    if args.interactive:
-        while True:
-            try:
-                text = input("> " if sys.stdin.isatty() else "")
-            except EOFError:
-                break
-            if text.strip() in ("", "exit", "quit"):
-                break
-            try:
-                answer(text)
-            except ValueError as e:  # e.g. a message with [INST] in it: say so, keep the session
-                print(f"error: {e}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

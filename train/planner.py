@@ -1,7 +1,5 @@
 """Will it fit? Compile the sharded training step for a real TPU topology on any machine.
 
-    python -m sharding.plan --model llama2-70b --topology v5p-128 --mesh fsdp=-1 --batch 256 --seq 4096
-
 With `libtpu` installed, `jax.experimental.topologies` gives compile-only devices of a TPU slice
 that this machine does not own; XLA then compiles the real SPMD program for them, exactly as
 the pod would, and reports its per-chip memory and FLOPs. The step compiled is the training
@@ -10,46 +8,32 @@ AdamW with the no-decay mask for RMSNorm weights and a warmup + cosine schedule;
 `train.config.OptimConfig`), the loop's state and batch shardings, and the state donated.
 Params, grads and both moments are float32, compute bfloat16, with the chosen remat policy and
 `--grad-accum` microbatches. The largest batch is found by compiling a second batch size and
-extrapolating the per-row memory linearly (printed as an estimate).
+extrapolating the per-row memory linearly (printed as an estimate). The command line is train/plan.py.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import sys
-from typing import Any
+import tempfile
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from sharding.distributed import batch_sharding
-from sharding.mesh import make_mesh, parse_mesh
-
-GiB = 1024**3
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    kind: str  # jax device_kind
-    hbm_bytes: int  # per chip, as the runtime reports it
-    peak_bf16_flops: float  # per chip
-    cores_in_name: int  # v4-8 / v5p-8 count TensorCores (2 per chip); v5e-8 counts chips
-    dims: int  # torus dimensions of the topology name
-    chip_config: str  # "megacore": one JAX device per chip (both cores)
-
-
-CHIPS = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, 2, 3, "megacore"),
-    "v5p": Chip("TPU v5", 95 * GiB, 459e12, 2, 3, "megacore"),
-    "v5e": Chip("TPU v5 lite", 16 * GiB, 197e12, 1, 2, "default"),
-    "v6e": Chip("TPU v6 lite", 32 * GiB, 918e12, 1, 2, "default"),
-}
+from llama_jax import flops
+from llama_jax.config import LlamaConfig
+from llama_jax.model import param_shapes
+from sharding import CHIPS, Chip, batch_groups, batch_sharding, make_mesh
+from sharding.hardware import GiB, TPU_GENERATIONS
+from train import step as step_lib
+from train.config import OptimConfig
 
 
 def _torus(chips: int, dims: int) -> tuple[int, ...]:
@@ -67,22 +51,41 @@ def _torus(chips: int, dims: int) -> tuple[int, ...]:
 
 def parse_topology(name: str) -> tuple[Chip, str, int]:
     """'v5p-128' or 'v5p:4x4x4' -> (chip, libtpu topology name, number of chips)."""
-    match = re.fullmatch(r"(v4|v5p|v5e|v6e)([-:])([0-9x]+)", name.strip().lower())
+    match = re.fullmatch(rf"({'|'.join(TPU_GENERATIONS)})([-:])([0-9x]+)", name.strip().lower())
     if not match:
         raise ValueError(f"unknown TPU topology {name!r}: expected e.g. v5p-128, v4-8, v5e-8, v6e-16 "
-                         f"or v5p:4x4x4 (generations: {', '.join(CHIPS)})")
+                         f"or v5p:4x4x4 (generations: {', '.join(TPU_GENERATIONS)})")
     generation, sep, size = match.groups()
     chip = CHIPS[generation]
     if sep == ":":
         shape = tuple(int(s) for s in size.split("x"))
-        if len(shape) != chip.dims:
-            raise ValueError(f"topology {name!r}: {generation} needs {chip.dims} dimensions like "
-                             f"{'2x2x1' if chip.dims == 3 else '2x4'}")
+        if len(shape) != chip.torus_dims:
+            raise ValueError(f"topology {name!r}: {generation} needs {chip.torus_dims} dimensions like "
+                             f"{'2x2x1' if chip.torus_dims == 3 else '2x4'}")
     else:
         if "x" in size or int(size) % chip.cores_in_name:
             raise ValueError(f"topology {name!r}: the number after '-' must be a multiple of {chip.cores_in_name}")
-        shape = _torus(int(size) // chip.cores_in_name, chip.dims)
+        shape = _torus(int(size) // chip.cores_in_name, chip.torus_dims)
     return chip, f"{generation}:{'x'.join(map(str, shape))}", math.prod(shape)
+
+
+@contextlib.contextmanager
+def _held_stderr() -> Iterator[None]:
+    """Hold what C++ code writes to file descriptor 2; show it only if the block fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def tpu_devices(topology: str) -> tuple[Chip, list[Any]]:
@@ -96,26 +99,15 @@ def tpu_devices(topology: str) -> tuple[Chip, list[Any]]:
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU to guard
     chip, name, chips = parse_topology(topology)
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip.chip_config,
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    with _held_stderr():  # libtpu's start-up lines (E0000 ... worker hostname) read like failures here
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip.chip_config,
+                                            chips_per_host_bounds=(2, 2, 1), num_slices=1)
     if len(desc.devices) != chips:
         raise RuntimeError(f"libtpu made {len(desc.devices)} devices for {name}, expected {chips}")
     return chip, list(desc.devices)
 
 
 # --- the step that is compiled ------------------------------------------------------------
-
-
-def model_flops(cfg: Any, batch: int, seq: int) -> float:
-    """Matmul FLOPs of one training step, counted as XLA computes them (full causal square).
-
-    Forward per token: 2 x (every weight matrix) + 4 x seq x n_heads x head_dim for attention;
-    backward is twice the forward; remat "full" recomputes the layers' forward once more.
-    """
-    d, hd, h, kv, f = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim
-    layer = 2 * (2 * d * h * hd + 2 * d * kv * hd + 3 * d * f) + 4 * seq * h * hd
-    passes = 3 + (1 if cfg.remat == "full" else 0)
-    return float(batch * seq * (cfg.n_layers * layer * passes + 3 * 2 * d * cfg.vocab_size))
 
 
 @dataclasses.dataclass
@@ -148,13 +140,9 @@ def lower_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1) 
 
     Returns the jax Lowered object and the per-chip bytes of params / optimizer state / batch.
     """
-    from llama_jax.model import param_shapes
-    from train import step as step_lib
-    from train.config import OptimConfig
-
-    if batch % grad_accum or (batch // grad_accum) % _groups(mesh):
+    if batch % grad_accum or (batch // grad_accum) % batch_groups(mesh):
         raise ValueError(f"--batch {batch} must split into --grad-accum {grad_accum} microbatches each divisible "
-                         f"by data x fsdp = {_groups(mesh)}")
+                         f"by data x fsdp = {batch_groups(mesh)}")
     o = OptimConfig()
     warmup = step_lib.warmup_steps_for(PLAN_STEPS, o.warmup_steps, o.warmup_ratio)
     schedule = step_lib.lr_schedule(o.lr, PLAN_STEPS, o.schedule, warmup, o.min_lr_ratio)
@@ -194,10 +182,6 @@ def compile_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1
     return result, sizes
 
 
-def _groups(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 # --- the plan -------------------------------------------------------------------------------
 
 
@@ -216,7 +200,7 @@ class Plan:
     grad_accum: int
     n_chips: int
     peak_flops: float
-    flops: float  # model FLOPs per step, all chips (model_flops)
+    flops: float  # model FLOPs per step, all chips (flops.compiled_train_step_flops)
     n_layers: int
 
     @property
@@ -251,7 +235,7 @@ class Plan:
             f"plan: {self.model} on {self.topology} ({self.n_chips} chips, {gib(self.hbm_bytes).strip()} HBM each), "
             f"mesh {mesh}, batch {c.batch} x seq {self.seq}, remat {self.remat}"
             + (f", grad-accum {self.grad_accum} (microbatch {c.batch // self.grad_accum})" if self.grad_accum > 1 else ""),
-            f"  per-chip memory of train.step's compiled step (clip + adamw, fp32 params/grads/moments, bf16 compute):",
+            "  per-chip memory of train.step's compiled step (clip + adamw, fp32 params/grads/moments, bf16 compute):",
             f"    params               {gib(self.sizes['params'])}",
             f"    optimizer (2 moments){gib(self.sizes['optimizer'])}",
             f"    batch (5 arrays)     {gib(self.sizes['batch'])}",
@@ -274,22 +258,22 @@ class Plan:
             lines.append(f"  verdict: {verdict}; largest batch that fits (estimated, multiple of {unit} = "
                          f"{self.groups}): {self.max_batch}")
         else:
+            advice = "more chips or more fsdp" + ("" if self.remat == "full" else ", or remat full")
             lines.append(f"  verdict: {verdict}; even the smallest batch ({self.at_min.batch}) needs "
-                         f"{self.at_min.peak_bytes / GiB:.2f} GiB: use more chips, more fsdp, or remat")
+                         f"{self.at_min.peak_bytes / GiB:.2f} GiB: use {advice}")
         return "\n".join(lines)
 
 
 def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, remat: str = "full",
          n_layers: int | None = None, devices: list[Any] | None = None, chip: Chip | None = None,
-         grad_accum: int = 1) -> Plan:
+         grad_accum: int = 1, attention: str = "xla", say: Callable[[str], None] = lambda _: None) -> Plan:
     """Compile the train step at `batch` and at the smallest batch, and judge the fit.
 
     `devices`/`chip` default to libtpu's compile-only devices of `topology`. `n_layers` replaces
     the preset's depth (for quick experiments; the report then describes that smaller model).
+    `say` receives a line before each compile (they take a minute or more for big models).
     """
-    from llama_jax.config import LlamaConfig
-
-    overrides = dict(dtype="bfloat16", param_dtype="float32", remat=remat)
+    overrides = dict(dtype="bfloat16", param_dtype="float32", remat=remat, attention=attention)
     if n_layers is not None:
         if n_layers < 1:
             raise ValueError(f"--layers must be >= 1, got {n_layers}")
@@ -302,33 +286,12 @@ def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, 
     if grad_accum < 1:
         raise ValueError(f"--grad-accum must be >= 1, got {grad_accum}")
     mesh_obj = make_mesh(devices=devices, cfg=cfg, batch=batch, **mesh)
-    groups = _groups(mesh_obj) * grad_accum  # the smallest batch: one row per data x fsdp group per microbatch
+    groups = batch_groups(mesh_obj) * grad_accum  # the smallest batch: one row per data x fsdp group per microbatch
+    second = groups if batch > groups else 2 * groups
+    shape = f"{model} on {topology}, mesh {' '.join(f'{k}={v}' for k, v in mesh_obj.shape.items())}"
+    say(f"compiling the train step for {shape} at batch {batch} x seq {seq} (1 of 2)...")
     at_batch, sizes = compile_step(cfg, mesh_obj, batch, seq, grad_accum)
-    other, _ = compile_step(cfg, mesh_obj, groups if batch > groups else 2 * groups, seq, grad_accum)
+    say(f"compiling it again at batch {second} to measure memory per row (2 of 2)...")
+    other, _ = compile_step(cfg, mesh_obj, second, seq, grad_accum)
     return Plan(model, topology, dict(mesh_obj.shape), seq, remat, chip.hbm_bytes, sizes, at_batch, other, groups,
-                grad_accum, len(devices), chip.peak_bf16_flops, model_flops(cfg, batch, seq), cfg.n_layers)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sharding.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a LlamaConfig preset, e.g. llama2-7b, llama2-70b")
-    parser.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v4-256, v5e-8, v5p:4x4x4")
-    parser.add_argument("--mesh", default="fsdp=-1", help="mesh axes, e.g. fsdp=-1 or data=2,fsdp=-1,tensor=4")
-    parser.add_argument("--batch", type=int, required=True, help="global batch (sequences per step)")
-    parser.add_argument("--seq", type=int, default=2048, help="sequence length")
-    parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
-    parser.add_argument("--grad-accum", type=int, default=1,
-                        help="microbatches per step (train's grad_accum): activations of batch / grad-accum rows")
-    parser.add_argument("--layers", type=int, default=None, help="override the number of layers (quick looks)")
-    args = parser.parse_args(argv)
-    try:
-        result = plan(args.model, args.topology, parse_mesh(args.mesh), args.batch, args.seq, args.remat, args.layers,
-                      grad_accum=args.grad_accum)
-    except ValueError as e:  # bad model / topology / mesh / batch: say what, no traceback
-        parser.error(str(e))
-    print(result.report())
-    return 0 if result.fits else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+                grad_accum, len(devices), chip.peak_bf16_flops, flops.compiled_train_step_flops(cfg, batch, seq), cfg.n_layers)

@@ -1,0 +1,74 @@
+"""`python -m llama_jax.convert`: PyTorch LLaMA weights (Meta or Hugging Face) -> llama_jax, and back to HF.
+
+    python -m llama_jax.convert meta SRC OUT [--dtype bfloat16|float32] [--tokenizer PATH] [--verify]
+    python -m llama_jax.convert hf SRC OUT [--dtype ...] [--verify]
+    python -m llama_jax.convert export-hf CKPT OUT [--dtype ...] [--verify]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llama_jax.checkpoint import OutputExists, is_remote
+from llama_jax.config import LlamaConfig
+from llama_jax.convert.export_hf import export_hf
+from llama_jax.convert.reference import verify
+from llama_jax.convert.sources import HFSource, MetaSource
+from llama_jax.convert.streaming import OUT_DTYPES, convert
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("meta", "Meta params.json + consolidated.NN.pth -> llama_jax checkpoint"),
+                            ("hf", "Hugging Face folder (safetensors or .bin) -> llama_jax checkpoint"),
+                            ("export-hf", "llama_jax checkpoint (converted or trained) -> Hugging Face folder")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("src", help="source folder" if name != "export-hf" else "llama_jax checkpoint or run folder")
+        p.add_argument("out", help="output folder (must not exist unless --overwrite); gs:// etc. for meta/hf")
+        p.add_argument("--dtype", choices=OUT_DTYPES, default=None, help="output dtype (default: keep the source's)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing OUT once conversion succeeds")
+        p.add_argument("--verify", action="store_true", help="compare logits of source and result on 8 tokens")
+        p.add_argument("--verify-layers", type=int, default=None, help="verify with only the first N layers")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name != "export-hf":
+            p.add_argument("--tokenizer", default=None, help="tokenizer.model to copy (default: found next to SRC)")
+        if name == "meta":  # params.json does not say the context length
+            p.add_argument("--max-seq-len", type=int, default=4096,
+                           help="context length to record: 4096 for Llama 2 (default), 2048 for LLaMA-1")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> LlamaConfig:
+    """Run one conversion; raises a clear exception on bad input (the CLI prints it)."""
+    args = parse_args(argv)
+    progress = not args.no_progress
+    if args.command == "export-hf":
+        if is_remote(args.out):
+            raise ValueError(f"{args.out}: export-hf writes a local folder")
+        cfg = export_hf(args.src, args.out, args.dtype, args.overwrite, progress=progress)
+    else:
+        source = MetaSource(args.src, args.max_seq_len) if args.command == "meta" else HFSource(args.src)
+        cfg = convert(source, args.out, args.dtype, args.tokenizer, args.overwrite, progress)
+    print(f"wrote {args.out} ({cfg.n_layers} layers, dim {cfg.dim}, {cfg.num_params():,} params, {cfg.param_dtype})")
+    if args.verify:
+        verify(args.command, args.src, args.out, cfg, args.verify_layers,
+               source if args.command == "meta" else None, progress)
+    return cfg
+
+
+def cli() -> int:
+    try:
+        main()
+    except OutputExists as e:
+        print(f"error: {e.path} already exists; pass --overwrite to replace it", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,220 @@
+"""The two sources of PyTorch weights, as one "name -> tensor in our layout" view: Meta's
+model-parallel shards (params.json + consolidated.NN.pth) and Hugging Face folders."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from llama_jax import layout
+from llama_jax.config import LlamaConfig
+from llama_jax.convert.torch_io import TORCH_DTYPES, load_pth, prefetch, release, to_numpy
+from llama_jax.layout import contiguous, transpose_2d
+
+
+class MetaSource:
+    """params.json + consolidated.NN.pth (model-parallel shards, merged per tensor on its split axis)."""
+
+    fmt = "meta"
+
+    def __init__(self, src: str, max_seq_len: int = 4096):
+        self.src = src
+        params_file = os.path.join(src, "params.json")
+        if not os.path.isfile(params_file):
+            raise FileNotFoundError(f"{src}: no params.json; expected a Meta checkpoint folder "
+                                    "(params.json + consolidated.NN.pth)")
+        with open(params_file) as f:
+            params = json.load(f)
+        files = sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))
+        if not files:
+            raise FileNotFoundError(f"{src}: no consolidated.NN.pth files next to params.json")
+        for i, file in enumerate(files):
+            expected = os.path.join(src, f"consolidated.{i:02d}.pth")
+            if file != expected:
+                raise FileNotFoundError(f"{src}: missing shard {os.path.basename(expected)} "
+                                        f"(found {[os.path.basename(f) for f in files]})")
+        self.files = files
+        self.shards = [load_pth(f) for f in files]
+        keys0 = set(self.shards[0])
+        for file, shard in zip(files[1:], self.shards[1:]):
+            if set(shard) != keys0:
+                diff = sorted(keys0 ^ set(shard))[:3]
+                raise ValueError(f"{file}: its tensors disagree with {os.path.basename(files[0])}'s (e.g. {diff})")
+        if "tok_embeddings.weight" not in keys0:
+            raise KeyError(f"{files[0]}: missing tensor tok_embeddings.weight")
+        vocab = int(self.shards[0]["tok_embeddings.weight"].shape[0])
+        file_vocab = params.get("vocab_size", -1)
+        if file_vocab not in (None, -1) and int(file_vocab) != vocab:
+            raise ValueError(f"{params_file}: vocab_size {file_vocab} disagrees with tok_embeddings.weight's "
+                             f"{vocab} rows in {files[0]}")
+        self.cfg = LlamaConfig.from_meta_params(params, vocab_size=vocab, max_seq_len=max_seq_len)
+        self.ignored = set(layout.META_IGNORED)
+        self.dtype = TORCH_DTYPES.get(self.shards[0]["tok_embeddings.weight"].dtype)
+
+    def keys(self) -> dict[str, str]:
+        return {k: self.files[0] for k in self.shards[0]}
+
+    def pieces(self, entry: layout.Entry, name: str) -> list[torch.Tensor]:
+        """Each shard's part of tensor `name`, shapes checked (replicated: shard 0's, checked equal)."""
+        full = layout.torch_shape(entry, self.cfg)
+        pieces = [shard[name] for shard in self.shards]
+        n, axis = len(pieces), entry.meta_split_dim
+        for file, piece in zip(self.files, pieces):
+            want = list(full)
+            if axis is not None:
+                if full[axis] % n:
+                    raise ValueError(f"{name}: size {full[axis]} on axis {axis} does not split into {n} shards")
+                want[axis] //= n
+            if list(piece.shape) != want:
+                raise ValueError(f"{file}: tensor {name} has shape {tuple(piece.shape)}, expected {tuple(want)} "
+                                 f"for the model in params.json split over {n} shard(s)")
+        if axis is None:
+            for file, piece in zip(self.files[1:], pieces[1:]):
+                if not torch.equal(piece, pieces[0]):
+                    raise ValueError(f"{file}: replicated tensor {name} differs from {self.files[0]}'s")
+            return pieces[:1]
+        return pieces
+
+    def get(self, entry: layout.Entry, name: str) -> torch.Tensor:
+        """The full tensor `name` in Meta's layout: shards concatenated on Meta's split axis."""
+        pieces = self.pieces(entry, name)
+        if len(pieces) == 1:
+            return pieces[0]
+        merged = torch.cat(pieces, dim=entry.meta_split_dim)
+        release(*pieces)
+        return merged
+
+    def ours(self, entry: layout.Entry, name: str) -> tuple[np.ndarray, bool]:
+        """Tensor `name` in our layout, C-contiguous; True if it is a new array (not the source's memory).
+
+        Each shard is transposed straight into its block of the merged output (torch's out axis is
+        our last axis), so no concatenated copy is made. Meta's RoPE row permutation is per head,
+        so it is applied to each shard when shards hold whole heads (on an unsigned-int view: a
+        plain row copy); a head split over shards (fewer kv heads than shards) merges rows first.
+        """
+        pieces = [to_numpy(p) for p in self.pieces(entry, name)]
+        axis, dtype, plain = entry.meta_split_dim, pieces[0].dtype, f"u{pieces[0].itemsize}"
+        if entry.kind == "copy":  # tok_embeddings (split on dim) and the norms (replicated)
+            if len(pieces) == 1:
+                return layout.to_ours(entry, pieces[0], self.cfg, "meta"), False
+            merged = np.concatenate([p.view(plain) for p in pieces], axis=axis).view(dtype)
+            return layout.to_ours(entry, merged, self.cfg, "meta"), True
+        heads = getattr(self.cfg, entry.rope_heads) if entry.rope_heads else None
+        if heads is not None and heads % len(pieces):  # fewer kv heads than shards: a head spans shards
+            pieces = [np.concatenate([p.view(plain) for p in pieces], axis=axis).view(dtype)]
+        full, n = layout.torch_shape(entry, self.cfg), len(pieces)
+        ours_2d = np.empty(full[::-1], dtype)  # (in, out): torch's (out, in) transposed
+        size = full[axis] // n
+        for s, piece in enumerate(pieces):
+            if heads is not None:
+                piece = layout.meta_to_hf_rows(piece.view(plain), heads // n).view(dtype)
+            block = ours_2d[:, s * size:(s + 1) * size] if axis == 0 else ours_2d[s * size:(s + 1) * size]
+            transpose_2d(np.ascontiguousarray(piece), out=block)
+        # RoPE rows are already moved, so only to_ours' reshape is left: "hf" format, a view
+        return layout.to_ours(entry, ours_2d.T, self.cfg, "hf"), True
+
+    def done(self, name: str) -> None:
+        release(*(shard[name] for shard in self.shards))
+
+    def prefetch(self, name: str) -> None:
+        prefetch(*(shard[name] for shard in self.shards))
+
+    def tokenizer(self) -> str | None:
+        for folder in (self.src, os.path.dirname(os.path.abspath(self.src))):  # Llama-2 puts it one level up
+            if os.path.isfile(os.path.join(folder, "tokenizer.model")):
+                return os.path.join(folder, "tokenizer.model")
+        return None
+
+
+class HFSource:
+    """A Hugging Face folder: config.json + safetensors or pytorch_model*.bin, one file or an index."""
+
+    fmt = "hf"
+
+    def __init__(self, src: str):
+        self.src = src
+        config_file = os.path.join(src, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{src}: no config.json; expected a Hugging Face model folder")
+        with open(config_file) as f:
+            self.cfg = LlamaConfig.from_hf_config(json.load(f))
+        self.where = self._weight_map(src)  # tensor name -> file
+        for file in sorted(set(self.where.values())):
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{file}: listed in the index but missing")
+        self.readers = {file: self._open(file) for file in sorted(set(self.where.values()))}
+        if list(self.where) == [None]:  # a single file: its own keys
+            file = self.where.pop(None)
+            self.where = {k: file for k in self.readers[file].keys()}
+        for name, file in self.where.items():
+            if name not in self.readers[file].keys():
+                raise KeyError(f"{file}: the index lists tensor {name} in this file but it is not there")
+        self.ignored = {k for k in self.where if k.endswith(layout.HF_IGNORED_SUFFIXES)}
+        self.dtype = None
+        if "model.embed_tokens.weight" in self.where:
+            self.dtype = TORCH_DTYPES.get(self._read("model.embed_tokens.weight").dtype)
+
+    @staticmethod
+    def _weight_map(src: str) -> dict:
+        for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                              ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            if os.path.isfile(os.path.join(src, index)):
+                with open(os.path.join(src, index)) as f:
+                    return {k: os.path.join(src, v) for k, v in json.load(f)["weight_map"].items()}
+            if os.path.isfile(os.path.join(src, single)):
+                return {None: os.path.join(src, single)}
+        raise FileNotFoundError(f"{src}: no model.safetensors, pytorch_model.bin or an .index.json of either")
+
+    @staticmethod
+    def _open(file: str) -> Any:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            return safe_open(file, framework="pt")
+        return load_pth(file)
+
+    def _read(self, name: str) -> torch.Tensor:
+        reader = self.readers[self.where[name]]
+        return reader[name] if isinstance(reader, dict) else reader.get_tensor(name)
+
+    def keys(self) -> dict[str, str]:
+        return dict(self.where)
+
+    def ours(self, entry: layout.Entry, name: str) -> tuple[np.ndarray, bool]:
+        """Tensor `name` in our layout, C-contiguous; True if it is a new array (not the source's memory)."""
+        torch_layout = to_numpy(self._read(name))
+        ours = contiguous(layout.to_ours(entry, torch_layout, self.cfg, "hf"))
+        return ours, not np.may_share_memory(ours, torch_layout)
+
+    def done(self, name: str) -> None:
+        reader = self.readers[self.where[name]]
+        if isinstance(reader, dict):  # memory-mapped by torch.load (safetensors' get_tensor copies)
+            release(reader[name])
+
+    def prefetch(self, name: str) -> None:
+        reader = self.readers[self.where[name]]
+        if isinstance(reader, dict):
+            prefetch(reader[name])
+
+    def tokenizer(self) -> str | None:
+        path = os.path.join(self.src, "tokenizer.model")
+        return path if os.path.isfile(path) else None
+
+
+def check_names(source: MetaSource | HFSource) -> None:
+    """Every tensor the model needs is there, and nothing unknown is (ignored buffers aside)."""
+    expected = {name for _, _, name in layout.names(source.cfg, source.fmt)}
+    present = source.keys()
+    missing = sorted(expected - set(present))
+    if missing:
+        raise KeyError(f"{source.src}: missing tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} "
+                       f"for the model in its config ({source.cfg.n_layers} layers)")
+    unknown = sorted(set(present) - expected - source.ignored)
+    if unknown:
+        raise KeyError(f"{present[unknown[0]]}: unknown tensor(s) {unknown[:4]} (not a LLaMA weight this "
+                       f"converter maps; the model in the config has {source.cfg.n_layers} layers)")

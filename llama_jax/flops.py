@@ -1,0 +1,60 @@
+"""The ONE place for FLOP and byte formulas of a Llama model: MFU, the planner and the benchmarks use these.
+
+Conventions: a multiply-add is 2 FLOPs; the input embedding is a lookup (0 FLOPs); with a causal
+mask a token attends to half of a `context`-long window on average, so attention costs
+2 x layers x (heads x head_dim) x context per token forward (QK^T and PV, halved).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def matmul_params(cfg: Any) -> int:
+    """Parameters a token's forward multiplies by: all but the input embedding (norms included, as MFU counts)."""
+    return cfg.num_params() - cfg.vocab_size * cfg.dim
+
+
+def attention_flops_per_token(cfg: Any, context: int) -> float:
+    """Forward attention FLOPs of one token over a causal window of `context` tokens (half the square)."""
+    return 2.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * context
+
+
+def forward_flops_per_token(cfg: Any, context: int) -> float:
+    """Forward FLOPs per token: 2 x matmul params + causal attention over `context`."""
+    return 2.0 * matmul_params(cfg) + attention_flops_per_token(cfg, context)
+
+
+def train_flops_per_token(cfg: Any, seq_len: int) -> float:
+    """Training FLOPs per token for MFU: 3 x forward (backward is twice the forward); no remat counted.
+
+    = 6 x (params - input embedding) + 6 x layers x heads x head_dim x seq_len.
+    """
+    return 3.0 * forward_flops_per_token(cfg, seq_len)
+
+
+def prefill_flops(cfg: Any, prompt_len: int) -> float:
+    """A prompt's forward with logits for its last token only (time to first token)."""
+    body = matmul_params(cfg) - cfg.vocab_size * cfg.dim  # the output projection runs once, not per token
+    return (2.0 * body + attention_flops_per_token(cfg, prompt_len)) * prompt_len + 2.0 * cfg.dim * cfg.vocab_size
+
+
+def compiled_train_step_flops(cfg: Any, batch: int, seq: int) -> float:
+    """A training step's matmul FLOPs as XLA counts them: the full (unmasked) score square, backward
+    twice the forward, and remat "full" recomputing each layer's forward once more."""
+    d, hd, h, kv, f = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim
+    layer = 2 * (2 * d * h * hd + 2 * d * kv * hd + 3 * d * f) + 4 * seq * h * hd
+    passes = 3 + (1 if cfg.remat == "full" else 0)
+    return float(batch * seq * (cfg.n_layers * layer * passes + 3 * 2 * d * cfg.vocab_size))
+
+
+def kv_cache_bytes(cfg: Any, batch: int, slots: int, itemsize: int) -> int:
+    """Bytes of a K and V cache of `slots` positions (kv heads, not query heads)."""
+    return 2 * cfg.n_layers * batch * slots * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+
+def mfu(tokens_per_s: float, cfg: Any, seq_len: int, n_chips: int, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: training FLOP/s achieved over n_chips x peak (FLOP/s per chip); None without a peak."""
+    if not peak_flops:
+        return None
+    return tokens_per_s * train_flops_per_token(cfg, seq_len) / (n_chips * peak_flops)

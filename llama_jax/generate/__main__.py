@@ -1,0 +1,111 @@
+"""`python -m llama_jax.generate`: generate text from a checkpoint, once or as an interactive chat."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import jax
+
+from llama_jax.generate.generator import Generator
+from sharding import make_mesh
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m llama_jax.generate", description="Generate text from a llama_jax checkpoint: one prompt, or an interactive chat.")
+    p.add_argument("--checkpoint", required=True, help="a llama_jax checkpoint directory (or a training run)")
+    p.add_argument("--tokenizer", default=None,
+                   help="the SentencePiece tokenizer.model (default: the one the checkpoint or run folder carries)")
+    p.add_argument("--prompt", help="the prompt text (chat: the user message; alpaca: the instruction)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true", help="Llama-2-chat format")
+    mode.add_argument("--alpaca", action="store_true", help="Stanford Alpaca prompt format")
+    p.add_argument("--input", default="", help="alpaca: the optional input that goes with the instruction")
+    p.add_argument("--system", default=None, help="chat: an optional system message")
+    p.add_argument("--interactive", action="store_true", help="read prompts from stdin in a loop (chat keeps history)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: up to the model's context")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the answer where this text appears (not printed); repeat for several")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast params (default: as saved)")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="split heads/MLP over this many devices (a (1, 1, N) data/fsdp/tensor mesh)")
+    args = p.parse_args(argv)
+    if not args.interactive and args.prompt is None:
+        p.error("give --prompt TEXT or --interactive")
+    if args.input and not args.alpaca:
+        p.error("--input is the Alpaca input that goes with an instruction: add --alpaca")
+    if args.system is not None and not args.chat:
+        p.error("--system is a Llama-2-chat system message: add --chat")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse(argv)
+    try:
+        _run(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _fit_history(gen: Generator, history: list[dict], text: str, mode: str, input: str) -> list[int]:
+    """Prompt ids for `text`; in a chat, the oldest (user, assistant) turns are dropped until the
+    prompt leaves room to answer (a quarter of the context), so a long session never overflows."""
+    ids = gen.prompt_ids(text, mode, input=input, history=history)
+    first = 1 if history and history[0]["role"] == "system" else 0
+    while mode == "chat" and len(ids) > gen.cfg.max_seq_len * 3 // 4 and len(history) >= first + 2:
+        del history[first:first + 2]
+        ids = gen.prompt_ids(text, mode, input=input, history=history)
+    return ids
+
+
+def _run(args: argparse.Namespace) -> None:
+    mesh = None
+    if args.tensor_parallel > 1:
+        if args.tensor_parallel > jax.device_count():
+            visible = jax.device_count()
+            raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; only {visible} "
+                             f"{'is' if visible == 1 else 'are'} visible")
+        mesh = make_mesh(1, 1, args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
+    gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype)
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "seed": args.seed}
+    mode = "chat" if args.chat else "alpaca" if args.alpaca else "complete"
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.chat and args.system else []
+
+    def answer(text: str) -> str:
+        ids = _fit_history(gen, history, text, mode, args.input)
+        reply = ""
+        for piece in gen.stream(ids, stop=args.stop, **sampling):
+            reply += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        if not reply:
+            print("(empty answer: the model's first new token was its end-of-sequence token)", file=sys.stderr)
+        if mode == "chat":
+            history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
+        return reply
+
+    if args.prompt is not None:
+        answer(args.prompt)
+    if args.interactive:
+        while True:
+            try:
+                text = input("> " if sys.stdin.isatty() else "")
+            except EOFError:
+                break
+            if text.strip() in ("", "exit", "quit"):
+                break
+            try:
+                answer(text)
+            except ValueError as e:  # e.g. a message with [INST] in it: say so, keep the session
+                print(f"error: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Mutation harness: plants plausible bugs one at a time in a scratch copy of the repo and checks that
+the tests meant to catch each one fail.
+
+    python tests/mutations/run.py                 # all of them: 33 min on the shared 2-core machine
+    python tests/mutations/run.py --list          # names, areas, targets
+    python tests/mutations/run.py --only NAME ... # some of them
+    python tests/mutations/run.py --no-baseline   # skip the unmutated run of the selected tests
+
+Each mutation is a textual edit of one source file (each target snippet must occur exactly once, so
+the harness stops loudly when code moves) plus the test node ids that must catch it. The tree is
+copied once to a temporary folder; before the mutations, the selected tests run there unmutated and
+must pass (otherwise "caught" would mean nothing). Then each mutation is applied, its tests run with
+`python -m pytest -x -q`, and the file is restored. Exit status 1 from pytest is "caught", 0 is
+"survived", anything else (a renamed test, a collection error) is an error and counts as survived.
+Prints a table and, as its last line, `N caught, M survived`; exits 0 only when every one is caught.
+Not part of the CI suite (.ci/run): it is slow by nature.
+
+Why not mutmut: it mutates operators everywhere (thousands of mutants) and reruns a test command per
+mutant; with a JAX suite that compiles for seconds per test that is days on this machine, and most
+of its mutants (a changed string in an error message, a constant in a tqdm call) say nothing about
+the bugs that matter here. A curated list of semantic bugs with the tests that own them is cheaper
+and says what each test is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import py_compile
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMEOUT_S = 900
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    area: str
+    file: str
+    edits: tuple[tuple[str, str], ...]  # (snippet that must occur exactly once, replacement)
+    tests: tuple[str, ...]  # pytest node ids that must fail
+    from_issue: bool = False  # one of the bugs issue 19 found surviving or barely caught
+
+
+def M(name, area, file, old, new, *tests, from_issue=False, more=()):
+    return Mutation(name, area, file, ((old, new), *more), tuple(tests), from_issue)
+
+
+MODEL, ATTN, LAYOUT = "llama_jax/model.py", "llama_jax/attention.py", "llama_jax/layout.py"
+ENGINE, CLI, RULES = "llama_jax/generate/engine.py", "llama_jax/generate/__main__.py", "sharding/rules.py"
+STEP, DATA, TOK = "train/step.py", "train/data/rows.py", "llama_jax/tokenizer.py"
+T_MODEL, T_GEN, T_CONV = "tests/test_model.py::", "tests/test_generate.py::", "tests/test_convert.py::"
+T_STEP, T_DATA, T_SHARD = "tests/test_train_step.py::", "tests/test_train_data.py::", "tests/test_sharding.py::"
+T_RUN, T_TOK = "tests/test_train_run.py::", "tests/test_tokenizer.py::"
+HF_GQA = T_MODEL + "test_logits_match_hf_transformers[tiny-gqa-10000.0]"
+LAYOUTS = T_SHARD + "test_every_parameter_kind_gets_the_hand_written_layout"
+TRAIN_RUN = T_RUN + "test_train_cli_alpaca_eval_epochs_warmup_keep_mfu_and_init_from"
+
+MUTATIONS = [
+    # --- the seven that survived issue 19's mutation run, and the five it caught only narrowly
+    M("rope-in-bf16", "RoPE/precision", MODEL,
+      "angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq",
+      "angles = positions.astype(x.dtype)[:, :, None, None] * inv_freq.astype(x.dtype)",
+      T_MODEL + "test_rope_on_bf16_inputs_rotates_in_float32", from_issue=True,
+      more=(("x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)", "x1, x2 = jnp.split(x, 2, axis=-1)"),)),
+    M("meta-wo-split-dim-0", "conversion layout", LAYOUT, '"heads_in", 1)', '"heads_in", 0)',
+      T_CONV + "test_meta_shards_match_hf[2-tiny-gqa-dtype1]", from_issue=True),
+    M("adamw-decays-norms", "optimizer mask", STEP,
+      'return not any("norm" in str(getattr(k, "key", k)) for k in path)', "return True",
+      T_STEP + "test_weight_decay_skips_exactly_the_rmsnorm_weights", from_issue=True),
+    M("sampler-ignores-top-k", "sampling", ENGINE, "p, order = _sorted_filtered(probs, top_p, top_k)",
+      "p, order = _sorted_filtered(probs, top_p, jnp.int32(0))",
+      T_GEN + "test_decode_loop_top_k_support_and_frequencies", from_issue=True),
+    M("decode-key-reused", "sampling", ENGINE, 'sample(_step_keys(s["row_keys"], step)',
+      'sample(_step_keys(s["row_keys"], 0)', T_GEN + "test_decode_loop_keys_differ_per_step_and_per_row",
+      from_issue=True),
+    M("mlp-not-sharded", "sharding rules", RULES, '"mlp": ("tensor",),', '"mlp": (),', LAYOUTS, from_issue=True),
+    M("chat-wipes-history", "generate CLI", CLI, "del history[first:first + 2]", "del history[first:]",
+      T_GEN + "test_chat_history_drops_only_the_oldest_turns", from_issue=True),
+    M("norm-weight-dropped", "model", MODEL,
+      "return normed.astype(self.cfg.compute_dtype) * weight.astype(self.cfg.compute_dtype)",
+      "return normed.astype(self.cfg.compute_dtype)", HF_GQA, from_issue=True),
+    M("top-p-boundary-strict", "sampling", ENGINE, "(preceding <= top_p)", "(preceding < top_p)",
+      T_GEN + "test_top_p_kept_set_hand_made", from_issue=True),
+    M("meta-rope-permutation-removed", "conversion layout", "llama_jax/convert/sources.py",
+      "piece = layout.meta_to_hf_rows(piece.view(plain), heads // n).view(dtype)", "piece = piece",
+      T_CONV + "test_meta_shards_match_hf[1-tiny-dtype0]", from_issue=True),
+    M("loss-mask-shifted", "loss/mask", DATA, 'rows["loss_mask"][:, 1:] * same_segment',
+      'rows["loss_mask"][:, :-1] * same_segment', T_STEP + "test_loss_and_adamw_update_match_hf_and_torch",
+      from_issue=True),
+    M("history-never-trimmed", "generate CLI", CLI, 'while mode == "chat" and len(ids)',
+      'while mode == "never" and len(ids)', T_GEN + "test_chat_history_drops_only_the_oldest_turns",
+      from_issue=True),
+    # --- model
+    M("gqa-tiled-not-grouped", "model", ATTN, "q = q.reshape(b, t, kv, h // kv, hd)",
+      "q = q.reshape(b, t, h // kv, kv, hd).swapaxes(2, 3)", HF_GQA),
+    M("attention-scale", "model", ATTN, "preferred_element_type=jnp.float32) * hd**-0.5",
+      "preferred_element_type=jnp.float32) * hd**-0.25", "tests/test_attention.py::test_xla_matches_reference_with_gqa_and_segments"),
+    M("causal-mask-excludes-self", "model", ATTN, "(jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])",
+      "(jnp.arange(s)[None, :] < jnp.arange(t)[:, None])", "tests/test_attention.py::test_xla_matches_reference_with_gqa_and_segments"),
+    M("swiglu-gate-swapped", "model", MODEL, "gate = jax.nn.silu(x @ w1) * (x @ w3)",
+      "gate = jax.nn.silu(x @ w3) * (x @ w1)", HF_GQA),
+    M("logits-in-compute-dtype", "RoPE/precision", MODEL, 'logits = constrain(logits, ',
+      'logits = constrain(logits.astype(cfg.compute_dtype), ', T_MODEL + "test_bf16_compute_is_close_to_float32_reference"),
+    M("rmsnorm-statistics-in-bf16", "RoPE/precision", MODEL, "x32 = x.astype(jnp.float32)", "x32 = x",
+      T_MODEL + "test_rmsnorm_on_bf16_inputs_takes_statistics_in_float32"),
+    # --- RoPE
+    M("rope-interleaved-pairs", "RoPE/precision", MODEL, "x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)",
+      "x1, x2 = x.astype(jnp.float32)[..., ::2], x.astype(jnp.float32)[..., 1::2]",
+      T_MODEL + "test_rope_matches_independent_formula"),
+    M("rope-frequency-exponent", "RoPE/precision", MODEL, "* 2.0 / x.shape[-1]))", "* 1.0 / x.shape[-1]))",
+      T_MODEL + "test_rope_matches_independent_formula"),
+    M("rope-theta-ignored", "RoPE/precision", MODEL, "rope(k, positions, cfg.rope_theta)", "rope(k, positions, 10000.0)",
+      T_MODEL + "test_logits_match_hf_transformers[tiny-gqa-1000000.0]"),
+    # --- conversion layouts
+    M("meta-wk-permuted-with-n-heads", "conversion layout", LAYOUT, '"heads_out", 0, "n_kv_heads")',
+      '"heads_out", 0, "n_heads")', T_CONV + "test_meta_shards_match_hf[2-tiny-gqa-dtype1]"),
+    M("export-wo-not-transposed", "conversion layout", LAYOUT, "out = w.reshape(-1, cfg.dim).T",
+      "out = w.reshape(cfg.dim, -1)", T_CONV + "test_hf_round_trip[True-60KB-dtype0-False]"),
+    M("convert-dtype-ignored", "conversion layout", "llama_jax/convert/streaming.py", "    if dtype is None:\n",
+      "    if True:\n", T_CONV + "test_dtype_bfloat16_casts_like_torch"),
+    M("verify-layers-ignored", "conversion layout", "llama_jax/convert/reference.py",
+      "n = cfg.n_layers if layers is None else", "n = cfg.n_layers if True else",
+      T_CONV + "test_verify_and_verify_layers_for_hf_and_export_hf"),
+    # --- loss and masks
+    M("ce-ignores-weights", "loss/mask", STEP, "ce = jnp.sum((lse - target_logit) * w)", "ce = jnp.sum(lse - target_logit)",
+      T_STEP + "test_loss_and_adamw_update_match_hf_and_torch"),
+    M("z-loss-not-squared", "loss/mask", STEP, "z = jnp.sum(jnp.square(lse) * w)", "z = jnp.sum(lse * w)",
+      T_STEP + "test_z_loss_value_and_gradient_match_torch"),
+    M("alpaca-last-prompt-token-a-target", "loss/mask", "train/data/formats.py", "[0] * n_prompt + [1] * (len(full) - n_prompt)",
+      "[0] * (n_prompt - 1) + [1] * (len(full) - n_prompt + 1)",
+      T_DATA + "test_alpaca_example_masks_bos_and_prompt_and_keeps_eos"),
+    M("accumulation-keeps-last-microbatch", "loss/mask", STEP, "return jax.tree.map(jnp.add, carry, (g, s)), None",
+      "return (g, s), None", T_STEP + "test_gradient_accumulation_equals_big_batch"),
+    # (RoPE is relative, so logits barely see this one: the spec test of the packed table catches it)
+    M("packed-positions-continue", "loss/mask", DATA, "= seg, np.arange(end - start)", "= seg, np.arange(start, end)",
+      T_DATA + "test_build_rows_pack_places_whole_examples_greedily"),
+    M("pack-ignored", "loss/mask", DATA, "rows = pack_rows(examples, row_len) if pack else", "rows = pad_rows(examples, row_len) if pack else",
+      T_DATA + "test_build_rows_pack_places_whole_examples_greedily"),
+    # --- optimizer masks and schedules
+    M("adamw-skips-embeddings-too", "optimizer mask", STEP,
+      'return not any("norm" in str(getattr(k, "key", k)) for k in path)',
+      'return not any(n in str(getattr(k, "key", k)) for k in path for n in ("norm", "tok_embeddings"))',
+      T_STEP + "test_weight_decay_skips_exactly_the_rmsnorm_weights"),
+    M("no-gradient-clipping", "optimizer mask", STEP,
+      "return optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm > 0 else adamw", "return adamw",
+      T_STEP + "test_loss_and_adamw_update_match_hf_and_torch"),
+    M("warmup-starts-at-lr", "schedule", STEP, "optax.linear_schedule(0.0, lr, warmup_steps)",
+      "optax.linear_schedule(lr, lr, warmup_steps)", T_STEP + "test_schedule_and_decay_mask"),
+    M("cosine-decays-to-zero", "schedule", STEP, "alpha=min_lr_ratio", "alpha=0.0", T_STEP + "test_schedule_and_decay_mask"),
+    M("warmup-ratio-ignored", "schedule", STEP, "else int(math.ceil(warmup_ratio * steps))", "else 0",
+      T_STEP + "test_schedule_and_decay_mask"),
+    M("epochs-round-down", "schedule", "train/loop.py", "int(math.ceil(cfg.epochs * batches.per_epoch))",
+      "int(cfg.epochs * batches.per_epoch)", TRAIN_RUN),
+    M("keep-checkpoints-ignored", "resume", "llama_jax/checkpoint/runs.py", "max_to_keep=keep", "max_to_keep=None",
+      TRAIN_RUN),
+    # --- sampling
+    M("temperature-multiplies", "sampling", ENGINE, "logits.astype(jnp.float32) / temperature",
+      "logits.astype(jnp.float32) * temperature", T_GEN + "test_decode_loop_temperature_scales_logits[0.5]"),
+    M("one-key-for-every-row", "sampling", ENGINE, "(seed_key, jnp.arange(b))", "(seed_key, jnp.zeros(b, jnp.int32))",
+      T_GEN + "test_decode_loop_keys_differ_per_step_and_per_row"),
+    M("first-decode-step-reuses-prefill-key", "sampling", ENGINE, 'sample(_step_keys(s["row_keys"], step)',
+      'sample(_step_keys(s["row_keys"], step - 1)', T_GEN + "test_decode_loop_keys_differ_per_step_and_per_row"),
+    # --- KV cache
+    M("decode-position-off-by-one", "KV cache", ENGINE, 'positions = (s["lengths"] + step - 1)[:, None]',
+      'positions = (s["lengths"] + step)[:, None]', T_GEN + "test_greedy_ragged_batch_equals_hf_with_logprobs_and_echo"),
+    M("cache-mask-excludes-self", "KV cache", MODEL, "mask = slots[None, None, :] <= positions[:, :, None]",
+      "mask = slots[None, None, :] < positions[:, :, None]", T_GEN + "test_cache_logits_equal_full_forward_every_step[tiny]"),
+    M("cache-batch-not-sharded", "KV cache", MODEL, 'CACHE_AXES = ("layers", "act_batch",', 'CACHE_AXES = ("layers", None,',
+      T_SHARD + "test_batch_cache_and_logits_layout"),
+    # --- sharding rules
+    M("vocab-not-sharded", "sharding rules", RULES, '"vocab": ("tensor",),', '"vocab": (),', LAYOUTS),
+    M("kv-heads-not-sharded", "sharding rules", RULES, '"kv_heads": ("tensor",),', '"kv_heads": (),', LAYOUTS),
+    M("embed-not-fsdp", "sharding rules", RULES, '"embed": ("fsdp",),', '"embed": (),', LAYOUTS),
+    M("batch-over-data-only", "sharding rules", RULES, '"act_batch": ("data", "fsdp"),', '"act_batch": ("data",),',
+      T_SHARD + "test_batch_cache_and_logits_layout"),
+    M("uneven-dims-split-anyway", "sharding rules", RULES, "while axes and size %", "while False and size %", LAYOUTS),
+    # --- resume
+    M("resume-from-oldest-checkpoint", "resume", "llama_jax/checkpoint/runs.py",
+      "sorted(self.manager.all_steps(), reverse=True)", "sorted(self.manager.all_steps())",
+      "tests/test_train_resume.py::test_kill9_sigterm_and_corrupt_checkpoint_resume_exactly"),
+    M("init-from-ignored", "resume", "train/loop.py", "if run.init_from is not None:", "if False:", TRAIN_RUN),
+    # --- tokenizer formats
+    M("alpaca-template-extra-newline", "tokenizer formats", TOK, '{instruction}\\n\\n### Response:"\n)',
+      '{instruction}\\n\\n### Response:\\n"\n)', T_TOK + "test_alpaca_no_input_exact"),
+    M("chat-answer-without-trailing-space", "tokenizer formats", TOK, "{E_INST} {answer['content'].strip()} \"",
+      "{E_INST} {answer['content'].strip()}\"", T_TOK + "test_encode_dialog_layout"),
+    M("system-block-one-newline", "tokenizer formats", TOK, 'E_SYS = "<<SYS>>\\n", "\\n<</SYS>>\\n\\n"',
+      'E_SYS = "<<SYS>>\\n", "\\n<</SYS>>\\n"', T_TOK + "test_encode_dialog_layout"),
+    # --- generate CLI, evaluation, MFU
+    M("cli-system-ignored", "generate CLI", CLI, '[{"role": "system", "content": args.system}] if', "[] if",
+      T_GEN + "test_cli_alpaca_input_and_chat_system_prompts_equal_hf"),
+    M("cli-dtype-ignored", "generate CLI", CLI, "mesh=mesh, dtype=args.dtype)", "mesh=mesh, dtype=None)",
+      T_GEN + "test_cli_tensor_parallel_dtype_and_generator_mesh"),
+    M("exact-match-without-strip", "evaluation", "train/evaluate.py", 'row["got"].strip() == row["expected"].strip()',
+      'row["got"] == row["expected"]', T_RUN + "test_exact_match_scores_greedy_answers_after_strip"),
+    M("chip-lookup-shortest-name", "MFU", "sharding/hardware.py", "max(matches, key=lambda m: m[0])",
+      "min(matches, key=lambda m: m[0])", T_STEP + "test_chip_lookup_by_device_kind"),
+    M("mfu-not-per-chip", "MFU", "llama_jax/flops.py", "/ (n_chips * peak_flops)", "/ peak_flops",
+      T_STEP + "test_flops_per_token_formula"),
+]
+
+
+def check_targets(root: str, mutations: list[Mutation]) -> list[str]:
+    """Problems with the mutations' targets in `root` (each snippet must occur exactly once)."""
+    problems = []
+    for m in mutations:
+        path = os.path.join(root, m.file)
+        if not os.path.isfile(path):
+            problems.append(f"{m.name}: {m.file} does not exist")
+            continue
+        text = open(path).read()
+        for old, _ in m.edits:
+            count = text.count(old)
+            if count != 1:
+                problems.append(f"{m.name}: {m.file} holds {old!r} {count} times (expected once)")
+    return problems
+
+
+def pytest(scratch: str, tests: tuple[str, ...] | list[str]) -> tuple[int, str, float]:
+    """(exit code, last output lines, seconds) of `python -m pytest -x -q TESTS` in the scratch tree."""
+    start = time.time()
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(command, cwd=scratch, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {TIMEOUT_S}s", time.time() - start
+    return done.returncode, (done.stdout + done.stderr)[-3000:], time.time() - start
+
+
+def first_failure(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split(" ", 1)[1].split(" - ", 1)[0].split("::", 1)[-1][:90]
+    return output.strip().splitlines()[-1][:90] if output.strip() else ""
+
+
+def apply(scratch: str, m: Mutation) -> str:
+    """Write the mutated file into the scratch tree; return the original text."""
+    path = os.path.join(scratch, m.file)
+    original = open(path).read()
+    text = original
+    for old, new in m.edits:
+        text = text.replace(old, new)
+    with open(path, "w") as f:
+        f.write(text)
+    py_compile.compile(path, doraise=True)  # a mutation must be valid Python, not caught by a SyntaxError
+    return original
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", default=None, help="run only these mutations (names)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
+    args = parser.parse_args(argv)
+    mutations = MUTATIONS
+    if args.only:
+        unknown = sorted(set(args.only) - {m.name for m in MUTATIONS})
+        if unknown:
+            print(f"error: unknown mutation(s) {unknown}; see --list", file=sys.stderr)
+            return 2
+        mutations = [m for m in MUTATIONS if m.name in args.only]
+    if args.list:
+        for m in mutations:
+            print(f"{m.name:40s} {m.area:18s} {m.file}: {m.edits[0][0]!r}")
+        print(f"{len(mutations)} mutations ({sum(m.from_issue for m in mutations)} from issue 19)")
+        return 0
+    problems = check_targets(ROOT, mutations)
+    if problems:
+        print("error: mutation targets moved (update tests/mutations/run.py):\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        return 2
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="mutations-") as tmp:
+        scratch = os.path.join(tmp, "repo")
+        shutil.copytree(ROOT, scratch, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "runs", "__pycache__", ".pytest_cache", "*.egg-info", ".mypy_cache"))
+        if not args.no_baseline:
+            tests = sorted({t for m in mutations for t in m.tests})
+            code, output, seconds = pytest(scratch, tests)
+            print(f"baseline: {len(tests)} tests unmutated, exit {code}, {seconds:.0f}s", flush=True)
+            if code != 0:
+                print(f"error: the tests fail without any mutation:\n{output}", file=sys.stderr)
+                return 2
+        rows = []
+        for i, m in enumerate(mutations, 1):
+            original = apply(scratch, m)
+            try:
+                code, output, seconds = pytest(scratch, m.tests)
+            finally:
+                with open(os.path.join(scratch, m.file), "w") as f:
+                    f.write(original)
+            verdict = {1: "caught", 0: "SURVIVED", -1: "caught (timeout)"}.get(code, f"ERROR (pytest exit {code})")
+            by = first_failure(output) if code != 0 else ", ".join(t.split("::")[-1] for t in m.tests)
+            rows.append((m, verdict, seconds, by))
+            print(f"[{i}/{len(mutations)}] {m.name}: {verdict} in {seconds:.0f}s ({by})", flush=True)
+
+    caught = sum(v.startswith("caught") for _, v, _, _ in rows)
+    print(f"\n| mutation | area | file | result | caught by | s |\n|---|---|---|---|---|---|")
+    for m, verdict, seconds, by in rows:
+        name = f"{m.name} (issue 19)" if m.from_issue else m.name
+        print(f"| {name} | {m.area} | `{m.file}` | {verdict} | {by} | {seconds:.0f} |")
+    print(f"\n{len(rows)} mutations in {(time.time() - started) / 60:.1f} minutes "
+          f"({time.strftime('%Y-%m-%d %H:%M')}); each runs only the tests listed for it")
+    print(f"{caught} caught, {len(rows) - caught} survived")
+    return 0 if caught == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

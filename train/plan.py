@@ -1,0 +1,44 @@
+"""`python -m train.plan`: will a training run fit a TPU slice? Compiles the real sharded step for it.
+
+    python -m train.plan --model llama2-70b --topology v5p-128 --mesh fsdp=-1 --batch 256 --seq 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llama_jax.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from sharding import parse_mesh
+from train.planner import plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.plan",
+        description="Compile the sharded training step for a TPU slice on this machine (libtpu, no TPU needed) "
+                    "and report per-chip memory against the chip's HBM. Exit status 0 = fits.")
+    parser.add_argument("--model", required=True, help="a LlamaConfig preset, e.g. llama2-7b, llama2-70b")
+    parser.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v4-256, v5e-8, v5p:4x4x4")
+    parser.add_argument("--mesh", default="fsdp=-1", help="mesh axes, e.g. fsdp=-1 or data=2,fsdp=-1,tensor=4")
+    parser.add_argument("--batch", type=int, required=True, help="global batch (sequences per step)")
+    parser.add_argument("--seq", type=int, default=2048, help="sequence length")
+    parser.add_argument("--remat", default="full", choices=REMAT_POLICIES)
+    parser.add_argument("--attention", default="xla", choices=ATTENTION_IMPLEMENTATIONS,
+                        help="attention implementation (splash: the Pallas TPU kernel; needs seq %% 128 == 0)")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="microbatches per step (train's grad_accum): activations of batch / grad-accum rows")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers (quick looks)")
+    args = parser.parse_args(argv)
+    try:
+        result = plan(args.model, args.topology, parse_mesh(args.mesh), args.batch, args.seq, args.remat, args.layers,
+                      grad_accum=args.grad_accum, attention=args.attention,
+                      say=lambda line: print(line, file=sys.stderr, flush=True))
+    except ValueError as e:  # bad model / topology / mesh / batch: say what, no traceback
+        parser.error(str(e))
+    print(result.report())
+    return 0 if result.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
