@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from llama_jax.checkpoint.files import read_json
 from llama_jax.tokenizer import Tokenizer, format_alpaca
 
 Example = tuple[list[int], list[int]]  # (tokens, loss_mask)
@@ -33,10 +34,7 @@ Example = tuple[list[int], list[int]]  # (tokens, loss_mask)
 
 
 def _encode_alpaca(tokenizer: Tokenizer, example: Any, where: str = "example") -> Example:
-    if not isinstance(example, dict) or not isinstance(example.get("instruction"), str) \
-            or not isinstance(example.get("output"), str) or not isinstance(example.get("input", ""), str):
-        raise ValueError(f"{where}: expected an Alpaca record {{'instruction': str, 'input': str (optional), "
-                         f"'output': str}}, got {str(example)[:200]!r}")
+    _check_alpaca(example, where)
     prompt_text = format_alpaca(example["instruction"], example.get("input", ""))
     prompt = tokenizer.encode(prompt_text, bos=True, eos=False)
     full = tokenizer.encode(prompt_text + example["output"], bos=True, eos=True)
@@ -70,19 +68,22 @@ def chat_example(tokenizer: Tokenizer, dialog: Sequence[dict], max_len: int = 40
 def _read_json_list(path: str) -> list:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path!r}")
-    with open(path) as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); expected a list of records") from e
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return records
+    return read_json(path, list, "a JSON list of records")
+
+
+def _check_alpaca(example: Any, where: str) -> None:
+    if not isinstance(example, dict) or not isinstance(example.get("instruction"), str) \
+            or not isinstance(example.get("output"), str) or not isinstance(example.get("input", ""), str):
+        raise ValueError(f"{where}: expected an Alpaca record {{'instruction': str, 'input': str (optional), "
+                         f"'output': str}}, got {str(example)[:200]!r}")
 
 
 def load_alpaca(path: str) -> list[dict]:
-    """The records of an Alpaca JSON file (a list of {instruction, input, output})."""
-    return _read_json_list(path)
+    """The records of an Alpaca JSON file (a list of {instruction, input, output}), each checked."""
+    records = _read_json_list(path)
+    for i, record in enumerate(records):
+        _check_alpaca(record, f"{path}[{i}]")
+    return records
 
 
 def read_documents(path: str, text_key: str = "text") -> list[str]:
@@ -90,17 +91,25 @@ def read_documents(path: str, text_key: str = "text") -> list[str]:
     other file is plain text with documents separated by blank lines."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path!r}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); expected UTF-8 documents") from None
+    if not path.endswith(".jsonl"):
+        return [d.strip() for d in text.split("\n\n") if d.strip()]
     docs = []
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                        raise ValueError(f"{path}:{n}: expected a JSON object with a string {text_key!r} field")
-                    docs.append(record[text_key])
-        else:
-            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e or 'nested too deeply'})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                raise ValueError(f"{path}:{n}: expected a JSON object with a string {text_key!r} field")
+            docs.append(record[text_key])
     return docs
 
 
@@ -197,6 +206,8 @@ def build_rows(fmt: str, paths: Sequence[str], tokenizer: Tokenizer, max_len: in
     examples: list[Example] = []
     if fmt == "pretrain":
         docs = [tokenizer.encode(text, bos=True, eos=True) for p in paths for text in read_documents(p, text_key)]
+        if not docs:
+            raise ValueError(f"no documents (no text) in {list(paths)}")
         rows = stream_rows(docs, row_len)
         examples_count = len(docs)
     else:
@@ -209,7 +220,10 @@ def build_rows(fmt: str, paths: Sequence[str], tokenizer: Tokenizer, max_len: in
                     dialog = record.get("messages", record.get("dialog")) if isinstance(record, dict) else record
                     if not isinstance(dialog, list):
                         raise ValueError(f"{where}: expected a dialog (a list of {{role, content}} messages)")
-                    ex = tokenizer.encode_dialog_turns(dialog)
+                    try:
+                        ex = tokenizer.encode_dialog_turns(dialog)
+                    except (ValueError, TypeError, KeyError, AttributeError) as e:
+                        raise ValueError(f"{where}: {e}") from None
                 ex, cut = _truncate(ex, max_len)
                 truncated += cut
                 if sum(ex[1]) > 0:  # an example whose targets were all truncated teaches nothing

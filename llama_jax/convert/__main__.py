@@ -16,6 +16,7 @@ from llama_jax.convert.export_hf import export_hf
 from llama_jax.convert.reference import verify
 from llama_jax.convert.sources import HFSource, MetaSource
 from llama_jax.convert.streaming import OUT_DTYPES, convert
+from llama_jax.errors import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> LlamaConfig:
     """Run one conversion; raises a clear exception on bad input (the CLI prints it)."""
     args = parse_args(argv)
+    if args.verify_layers is not None and args.verify_layers < 1:
+        raise ValueError(f"--verify-layers must be >= 1, got {args.verify_layers}")
     progress = not args.no_progress
     if args.command == "export-hf":
         if is_remote(args.out):
@@ -59,12 +62,7 @@ def main(argv: list[str] | None = None) -> LlamaConfig:
 
 
 def cli() -> int:
-    try:
-        main()
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(main)
 
 
 if __name__ == "__main__":
