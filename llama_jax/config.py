@@ -29,6 +29,14 @@ def _whole(config: dict, key: str, default: Any = None) -> Any:
     return int(value)
 
 
+def _real(config: dict, key: str) -> float:
+    """config[key] as a float; anything but a number is refused, naming the key."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
 def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
     """Meta's FFN width rule: 2/3 of 4*dim, optionally scaled, rounded up to `multiple_of`."""
     hidden = int(2 * 4 * dim / 3)
@@ -172,8 +180,8 @@ class LlamaConfig:
             n_kv_heads=_whole(params, "n_kv_heads"),
             multiple_of=_whole(params, "multiple_of", 256),
             ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-            norm_eps=float(params.get("norm_eps", 1e-5)),
-            rope_theta=float(params.get("rope_theta", 10000.0)),
+            norm_eps=_real({"norm_eps": 1e-5, **params}, "norm_eps"),
+            rope_theta=_real({"rope_theta": 10000.0, **params}, "rope_theta"),
             max_seq_len=_whole({"max_seq_len": max_seq_len, **params}, "max_seq_len"),
             **overrides,
         )
@@ -204,7 +212,7 @@ class LlamaConfig:
         rope_theta = (ropes[0] if ropes else {}).get("rope_theta", config.get("rope_theta", 10000.0))
         dim, heads = _whole(config, "hidden_size"), _whole(config, "num_attention_heads")
         head_dim = _whole(config, "head_dim")
-        if head_dim is not None and heads > 0 and head_dim != dim // heads:
+        if head_dim is not None and dim > 0 and heads > 0 and head_dim != dim // heads:
             raise ValueError(f"config.json head_dim {head_dim} != hidden_size/heads {dim // heads}")
         return cls(
             vocab_size=_whole(config, "vocab_size", 32000),
@@ -213,8 +221,8 @@ class LlamaConfig:
             n_heads=heads,
             n_kv_heads=_whole(config, "num_key_value_heads") or heads,
             hidden_dim=_whole(config, "intermediate_size"),
-            norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            norm_eps=_real({"rms_norm_eps": 1e-6, **config}, "rms_norm_eps"),
+            rope_theta=_real({"rope_theta": rope_theta}, "rope_theta"),
             max_seq_len=_whole(config, "max_position_embeddings", 4096),
             **overrides,
         )

@@ -79,7 +79,8 @@ def parse_json(text: str, path: str, expected: type = dict, what: str = "a JSON 
     except RecursionError:
         raise ValueError(f"{path}: JSON nested too deeply; expected {what}") from None
     if not isinstance(value, expected):
-        raise ValueError(f"{path}: expected {what}, got a JSON {type(value).__name__}")
+        kind = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+        raise ValueError(f"{path}: expected {what}, got a JSON {kind.get(type(value), 'null')}")
     return value
 
 

@@ -51,8 +51,11 @@ def _holder() -> dict:
 
 
 def _describe(holder: dict) -> str:
-    return (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "
-            f"({holder.get('command', '?')})")
+    parts = [f"pid {holder.get('pid', '?')}"]
+    parts += [f"on {holder['host']}"] if holder.get("host") else []
+    parts += [f"since {holder['since']}"] if holder.get("since") else []
+    parts += [f"({holder['command']})"] if holder.get("command") else []
+    return " ".join(parts)
 
 
 def _read_holder(fd: int) -> dict:

@@ -64,8 +64,8 @@ class RunCheckpoints:
         need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
         free = shutil.disk_usage(self.dir).free
         if free < need * 1.05:
-            raise OSError(errno.ENOSPC, f"{self.dir}: {free / 2**30:.2f} GiB free, a checkpoint needs about "
-                                        f"{need / 2**30:.2f} GiB; free some space or choose another output_dir")
+            raise OSError(errno.ENOSPC, f"{self.dir}: {free / 2**20:,.1f} MiB free, a checkpoint needs about "
+                                        f"{need / 2**20:,.1f} MiB; free some space or choose another output_dir")
 
     def save(self, step: int, state: dict, train_state: dict) -> None:
         """Start saving step `step` ({"params", "opt_state"} arrays + a JSON train_state); returns at once."""
