@@ -1,5 +1,7 @@
-"""How every command line reports a user's mistake: one line naming the file, tensor, record or
-key and what was expected, exit status 2, never a traceback (LLAMA_JAX_TRACEBACK=1 shows it)."""
+"""How a user hears about trouble: a one-line `note:` for what was repaired or skipped (a stale
+lock taken over, leftovers removed), and for a user's mistake one `error:` line naming the file,
+tensor, record or key and what was expected, exit status 2, never a traceback
+(LLAMA_JAX_TRACEBACK=1 shows it)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,11 @@ from typing import Any, Callable
 # What bad input raises once the code has named the thing (OSError: missing files, full disks,
 # permissions; UnicodeError is a ValueError).
 USER_ERRORS = (ValueError, KeyError, TypeError, OSError)
+
+
+def note(message: str) -> None:
+    """A one-line notice on stderr (clean-ups and take-overs a user should know about)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def one_line(error: BaseException) -> str:

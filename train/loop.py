@@ -32,7 +32,7 @@ from tqdm import tqdm
 import llama_jax as lj
 from llama_jax import flops
 from llama_jax.checkpoint import RunCheckpoints, read_config, write_text
-from llama_jax.checkpoint.locks import note
+from llama_jax.errors import note
 from sharding import batch_groups, chip_of, global_batch, is_main_process, make_mesh
 from train import data as data_lib
 from train import run_folder

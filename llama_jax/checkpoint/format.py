@@ -11,10 +11,10 @@ import jax
 
 from llama_jax.checkpoint.files import Staging, is_remote, join, parse_json, read_text, write_text
 from llama_jax.checkpoint.integrity import verify
-from llama_jax.checkpoint.locks import note
 from llama_jax.checkpoint.orbax_glue import leaf_paths, open_leaves, restore_pytree, save_pytree, stored_arrays
 from llama_jax.checkpoint.runs import complete_steps
 from llama_jax.config import DTYPES, LlamaConfig
+from llama_jax.errors import note
 from llama_jax.model import check_params, param_shapes
 from sharding import param_shardings
 

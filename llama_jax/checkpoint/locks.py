@@ -21,14 +21,11 @@ import socket
 import sys
 from typing import Any
 
+from llama_jax.errors import note
+
 
 class FolderInUse(FileExistsError):
     """Another live process writes this folder (a training run, a conversion to the same OUT)."""
-
-
-def note(message: str) -> None:
-    """A one-line notice on stderr (clean-ups and take-overs a user should know about)."""
-    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def pid_alive(pid: int) -> bool:

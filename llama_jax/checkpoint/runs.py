@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from llama_jax.checkpoint.integrity import CorruptCheckpoint, verify, write_manifest
-from llama_jax.checkpoint.locks import note
 from llama_jax.checkpoint.orbax_glue import NoOrbaxTracebacks
+from llama_jax.errors import note
 from sharding import is_main_process
 
 ITEMS = ("params", "opt_state", "train_state")  # the items of every step folder
