@@ -328,6 +328,10 @@ def _run_claimed(cfg: TrainConfig) -> dict:
     ckpts = RunCheckpoints(cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpointing)
     try:
         state, rng, start = resume_or_start(setup, ckpts)
+        if start >= setup.steps:
+            say(f"{cfg.output_dir} has already trained {start} of {setup.steps} steps: nothing to do "
+                "(raise steps= to train longer, or use a new output_dir)")
+            return {"steps": setup.steps, "start_step": start, "finished": True}
         run_folder.record(cfg, setup.model)
         log = MetricsLog(setup, start)
         summary: dict[str, Any] = {"steps": setup.steps, "start_step": start, "data": setup.data_summary}

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import yaml
 
 import llama_jax as lj
-from llama_jax.checkpoint import read_config, write_config, write_text
+from llama_jax.checkpoint import copy_file, read_config, write_config, write_text
 from llama_jax.checkpoint.locks import FolderLock, clean_run_leftovers
 from sharding import is_main_process
 from train.config import TrainConfig
@@ -145,8 +145,12 @@ def check_resume(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
 
 
 def record(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
-    """Write the run's model (config.json, for load_checkpoint) and recipe (train_config.yaml)."""
+    """Write the run's model (config.json, for load_checkpoint), recipe (train_config.yaml) and
+    tokenizer (tokenizer.model, which generate and export-hf find there)."""
     if not is_main_process():
         return
     write_config(cfg.output_dir, model.replace(dtype="float32"))
     write_text(os.path.join(cfg.output_dir, RECIPE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tokenizer_copy = os.path.join(cfg.output_dir, "tokenizer.model")
+    if not os.path.exists(tokenizer_copy) or not os.path.samefile(cfg.tokenizer, tokenizer_copy):
+        copy_file(cfg.tokenizer, tokenizer_copy)

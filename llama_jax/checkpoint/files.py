@@ -124,6 +124,14 @@ def check_apart(out: str, sources: tuple[str, ...]) -> None:
                          "write to a folder outside the source")
 
 
+class OutputExists(FileExistsError):
+    """The output folder exists and overwrite was not asked for (command lines name their --overwrite)."""
+
+    def __init__(self, path: str):
+        super().__init__(f"{path} already exists; pass overwrite=True to replace it")
+        self.path = path
+
+
 class Staging:
     """Write into a temporary sibling of `out`; `commit()` renames it to `out` when complete.
 
@@ -166,7 +174,7 @@ class Staging:
 
     def _refuse_existing(self) -> None:
         if os.path.lexists(self.out) and not self.overwrite:
-            raise FileExistsError(f"{self.out} already exists; pass overwrite=True (--overwrite) to replace it")
+            raise OutputExists(self.out)
 
     def commit(self) -> None:
         if is_remote(self.out):

@@ -43,6 +43,14 @@ def read_config(folder: str) -> LlamaConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
+def checkpoint_tokenizer(path: str) -> str | None:
+    """The tokenizer.model a checkpoint or run folder carries (the converter and the trainer copy it there)."""
+    candidate = join(str(path), "tokenizer.model")
+    if is_remote(candidate):
+        return candidate if read_text(candidate) is not None else None
+    return candidate if os.path.isfile(candidate) else None
+
+
 def save_checkpoint(path: str, cfg: LlamaConfig, params: Any, overwrite: bool = False) -> None:
     """Write `path/config.json` + `path/params/` (Orbax PyTree) + `checksums.json`, via a temporary
     sibling. config.json records the dtype the arrays have (param_dtype)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama_jax.checkpoint import is_remote
+from llama_jax.checkpoint import OutputExists, is_remote
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.export_hf import export_hf
 from llama_jax.convert.reference import verify
@@ -57,12 +57,18 @@ def main(argv: list[str] | None = None) -> LlamaConfig:
     print(f"wrote {args.out} ({cfg.n_layers} layers, dim {cfg.dim}, {cfg.num_params():,} params, {cfg.param_dtype})")
     if args.verify:
         verify(args.command, args.src, args.out, cfg, args.verify_layers,
-               source if args.command == "meta" else None)
+               source if args.command == "meta" else None, progress)
     return cfg
 
 
 def cli() -> int:
-    return run_cli(main)
+    def run() -> None:
+        try:
+            main()
+        except OutputExists as e:  # the library says overwrite=True; here the flag is --overwrite
+            raise FileExistsError(f"{e.path} already exists; pass --overwrite to replace it") from None
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 
-from llama_jax.checkpoint import load_checkpoint
+from llama_jax.checkpoint import checkpoint_tokenizer, load_checkpoint
 from llama_jax.config import LlamaConfig
 from llama_jax.generate.engine import generate, generate_stream
 from llama_jax.tokenizer import Tokenizer, format_alpaca
@@ -17,7 +17,8 @@ from sharding import shard_params
 
 
 class Generator:
-    """Text in, text out: a model (a checkpoint directory, or (cfg, params)) plus a tokenizer.
+    """Text in, text out: a model (a checkpoint directory, or (cfg, params)) plus a tokenizer
+    (default: the tokenizer.model the checkpoint or training run folder carries).
 
     Sampling keywords of every method (defaults as in Meta's examples): max_new_tokens=None (up to
     the model's context), temperature=0.6, top_p=0.9, top_k=0, seed=0. With `mesh`, params are
@@ -27,7 +28,7 @@ class Generator:
     defaults = {"max_new_tokens": None, "temperature": 0.6, "top_p": 0.9, "top_k": 0, "seed": 0}
 
     def __init__(self, checkpoint_or_params: str | os.PathLike | tuple[LlamaConfig, Any],
-                 tokenizer: Tokenizer | str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
+                 tokenizer: Tokenizer | str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None,
                  dtype: str | None = None) -> None:
         if isinstance(checkpoint_or_params, (str, os.PathLike)):
             self.cfg, self.params = load_checkpoint(os.fspath(checkpoint_or_params), mesh=mesh, dtype=dtype)
@@ -42,6 +43,13 @@ class Generator:
         else:
             raise TypeError("checkpoint_or_params must be a checkpoint directory or a (cfg, params) tuple, "
                             f"got {type(checkpoint_or_params).__name__}")
+        if tokenizer is None:
+            found = checkpoint_tokenizer(os.fspath(checkpoint_or_params)) \
+                if isinstance(checkpoint_or_params, (str, os.PathLike)) else None
+            if found is None:
+                raise ValueError("no tokenizer given and the checkpoint carries no tokenizer.model; pass the "
+                                 "tokenizer (e.g. Meta's tokenizer.model)")
+            tokenizer = found
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         if self.tokenizer.vocab_size != self.cfg.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} pieces but the model's vocab_size is "
