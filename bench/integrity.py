@@ -107,7 +107,8 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"bench": "integrity", "device": f"cpu ({os.cpu_count()} cores)", "checkpoint_bytes": size,
-              "params": cfg.num_params(), "save_checkpoint_s": round(save_s, 3), "write_manifest_s": round(manifest_s, 3),
+              "params": cfg.num_params(), "save_checkpoint_s": round(save_s, 3),
+              "write_manifest_s": round(manifest_s, 3),
               **{k: round(v, 3) for k, v in rows.items()},
               "note": "best of 3; cold = page cache dropped per file; machine load at start: "
                       f"{os.getloadavg()[0]:.1f}"}

@@ -201,7 +201,8 @@ def test_a_resume_may_change_what_the_table_allows(resumed_after_trouble):
 
 @pytest.mark.parametrize("kind", ["checkpoint", "file", "hf_folder"])
 def test_output_dir_that_is_a_checkpoint_or_a_file_is_refused(tmp_path, models, kind):
-    target = {"checkpoint": lambda: copy(models[3], tmp_path / "ckpt"), "hf_folder": lambda: copy(models[2], tmp_path / "hf"),
+    target = {"checkpoint": lambda: copy(models[3], tmp_path / "ckpt"),
+              "hf_folder": lambda: copy(models[2], tmp_path / "hf"),
               "file": lambda: (tmp_path / "notes.txt").write_text("mine") and str(tmp_path / "notes.txt")}[kind]()
     before = snapshot(tmp_path)
     with pytest.raises(ValueError, match=re.escape(f"output_dir {target}")):

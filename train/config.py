@@ -244,7 +244,8 @@ def validate(cfg: TrainConfig) -> None:
              f"{key} = {value} is too large (at most {INT32_MAX})")
     for axis in ("data", "fsdp", "tensor"):
         need(getattr(cfg.mesh, axis) != 0, f"mesh.{axis} must be -1 (fill) or >= 1, got 0")
-    need(cfg.steps > 0 or cfg.epochs > 0, f"set steps (> 0) or epochs (> 0); got steps={cfg.steps}, epochs={cfg.epochs}")
+    need(cfg.steps > 0 or cfg.epochs > 0,
+         f"set steps (> 0) or epochs (> 0); got steps={cfg.steps}, epochs={cfg.epochs}")
     need(cfg.batch_size % cfg.grad_accum == 0,
          f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum}")
     need(cfg.model.preset is not None or cfg.init_from is not None,

@@ -5,7 +5,8 @@ integrity.py (checksums.json) and locks.py (one writer per folder, leftovers) <-
 folders) <- format.py (config.json + params/: save, load, open leaf by leaf).
 """
 
-from llama_jax.checkpoint.files import OutputExists, Staging, copy_file, is_remote, join, read_json, read_text, write_text
+from llama_jax.checkpoint.files import (OutputExists, Staging, copy_file, is_remote, join, read_json, read_text,
+                                        write_text)
 from llama_jax.checkpoint.format import (checkpoint_tokenizer, load_checkpoint, open_checkpoint, params_dir, read_config,
                                          save_checkpoint, write_config)
 from llama_jax.checkpoint.orbax_glue import StreamingWriter, leaf_paths

@@ -112,7 +112,7 @@ class StreamingWriter:
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"{'/'.join(path)}: got shape {value.shape}, expected {tuple(target.shape)}")
         array = np.ascontiguousarray(value, dtype=DTYPES[self.dtype])
-        chunk = ".".join(["0"] * len(target.shape)) if layer is None else ".".join([str(layer)] + ["0"] * len(target.shape))
+        chunk = ".".join(([] if layer is None else [str(layer)]) + ["0"] * len(target.shape))  # zarr v2 key
         self.digests[f"{'.'.join(path)}/{chunk}"] = digest(array.reshape(-1).view(np.uint8).data)
         target.write(array, can_reference_source_data_indefinitely=donate or array is not value).result()
 

@@ -61,6 +61,8 @@ class RunCheckpoints:
     def check_room(self, state: dict) -> None:
         """Refuse, before any file is written, a disk that cannot hold one more step (else a full disk
         would stop the run only at a save, after the work since the last one)."""
+        if not os.path.isdir(self.dir):  # another host's folder (multi-host, local disks): its own check
+            return
         need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
         free = shutil.disk_usage(self.dir).free
         if free < need * 1.05:

@@ -43,8 +43,8 @@ def export_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = F
         plan[-1].append(item)
         size += nbytes
     weight_map, total = {}, 0
-    with Staging(out, overwrite, sources=(ckpt,), checksums=False) as stage, \
-            tqdm(total=cfg.num_params() * size_of, unit="B", unit_scale=True, desc="export", disable=not progress) as bar:
+    with Staging(out, overwrite, sources=(ckpt,), checksums=False) as stage, tqdm(
+            total=cfg.num_params() * size_of, unit="B", unit_scale=True, desc="export", disable=not progress) as bar:
         for k, items in enumerate(plan):
             file = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
             shapes = {name: layout.torch_shape(entry, cfg) for entry, _, name in items}

@@ -43,7 +43,8 @@ def convert(source: MetaSource | HFSource, out: str, dtype: str | None = None, t
     tokenizer = tokenizer or source.tokenizer()
     if tokenizer is not None:
         if not os.path.isfile(tokenizer):
-            raise FileNotFoundError(f"--tokenizer {tokenizer}: {'not a file' if os.path.exists(tokenizer) else 'no such file'}")
+            problem = "not a file" if os.path.exists(tokenizer) else "no such file"
+            raise FileNotFoundError(f"--tokenizer {tokenizer}: {problem}")
         Tokenizer(tokenizer)  # a SentencePiece model, or an error naming the file
     check_apart(out, (source.src,))
     items = [(entry, layer, name, int(np.prod(layout.torch_shape(entry, cfg))))

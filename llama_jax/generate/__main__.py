@@ -57,7 +57,8 @@ def _text(value: str | None, flag: str) -> str | None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(f"{flag}: not valid UTF-8 text (a byte that is not UTF-8 at character {e.start})") from None
+            raise ValueError(f"{flag}: not valid UTF-8 text (a byte that is not UTF-8 at character {e.start})") \
+                from None
     return value
 
 
