@@ -138,7 +138,8 @@ def recipe(out, *extra):
     return train.load_config(os.path.join(ROOT, "configs/demo.yaml"), [
         f"output_dir={out}", "steps=2", "checkpoint_every=1", "log_every=1", "batch_size=8", "model.preset=tiny",
         "model.overrides={}", "data.format=pretrain", f"data.train={ROOT}/data/demo_pretrain.txt",
-        f"tokenizer={ROOT}/data/tokenizer.model", "data.max_len=32", "eval.data=null", "tensorboard=false", *extra])
+        f"tokenizer={ROOT}/data/tokenizer.model", "data.max_len=32", "eval.data=null", "eval.loss_data=null",
+        "tensorboard=false", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ def command(out):
     return [sys.executable, "-m", "train", "--config", "configs/demo.yaml", f"output_dir={out}", f"steps={STEPS}",
             "checkpoint_every=10", "log_every=1", "batch_size=4", "model.preset=tiny", "model.overrides={}",
             "data.format=pretrain", "data.train=data/demo_pretrain.txt", "data.max_len=32", "eval.data=null",
-            "tensorboard=false", "optim.warmup_steps=5", "optim.lr=3e-3"]
+            "eval.loss_data=null", "tensorboard=false", "optim.warmup_steps=5", "optim.lr=3e-3"]
 
 
 def env():

@@ -29,13 +29,17 @@ class ModelConfig:
     attention: str = "xla"  # xla | cudnn (NVIDIA GPUs) | splash (TPUs)
 
 
+DATA_FORMATS = ("alpaca", "chat", "pretrain", "tokens", "auto")
+
+
 @dataclasses.dataclass
 class DataConfig:
-    format: str = "alpaca"  # alpaca | pretrain | chat
-    train: list = dataclasses.field(default_factory=list)  # files (JSON for alpaca/chat; .txt/.jsonl for pretrain)
+    format: str = "alpaca"  # alpaca | chat | pretrain | tokens (python -m train.tokenize folders) | auto
+    train: list = dataclasses.field(default_factory=list)  # files, globs, folders, hf:NAME, gs://... (train/data/formats.py)
     max_len: int = 512  # tokens per example/row (a row holds max_len inputs)
     pack: bool = False  # pack several examples per row (segment ids keep them apart)
     text_key: str = "text"  # field of a JSONL line holding a document (pretrain)
+    weights: list[float] = dataclasses.field(default_factory=list)  # tokens: mixture weight per data.train entry
 
 
 @dataclasses.dataclass
@@ -67,6 +71,9 @@ class EvalConfig:
     data: str | None = None  # Alpaca JSON of held-out examples: exact-match accuracy, greedy decoding
     examples: int = 0  # how many of them (0 = all)
     max_new_tokens: int = 32
+    loss_data: str | None = None  # held-out file in data.format: eval_loss / eval_ppl over its target tokens
+    every: int = 0  # steps between validation passes (0: only at the start and the end)
+    batches: int = 0  # batches of batch_size rows per validation pass (0 = all of loss_data)
 
 
 @dataclasses.dataclass
@@ -121,6 +128,11 @@ def _check_type(key: str, value: Any, default: Any, annotation: str) -> Any:
         if optional:
             return None
         raise ValueError(f"config {key}: must not be null")
+    if "list[float]" in str(annotation):
+        value = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"config {key}: expected a list of numbers, got {value!r}")
+        return [float(v) for v in value]
     if isinstance(default, bool) or "bool" in str(annotation):
         if not isinstance(value, bool):
             raise ValueError(f"config {key}: expected true/false, got {value!r}")
@@ -205,7 +217,7 @@ RANGES = {
     "optim.weight_decay": "[0, inf)", "optim.clip_norm": "[0, inf)", "optim.z_loss": "[0, inf)",
     "mesh.data": "[-1, inf)", "mesh.fsdp": "[-1, inf)", "mesh.tensor": "[-1, inf)",  # -1 fills; 0 refused below
     "mesh.dcn_data": "[1, inf)", "mesh.dcn_fsdp": "[1, inf)",
-    "eval.examples": "[0, inf)", "eval.max_new_tokens": "[1, inf)",
+    "eval.examples": "[0, inf)", "eval.max_new_tokens": "[1, inf)", "eval.every": "[0, inf)", "eval.batches": "[0, inf)",
 }
 INT32_MAX = 2**31 - 1
 
@@ -224,7 +236,7 @@ def numeric_keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
         key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             out.update(numeric_keys(value, f"{key}."))
-        elif ("int" in str(f.type) or "float" in str(f.type)) and "bool" not in str(f.type):
+        elif ("int" in str(f.type) or "float" in str(f.type)) and not any(t in str(f.type) for t in ("bool", "list")):
             out[key] = value
     return out
 
@@ -253,8 +265,11 @@ def validate(cfg: TrainConfig) -> None:
     unknown = sorted(set(cfg.model.overrides) - set(OVERRIDABLE))
     need(not unknown, f"model.overrides: unknown key(s) {unknown}; known: {list(OVERRIDABLE)} "
                       "(dtype, remat and attention are model.dtype, model.remat, model.attention)")
-    need(cfg.data.format in ("alpaca", "pretrain", "chat"),
-         f"data.format must be alpaca, pretrain or chat, got {cfg.data.format!r}")
+    need(cfg.data.format in DATA_FORMATS, f"data.format must be one of {DATA_FORMATS}, got {cfg.data.format!r}")
+    need(not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.train),
+         f"data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.train)} data.train entries")
+    need(all(math.isfinite(w) and w > 0 for w in cfg.data.weights),
+         f"data.weights must be finite numbers > 0, got {cfg.data.weights}")
     need(len(cfg.data.train) > 0, "data.train must name at least one file")
     need(cfg.optim.schedule in ("cosine", "constant"), f"optim.schedule must be cosine or constant, got {cfg.optim.schedule!r}")
     need(cfg.model.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {cfg.model.remat!r}")

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import yaml
 
 import llama_jax as lj
-from llama_jax.checkpoint import copy_file, read_config, write_config, write_text
+from llama_jax.checkpoint import copy_file, is_remote, read_config, write_config, write_text
 from llama_jax.checkpoint.locks import FolderLock, clean_run_leftovers
 from sharding import is_main_process
 from train.config import TrainConfig
@@ -152,5 +152,6 @@ def record(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
     write_config(cfg.output_dir, model.replace(dtype="float32"))
     write_text(os.path.join(cfg.output_dir, RECIPE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tokenizer_copy = os.path.join(cfg.output_dir, "tokenizer.model")
-    if not os.path.exists(tokenizer_copy) or not os.path.samefile(cfg.tokenizer, tokenizer_copy):
+    if not os.path.exists(tokenizer_copy) or is_remote(cfg.tokenizer) or not os.path.samefile(cfg.tokenizer,
+                                                                                               tokenizer_copy):
         copy_file(cfg.tokenizer, tokenizer_copy)

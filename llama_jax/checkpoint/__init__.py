@@ -5,13 +5,13 @@ integrity.py (checksums.json) and locks.py (one writer per folder, leftovers) <-
 folders) <- format.py (config.json + params/: save, load, open leaf by leaf).
 """
 
-from llama_jax.checkpoint.files import (OutputExists, Staging, copy_file, is_remote, join, read_json, read_text,
-                                        write_text)
+from llama_jax.checkpoint.files import (OutputExists, Staging, copy_file, is_remote, join, read_bytes, read_json,
+                                        read_text, write_text)
 from llama_jax.checkpoint.format import (checkpoint_tokenizer, load_checkpoint, open_checkpoint, params_dir, read_config,
                                          save_checkpoint, write_config)
 from llama_jax.checkpoint.orbax_glue import StreamingWriter, leaf_paths
 from llama_jax.checkpoint.runs import RunCheckpoints, complete_steps
 
-__all__ = ["OutputExists", "RunCheckpoints", "Staging", "StreamingWriter", "checkpoint_tokenizer", "complete_steps", "copy_file", "is_remote", "join",
-           "leaf_paths", "load_checkpoint", "open_checkpoint", "params_dir", "read_config", "read_json", "read_text",
-           "save_checkpoint", "write_config", "write_text"]
+__all__ = ["OutputExists", "RunCheckpoints", "Staging", "StreamingWriter", "checkpoint_tokenizer", "complete_steps",
+           "copy_file", "is_remote", "join", "leaf_paths", "load_checkpoint", "open_checkpoint", "params_dir",
+           "read_bytes", "read_config", "read_json", "read_text", "save_checkpoint", "write_config", "write_text"]

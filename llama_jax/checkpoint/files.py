@@ -43,23 +43,28 @@ def write_text(path: str, text: str) -> None:
         os.replace(tmp, path)
 
 
-def read_text(path: str) -> str | None:
-    """A small text file's contents, or None when it does not exist."""
+def read_bytes(path: str) -> bytes | None:
+    """A file's bytes (local path or URL), or None when it does not exist."""
     if is_remote(path):
         folder, name = str(path).rsplit("/", 1)
         result = ts.KvStore.open(kvstore(folder)).result().read(name).result()
-        raw = result.value if result.state == "value" else None
-    elif not os.path.isfile(path):
+        return result.value if result.state == "value" else None
+    if not os.path.isfile(path):
         return None
-    else:
-        with open(path, "rb") as f:
-            raw = f.read()
-    if raw is None:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str | None:
+    """A small text file's contents, or None when it does not exist; bytes that are not UTF-8
+    raise an error naming the file."""
+    data = read_bytes(path)
+    if data is None:
         return None
     try:
-        return raw.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+        raise ValueError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
 
 
 def read_json(path: str, expected: type = dict, what: str = "a JSON object") -> Any:
@@ -85,11 +90,17 @@ def parse_json(text: str, path: str, expected: type = dict, what: str = "a JSON 
 
 
 def copy_file(src: str, dst: str) -> None:
-    """Copy a local file to a local path or a URL."""
-    if is_remote(dst):
-        folder, name = dst.rsplit("/", 1)
-        with open(src, "rb") as f:
-            ts.KvStore.open(kvstore(folder)).result().write(name, f.read()).result()
+    """Copy a small file between local paths and URLs."""
+    if is_remote(src) or is_remote(dst):
+        data = read_bytes(src)
+        if data is None:
+            raise FileNotFoundError(f"{src}: no such file")
+        if is_remote(dst):
+            folder, name = dst.rsplit("/", 1)
+            ts.KvStore.open(kvstore(folder)).result().write(name, data).result()
+        else:
+            with open(dst, "wb") as f:
+                f.write(data)
     else:
         shutil.copyfile(src, dst)
 

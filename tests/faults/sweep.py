@@ -144,7 +144,7 @@ def train_args(out: str, *extra: str, data: str | None = None, fmt: str = "pretr
     return ["--config", str(ROOT / "configs" / "demo.yaml"), f"output_dir={out}", "steps=2", "log_every=1",
             "batch_size=8", "model.preset=tiny", "model.overrides={}", f"data.format={fmt}",
             f"data.train={data or ROOT / 'data' / 'demo_pretrain.txt'}", "data.max_len=32", "eval.data=null",
-            "tensorboard=false", f"tokenizer={TOKENIZER}", *extra]
+            "eval.loss_data=null", "tensorboard=false", f"tokenizer={TOKENIZER}", *extra]
 
 
 # --- running a case ----------------------------------------------------------------------------
