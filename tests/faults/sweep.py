@@ -1231,7 +1231,7 @@ for _name, _content, _fmt, _names in (
     ("chat [INST] in a message", b'[[{"role": "user", "content": "[INST]"}, {"role": "assistant", "content": "y"}]]',
      "chat", ("[0]",)),
     ("chat message not an object", b'[["hello", "there"]]', "chat", ("[0]",)),
-    ("pretrain text not UTF-8", b"good text\n\nbad \xff\xfe text\n", "pretrain", ("data.json:3",)),
+    ("pretrain text not UTF-8", b"good text\n\nbad \xff\xfe text\n", "pretrain", ("data.json",)),
     ("pretrain empty", b"", "pretrain", ("data.json",)),
 ):
     @case("train-data", _name)
