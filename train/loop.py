@@ -26,16 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 import llama_jax as lj
 from llama_jax import flops
-from llama_jax.checkpoint import RunCheckpoints, copy_file, is_remote, read_config, write_config, write_text
+from llama_jax.checkpoint import RunCheckpoints, read_config, write_text
+from llama_jax.errors import note
 from llama_jax.model import check_params
 from sharding import batch_groups, chip_of, global_batch, is_main_process, make_mesh
 from train import data as data_lib
+from train import run_folder
 from train import step as step_lib
 from train.config import TrainConfig
 from train.evaluate import exact_match, make_validation_loss, validation_loss
@@ -55,7 +56,12 @@ def model_config(cfg: TrainConfig) -> tuple[lj.LlamaConfig, str | None]:
     """The architecture (preset + overrides, or the init_from checkpoint's) with the run's dtype/remat/attention."""
     run = dict(dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention, param_dtype="float32")
     if cfg.init_from is not None:  # local or gs://...: read_config names a missing checkpoint
-        return read_config(cfg.init_from).replace(**cfg.model.overrides, **run), cfg.init_from
+        stored = read_config(cfg.init_from)
+        model = stored.replace(**cfg.model.overrides, **run)
+        if lj.param_shapes(model) != lj.param_shapes(stored.replace(**run)):
+            raise ValueError(f"model.overrides {cfg.model.overrides} change the shapes of init_from {cfg.init_from}'s "
+                             "weights; only fields that keep the shapes (rope_theta, norm_eps, max_seq_len) may change")
+        return model, cfg.init_from
     return lj.LlamaConfig.preset(cfg.model.preset, **cfg.model.overrides, **run), None
 
 
@@ -82,18 +88,6 @@ class Setup:
     validation_fn: Callable | None = None
 
 
-def check_resumable(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
-    """A resumed run must be the same architecture as the one that wrote output_dir."""
-    if not os.path.exists(os.path.join(cfg.output_dir, "config.json")):
-        return
-    before = read_config(cfg.output_dir)
-    shape_fields = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim")
-    changed = {f: (getattr(before, f), getattr(model, f)) for f in shape_fields if getattr(before, f) != getattr(model, f)}
-    if changed:
-        raise ValueError(f"{cfg.output_dir} holds a run of a different model ({changed}, as (saved, now)); "
-                         "use a new output_dir or the run's own settings")
-
-
 def set_up(cfg: TrainConfig) -> Setup:
     """Model and mesh first (they fail fast), then the data, the optimizer and the compiled step."""
     model, init_from = model_config(cfg)
@@ -105,7 +99,7 @@ def set_up(cfg: TrainConfig) -> Setup:
     if micro % batch_groups(mesh):
         raise ValueError(f"microbatch {micro} (batch_size / grad_accum) is not divisible by data x fsdp = "
                          f"{batch_groups(mesh)}")
-    check_resumable(cfg, model)
+    run_folder.check_resume(cfg, model)
 
     tokenizer = lj.Tokenizer(cfg.tokenizer)
     batches, data_summary = data_lib.make_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed, jax.process_index(),
@@ -197,17 +191,7 @@ class MetricsLog:
         self.tb = None
         if not self.main:
             return
-        kept = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by a kill
-                        continue
-                    if record.get("step", 0) <= resumed_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        write_text(self.path, "".join(kept))
+        write_text(self.path, "".join(_metrics_up_to(self.path, resumed_step)))
         self.file = open(self.path, "a")
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
@@ -263,6 +247,30 @@ class MetricsLog:
                 self.tb.close()
 
 
+def _metrics_up_to(path: str, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to `step`; unreadable lines (cut by a kill, or damaged) are
+    dropped with a note naming them."""
+    if not os.path.exists(path):
+        return []
+    kept, dropped = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                record = json.loads(line)
+                step_of = record.get("step", 0) if isinstance(record, dict) else None
+                if not isinstance(step_of, int):
+                    raise ValueError("no integer step")
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError included
+                dropped.append(n)
+                continue
+            if step_of <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        note(f"{path}: dropped {len(dropped)} unreadable line(s) (line {', '.join(map(str, dropped[:5]))})")
+    return kept
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -286,6 +294,7 @@ def train(run: Setup, state: dict, rng: jax.Array, start: int, ckpts: RunCheckpo
     """Steps start..run.steps: metrics every log_every steps, a checkpoint every checkpoint_every, at the
     end and on SIGTERM. Returns the final state and the step a SIGTERM stopped at (None: all steps ran)."""
     cfg = run.cfg
+    ckpts.check_room(state)
     last_saved, started = start, time.time()
     with tqdm(total=run.steps, initial=start, disable=not is_main_process(), desc="train",
               dynamic_ncols=True) as bar, Preemption() as preemption, jax.set_mesh(run.mesh), \
@@ -334,18 +343,17 @@ def validate(run: Setup, params: Any, step: int, log: MetricsLog) -> float:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train (or resume) as the recipe says; returns a summary (final loss, eval accuracy, times)."""
-    t_start = time.time()
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    setup = set_up(cfg)
-    if is_main_process():
-        write_config(cfg.output_dir, setup.model.replace(dtype="float32"))
-        write_text(os.path.join(cfg.output_dir, "train_config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        tokenizer_copy = os.path.join(cfg.output_dir, "tokenizer.model")  # generate/export-hf find it there
-        if not os.path.exists(tokenizer_copy) or is_remote(cfg.tokenizer) or not os.path.samefile(cfg.tokenizer,
-                                                                                                   tokenizer_copy):
-            copy_file(cfg.tokenizer, tokenizer_copy)
+    """Train (or resume) as the recipe says; returns a summary (final loss, eval accuracy, times).
 
+    The run holds output_dir's lock throughout; nothing in the folder is written until the resume
+    is accepted (train/run_folder.py)."""
+    with run_folder.claim(cfg.output_dir):
+        return _run_claimed(cfg)
+
+
+def _run_claimed(cfg: TrainConfig) -> dict:
+    t_start = time.time()
+    setup = set_up(cfg)
     ckpts = RunCheckpoints(cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpointing)
     try:
         state, rng, start = resume_or_start(setup, ckpts)
@@ -353,6 +361,7 @@ def run(cfg: TrainConfig) -> dict:
             say(f"{cfg.output_dir} has already trained {start} of {setup.steps} steps: nothing to do "
                 "(raise steps= to train longer, or use a new output_dir)")
             return {"steps": setup.steps, "start_step": start, "finished": True}
+        run_folder.record(cfg, setup.model)
         log = MetricsLog(setup, start)
         summary: dict[str, Any] = {"steps": setup.steps, "start_step": start, "data": setup.data_summary}
         if setup.eval_records and start == 0:

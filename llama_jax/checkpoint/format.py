@@ -9,10 +9,12 @@ from typing import Any
 
 import jax
 
-from llama_jax.checkpoint.files import Staging, is_remote, join, read_text, write_text
-from llama_jax.checkpoint.orbax_glue import leaf_paths, open_leaves, restore_pytree, save_pytree, stored_shapes
+from llama_jax.checkpoint.files import Staging, is_remote, join, parse_json, read_text, write_text
+from llama_jax.checkpoint.integrity import verify
+from llama_jax.checkpoint.orbax_glue import leaf_paths, open_leaves, restore_pytree, save_pytree, stored_arrays
 from llama_jax.checkpoint.runs import complete_steps
 from llama_jax.config import DTYPES, LlamaConfig
+from llama_jax.errors import note
 from llama_jax.model import check_params, param_shapes
 from sharding import param_shardings
 
@@ -24,17 +26,21 @@ def write_config(folder: str, cfg: LlamaConfig) -> None:
 
 
 def read_config(folder: str) -> LlamaConfig:
-    text = read_text(join(folder, "config.json"))
+    path = join(folder, "config.json")
+    text = read_text(path)
     if text is None:
         raise FileNotFoundError(f"{folder}: no config.json; expected a llama_jax checkpoint "
                                 "(config.json + params/) or a training run folder")
-    d = json.loads(text)
+    d = parse_json(text, path, dict, "a llama_jax model config (a JSON object)")
     if d.get("format") != FORMAT["format"]:
-        raise ValueError(f"{join(folder, 'config.json')}: format is {d.get('format')!r}, expected 'llama_jax' "
+        raise ValueError(f"{path}: format is {d.get('format')!r}, expected 'llama_jax' "
                          "(a Hugging Face folder? convert it with `python -m llama_jax.convert hf`)")
     if d.get("version") != FORMAT["version"]:
-        raise ValueError(f"{join(folder, 'config.json')}: version {d.get('version')!r}, expected {FORMAT['version']}")
-    return LlamaConfig.from_dict({k: v for k, v in d.items() if k not in FORMAT})
+        raise ValueError(f"{path}: version {d.get('version')!r}, expected {FORMAT['version']}")
+    try:
+        return LlamaConfig.from_dict({k: v for k, v in d.items() if k not in FORMAT})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def checkpoint_tokenizer(path: str) -> str | None:
@@ -46,8 +52,13 @@ def checkpoint_tokenizer(path: str) -> str | None:
 
 
 def save_checkpoint(path: str, cfg: LlamaConfig, params: Any, overwrite: bool = False) -> None:
-    """Write `path/config.json` + `path/params/` (Orbax PyTree), via a temporary sibling."""
+    """Write `path/config.json` + `path/params/` (Orbax PyTree) + `checksums.json`, via a temporary
+    sibling. config.json records the dtype the arrays have (param_dtype)."""
     check_params(params, cfg, f"save_checkpoint({path})")
+    dtypes = {jax.numpy.dtype(leaf.dtype).name for leaf in jax.tree.leaves(params)}
+    if len(dtypes) != 1 or not dtypes <= set(DTYPES):
+        raise ValueError(f"save_checkpoint({path}): params must all have one of {sorted(DTYPES)}, got {sorted(dtypes)}")
+    cfg = cfg.replace(param_dtype=dtypes.pop())
     with Staging(path, overwrite) as stage:
         save_pytree(join(stage.path, "params"), params)
         if stage.main:
@@ -57,17 +68,37 @@ def save_checkpoint(path: str, cfg: LlamaConfig, params: Any, overwrite: bool = 
 def params_dir(path: str) -> str:
     """`path/params`, or the newest complete step's params of a training run folder."""
     params = join(path, "params")
-    if read_text(join(params, "_METADATA")) is not None:
-        return params
     if is_remote(path):
-        raise FileNotFoundError(f"{path}: no params/_METADATA; expected a llama_jax checkpoint")
+        if read_text(join(params, "_METADATA")) is None:
+            raise FileNotFoundError(f"{path}: no params/_METADATA; expected a llama_jax checkpoint")
+        return params
+    if os.path.isfile(os.path.join(params, "_METADATA")):
+        return params
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: {'not a folder' if os.path.exists(path) else 'no such checkpoint folder'}")
     steps = complete_steps(path)
     if not steps:
+        if os.path.isfile(os.path.join(path, "config.json")):
+            read_config(path)  # says so when it is another format's (a Hugging Face folder)
         raise FileNotFoundError(f"{path}: neither a checkpoint (params/ with an Orbax _METADATA) nor a training "
                                 "run folder (numeric step folders holding params/)")
     return os.path.join(path, str(steps[0]), "params")
+
+
+def check_params_dir(folder: str, cfg: LlamaConfig) -> None:
+    """Check a params folder's files against the checksums written at save and its stored shapes
+    and dtypes against config.json's model: a damaged or edited checkpoint never loads."""
+    if not is_remote(folder):
+        saved_as = os.path.dirname(folder)  # the checkpoint, or the run's step folder
+        if not verify(saved_as, under=("params/",)):
+            note(f"{saved_as} has no checksums.json (saved before llama_jax wrote checksums): loaded unverified")
+    stored = stored_arrays(folder)
+    expected = {leaf: (s.shape, cfg.param_dtype) for leaf, s in leaf_paths(param_shapes(cfg))}
+    if stored != expected:
+        diff = [f"{'.'.join(leaf)} stored {stored.get(leaf, 'missing')}, expected {expected.get(leaf, 'none')}"
+                for leaf in sorted(set(stored) | set(expected)) if stored.get(leaf) != expected.get(leaf)]
+        raise ValueError(f"{folder}: stored params do not match config.json's model (as (shape, dtype): "
+                         f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''})")
 
 
 def _absolute(path: str) -> str:
@@ -81,19 +112,14 @@ def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str
     host reads only its shards). dtype: "bfloat16"/"float32" casts the params (and cfg.param_dtype).
     """
     path = _absolute(path)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     folder = params_dir(path)
     cfg = read_config(path)
+    check_params_dir(folder, cfg)
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         cfg = cfg.replace(param_dtype=dtype)
     shapes = param_shapes(cfg)
-    stored = stored_shapes(folder)
-    expected = {leaf: s.shape for leaf, s in leaf_paths(shapes)}
-    if stored != expected:
-        diff = sorted(set(stored.items()) ^ set(expected.items()))[:4]
-        raise ValueError(f"{folder}: stored params do not match config.json's model "
-                         f"(differences as (leaf, shape), stored vs expected: {diff})")
     if mesh is not None:
         shardings = param_shardings(cfg, mesh)
     else:
@@ -113,6 +139,7 @@ def open_checkpoint(path: str) -> tuple[LlamaConfig, dict[tuple[str, ...], Any]]
     path = _absolute(path)
     folder = params_dir(path)
     cfg = read_config(path)
+    check_params_dir(folder, cfg)
     shapes = dict(leaf_paths(param_shapes(cfg)))
     stores = open_leaves(folder, [".".join(leaf) for leaf in shapes])
     leaves = {}

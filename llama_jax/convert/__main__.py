@@ -16,6 +16,7 @@ from llama_jax.convert.export_hf import export_hf
 from llama_jax.convert.reference import verify
 from llama_jax.convert.sources import HFSource, MetaSource
 from llama_jax.convert.streaming import OUT_DTYPES, convert
+from llama_jax.errors import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> LlamaConfig:
     """Run one conversion; raises a clear exception on bad input (the CLI prints it)."""
     args = parse_args(argv)
+    if args.verify_layers is not None and args.verify_layers < 1:
+        raise ValueError(f"--verify-layers must be >= 1, got {args.verify_layers}")
     progress = not args.no_progress
     if args.command == "export-hf":
         if is_remote(args.out):
@@ -59,15 +62,13 @@ def main(argv: list[str] | None = None) -> LlamaConfig:
 
 
 def cli() -> int:
-    try:
-        main()
-    except OutputExists as e:
-        print(f"error: {e.path} already exists; pass --overwrite to replace it", file=sys.stderr)
-        return 1
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 1
-    return 0
+    def run() -> None:
+        try:
+            main()
+        except OutputExists as e:  # the library says overwrite=True; here the flag is --overwrite
+            raise FileExistsError(f"{e.path} already exists; pass --overwrite to replace it") from None
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,8 @@ class Generator:
                  **sampling: Any) -> str | list[str]:
         """Plain completion of one text or a list of texts (each gets BOS)."""
         single = isinstance(texts, str)
+        if not single and not (isinstance(texts, Sequence) and texts and all(isinstance(t, str) for t in texts)):
+            raise TypeError(f"complete expects a text (str) or a non-empty list of texts, got {type(texts).__name__}")
         prompts = [self.tokenizer.encode(t, bos=True) for t in ([texts] if single else texts)]
         out = self._run(prompts, sampling, stop)
         return out[0] if single else out
