@@ -68,6 +68,19 @@ def adapter_layout(cfg: LlamaConfig) -> tuple[Any, Any]:
     return split(param_axes(cfg))[1], split(param_shapes(cfg))[1]
 
 
+def base_layout(cfg: LlamaConfig, base_dtype: str) -> tuple[Any, Any]:
+    """(logical axes, shapes) of a LoRA model's frozen base stored as bfloat16 | float32 | int8 | nf4
+    (as lj.load_checkpoint(path, dtype=...) or (..., quantize=...) loads it)."""
+    float_dtype = base_dtype if base_dtype in ("bfloat16", "float32") else "bfloat16"
+    plain = without_lora(cfg).replace(param_dtype=float_dtype)
+    axes, shapes = param_axes(plain), param_shapes(plain)
+    if base_dtype in quant.FORMATS:
+        return quant.layout_of(axes, shapes, base_dtype)
+    if base_dtype != float_dtype:
+        raise ValueError(f"base dtype {base_dtype!r} is not one of bfloat16, float32, {', '.join(quant.FORMATS)}")
+    return axes, shapes
+
+
 def adapter_count(cfg: LlamaConfig) -> int:
     """Number of adapter parameters (the trainable ones of a LoRA run)."""
     return sum(math.prod(s.shape) for s in jax.tree.leaves(adapter_layout(cfg)[1]))

@@ -125,10 +125,20 @@ def dequantize(w: Int8Weight | NF4Weight, dtype: Any = jnp.float32) -> Array:
     absmax = w.absmax.astype(jnp.float32)
     if w.absmax_min is not None:
         absmax = w.absmax_min + absmax * w.absmax_step
-    index = jnp.concatenate([w.codes & 15, w.codes >> 4], axis=1).astype(jnp.int32)
-    values = jnp.take(jnp.asarray(NF4_CODE), index) * absmax
+    index = jnp.concatenate([w.codes & 15, w.codes >> 4], axis=1)
+    values = _nf4_value(index) * absmax
     out_shape = w.codes.shape[2:]
     return values.reshape(*w.in_shape, *out_shape).astype(dtype)
+
+
+def _nf4_value(index: Array) -> Array:
+    """NF4_CODE[index] as a tree of 15 selects on the index's bits: elementwise, so it fuses into the
+    matmul's operand (a 16-entry table lookup compiles to a per-element gather, slow on TPUs)."""
+    values = [jnp.float32(v) for v in NF4_CODE]
+    for bit in range(4):
+        high = ((index >> bit) & 1) == 1
+        values = [jnp.where(high, values[2 * i + 1], values[2 * i]) for i in range(len(values) // 2)]
+    return values[0]
 
 
 _PROJECTION_PATHS = {layout.projection(name).path: layout.projection(name).n_in for name in PROJECTIONS}

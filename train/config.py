@@ -12,7 +12,10 @@ from typing import Any, Sequence
 
 import yaml
 
-from llama_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES
+from llama_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PROJECTIONS, REMAT_POLICIES
+from llama_jax.quant import FORMATS as QUANT_FORMATS
+
+BASE_DTYPES = ("bfloat16", "float32", *QUANT_FORMATS)
 
 
 @dataclasses.dataclass
@@ -65,6 +68,15 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    rank: int = 0  # 0 = full fine-tuning; > 0: train only rank-r adapters on a frozen init_from base
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.05  # on the adapters' input, training only
+    targets: list = dataclasses.field(default_factory=lambda: list(PROJECTIONS))  # of wq wk wv wo w1 w2 w3
+    base_dtype: str = "bfloat16"  # the frozen base in memory: bfloat16 | float32 | int8 | nf4 (QLoRA)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     steps: int = 0  # optimizer steps; 0 = derived from `epochs`
@@ -85,6 +97,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -206,3 +219,12 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {tuple(DTYPES)}, got {cfg.model.dtype!r}")
     need(cfg.model.attention in ATTENTION_IMPLEMENTATIONS,
          f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {cfg.model.attention!r}")
+    lora = cfg.lora
+    need(lora.rank >= 0, f"lora.rank must be >= 0 (0 = full fine-tuning), got {lora.rank}")
+    if lora.rank:
+        need(cfg.init_from is not None, "lora.rank > 0 trains adapters on a base model: set init_from=CKPT")
+        need(lora.alpha > 0, f"lora.alpha must be > 0, got {lora.alpha}")
+        need(0.0 <= lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {lora.dropout}")
+        need(bool(lora.targets) and set(lora.targets) <= set(PROJECTIONS) and len(set(lora.targets)) == len(lora.targets),
+             f"lora.targets must be distinct names from {list(PROJECTIONS)}, got {lora.targets}")
+        need(lora.base_dtype in BASE_DTYPES, f"lora.base_dtype must be one of {BASE_DTYPES}, got {lora.base_dtype!r}")

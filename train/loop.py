@@ -10,6 +10,11 @@ loads the newest step), the step folders of llama_jax/checkpoint/runs.py, `metri
 The same command resumes from the newest checkpoint that restores. SIGTERM (preemption) saves
 the current step and exits cleanly. A non-finite loss or gradient stops the run before it is
 saved, so the last good checkpoint stays the newest.
+
+LoRA (`lora.rank > 0`): the init_from checkpoint is loaded as the frozen base (in
+`lora.base_dtype`, quantised while loading for int8/nf4) and never written; the step folders hold
+the adapters and their optimizer state only, and `lora.json` names the base, so
+lj.load_checkpoint(output_dir) returns the merged model.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 import llama_jax as lj
-from llama_jax import flops
-from llama_jax.checkpoint import RunCheckpoints, read_config, write_config, write_text
+from llama_jax import flops, lora
+from llama_jax.checkpoint import (RunCheckpoints, lora_base_record, read_config, read_lora_base, write_config,
+                                  write_lora_base, write_text)
 from sharding import batch_groups, chip_of, global_batch, is_main_process, make_mesh
 from train import data as data_lib
 from train import step as step_lib
@@ -52,7 +58,10 @@ def say(*args: Any, **kwargs: Any) -> None:
 
 def model_config(cfg: TrainConfig) -> tuple[lj.LlamaConfig, str | None]:
     """The architecture (preset + overrides, or the init_from checkpoint's) with the run's dtype/remat/attention."""
-    run = dict(dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention, param_dtype="float32")
+    run = dict(dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention, param_dtype="float32",
+               lora_rank=cfg.lora.rank)
+    if cfg.lora.rank:
+        run.update(lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, lora_targets=tuple(cfg.lora.targets))
     if cfg.init_from is not None:  # local or gs://...: read_config names a missing checkpoint
         return read_config(cfg.init_from).replace(**cfg.model.overrides, **run), cfg.init_from
     return lj.LlamaConfig.preset(cfg.model.preset, **cfg.model.overrides, **run), None
@@ -74,9 +83,10 @@ class Setup:
     steps: int
     optimizer: optax.GradientTransformation
     state_shardings: Any
-    train_step: Callable
+    train_step: Callable  # (state, batch) -> (state, metrics); a LoRA step has its frozen base bound
     tokenizer: lj.Tokenizer
     eval_records: list
+    base: Any = None  # LoRA: the frozen base params (float or quantised), else None
 
 
 def check_resumable(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
@@ -89,6 +99,16 @@ def check_resumable(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
     if changed:
         raise ValueError(f"{cfg.output_dir} holds a run of a different model ({changed}, as (saved, now)); "
                          "use a new output_dir or the run's own settings")
+    lora_fields = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+    changed = {f: (getattr(before, f), getattr(model, f)) for f in lora_fields
+               if getattr(before, f) != getattr(model, f) and (before.lora_rank or model.lora_rank)}
+    saved_base = read_lora_base(cfg.output_dir)
+    base_now = lora_base_record(cfg.init_from, cfg.lora.base_dtype) if model.lora_rank else None
+    if saved_base != base_now:
+        changed["init_from / lora.base_dtype"] = (saved_base, base_now)
+    if changed:
+        raise ValueError(f"{cfg.output_dir} holds a run trained with other lora settings ({changed}, as (saved, now)); "
+                         "resume with the run's own lora.* and init_from, or use a new output_dir")
 
 
 def set_up(cfg: TrainConfig) -> Setup:
@@ -122,9 +142,31 @@ def set_up(cfg: TrainConfig) -> Setup:
                                                                                         o.warmup_ratio), o.min_lr_ratio)
     optimizer = step_lib.make_optimizer(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
     train_step = step_lib.make_train_step(model, optimizer, schedule, mesh, (cfg.batch_size, cfg.data.max_len),
-                                          cfg.grad_accum, o.z_loss)
+                                          cfg.grad_accum, o.z_loss, cfg.lora.base_dtype, cfg.seed)
+    base = None
+    if model.lora_rank:
+        base = load_base(cfg, model, mesh)
+        lora_step = train_step
+        train_step = lambda state, batch: lora_step(state, batch, base)  # noqa: E731
     return Setup(cfg, model, init_from, mesh, batches, data_summary, steps, optimizer,
-                 step_lib.state_shardings(model, optimizer, mesh), train_step, tokenizer, eval_records)
+                 step_lib.state_shardings(model, optimizer, mesh), train_step, tokenizer, eval_records, base)
+
+
+def load_base(cfg: TrainConfig, model: lj.LlamaConfig, mesh: Mesh) -> Any:
+    """A LoRA run's frozen base from init_from, in lora.base_dtype (int8/nf4: quantised layer by layer)."""
+    dtype = cfg.lora.base_dtype
+    quantize = dtype if dtype in ("int8", "nf4") else None
+    _, base = lj.load_checkpoint(cfg.init_from, mesh=mesh, dtype="bfloat16" if quantize else dtype, quantize=quantize)
+    trainable, total = lora.adapter_count(model), model.num_params()
+    say(f"LoRA rank {model.lora_rank}, alpha {model.lora_alpha:g}, dropout {model.lora_dropout:g} on "
+        f"{' '.join(model.lora_targets)}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of "
+        f"{total:,}); base {cfg.init_from} held as {dtype}, frozen")
+    return base
+
+
+def model_params(run: Setup, state: dict) -> Any:
+    """The params the model runs on: the trained ones, or (LoRA) the base with the trained adapters."""
+    return state["params"] if run.base is None else lora.combine(run.base, state["params"])
 
 
 # --- resume --------------------------------------------------------------------------------------
@@ -133,8 +175,9 @@ def set_up(cfg: TrainConfig) -> Setup:
 def resume_or_start(run: Setup, ckpts: RunCheckpoints) -> tuple[dict, jax.Array, int]:
     """(train state, RNG key, first step): the newest checkpoint that restores, else a fresh start."""
     cfg = run.cfg
+    trainable = step_lib.trainable_layout(run.model)[1]
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(lambda p: step_lib.init_state(p, run.optimizer), lj.param_shapes(run.model)),
+                            jax.eval_shape(lambda p: step_lib.init_state(p, run.optimizer), trainable),
                             run.state_shardings)
     with jax.set_mesh(run.mesh):
         restored = ckpts.restore_newest(abstract)
@@ -147,7 +190,9 @@ def resume_or_start(run: Setup, ckpts: RunCheckpoints) -> tuple[dict, jax.Array,
             say(f"resumed from step {train_state['step']} in {cfg.output_dir}")
             return state, jax.random.wrap_key_data(jnp.asarray(train_state["rng"], jnp.uint32)), int(train_state["step"])
         init_rng, rng = jax.random.split(jax.random.key(cfg.seed))
-        if run.init_from is not None:
+        if run.base is not None:
+            params = lora.init_adapters(run.model, init_rng)
+        elif run.init_from is not None:
             _, params = lj.load_checkpoint(run.init_from, mesh=run.mesh, dtype="float32")
             say(f"initialised from {run.init_from}")
         else:
@@ -311,6 +356,8 @@ def run(cfg: TrainConfig) -> dict:
     setup = set_up(cfg)
     if is_main_process():
         write_config(cfg.output_dir, setup.model.replace(dtype="float32"))
+        if setup.base is not None:
+            write_lora_base(cfg.output_dir, cfg.init_from, cfg.lora.base_dtype)
         write_text(os.path.join(cfg.output_dir, "train_config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     ckpts = RunCheckpoints(cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpointing)
@@ -319,7 +366,7 @@ def run(cfg: TrainConfig) -> dict:
         log = MetricsLog(setup, start)
         summary: dict[str, Any] = {"steps": setup.steps, "start_step": start, "data": setup.data_summary}
         if setup.eval_records and start == 0:
-            summary["eval_before"] = evaluate(setup, state["params"], 0, "before", log)
+            summary["eval_before"] = evaluate(setup, model_params(setup, state), 0, "before", log)
         t_loop = time.time()
         state, preempted_at = train(setup, state, rng, start, ckpts, log)
     finally:
@@ -330,7 +377,7 @@ def run(cfg: TrainConfig) -> dict:
         say(f"\nSIGTERM: saved step {preempted_at} to {cfg.output_dir}; run the same command to resume")
         summary["preempted_at"] = preempted_at
     elif setup.eval_records:
-        summary["eval_after"] = evaluate(setup, state["params"], setup.steps, "after", log)
+        summary["eval_after"] = evaluate(setup, model_params(setup, state), setup.steps, "after", log)
     log.close()
     summary["total_s"] = time.time() - t_start
     return summary
