@@ -225,15 +225,20 @@ def init_cache(cfg: LlamaConfig, batch: int, slots: int) -> KVCache:
 # --- public functional API ------------------------------------------------------------------
 
 
+def _boxed_init(cfg: LlamaConfig, rng: Array) -> Any:
+    """Parameters with their logical-axis boxes, from a one-token trace (with the xla attention,
+    which every shape takes: the attention implementation owns no parameters)."""
+    return Llama(cfg.replace(attention="xla")).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
 def param_axes(cfg: LlamaConfig) -> Any:
     """The logical axis names of every parameter, as a pytree shaped like the params."""
-    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    boxed = jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0)))
     return jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def _init(cfg: LlamaConfig, rng: Array) -> Any:
-    params = Llama(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-    return nn.meta.unbox(params)
+    return nn.meta.unbox(_boxed_init(cfg, rng))
 
 
 @functools.cache  # configs are frozen and hashable; tracing init is not free for big models
