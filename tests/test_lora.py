@@ -393,3 +393,51 @@ def test_lora_run_loads_merged_and_exports_to_hf_and_peft(tmp_path, lora_run, hf
     result = peft.set_peft_model_state_dict(model, saved)
     assert not [k for k in result.missing_keys if "lora_" in k] and not result.unexpected_keys
     assert rel(peft_logits(model.eval()), ours) <= 1e-5
+
+
+# --- recipe keys and the planner ----------------------------------------------------------------------
+
+
+def test_lora_recipe_keys_are_checked():
+    from train.config import load_config
+
+    cfg = load_config("configs/alpaca-qlora-7b.yaml")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.base_dtype) == (64, 16.0, "nf4")
+    for override, message in ((["init_from=null", "model.preset=tiny"], "set init_from"), (["lora.targets=[wq,wx]"], "lora.targets"),
+                              (["lora.base_dtype=int4"], "lora.base_dtype"), (["lora.dropout=1.0"], "lora.dropout"),
+                              (["lora.rank=-1"], "lora.rank")):
+        with pytest.raises(ValueError, match=message):
+            load_config("configs/alpaca-qlora-7b.yaml", override)
+
+
+def test_planner_compiles_the_qlora_step_for_a_tpu(capsys):
+    pytest.importorskip("libtpu", reason="libtpu is not installed: TPU AOT compilation is unavailable")
+    from llama_jax import flops
+    from sharding import make_mesh
+    from train import plan as plan_cli
+    from train import planner
+
+    assert plan_cli.main(["--model", "tiny-gqa", "--topology", "v5e-1", "--batch", "8", "--seq", "64",
+                          "--lora-rank", "4", "--base-dtype", "nf4", "--lora-targets", "wq,wv"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA rank 4 on wq wv, base nf4" in out and "base (frozen)" in out and "verdict: FITS" in out
+
+    cfg = lj.LlamaConfig.preset("tiny-gqa", dtype="bfloat16", remat="full", scan_layers=False, lora_rank=4)
+    chip, devices = planner.tpu_devices("v5e-1")
+    mesh = make_mesh(devices=devices)
+    lowered, sizes = planner.lower_step(cfg, mesh, batch=8, seq=64, base_dtype="nf4")
+    (state, batch, base), _ = lowered.args_info
+    assert {leaf: a.shape for leaf, a in leaf_paths(state["params"])} == {
+        leaf: s.shape for leaf, s in leaf_paths(lora.adapter_layout(cfg)[1])}
+    assert all(a.donated for a in jax.tree.leaves(state)) and not any(a.donated for a in jax.tree.leaves(base))
+    # By hand, the nf4 base: per layer 49,152 projection weights at half a byte plus a float32 absmax per
+    # 64; bf16 embedding + output (2 x 512 x 64) and norms (2 per layer + the final one, 64 each).
+    assert sizes["base"] == 2 * (49152 // 2 + 49152 // 64 * 4) + 2 * 512 * 64 * 2 + 5 * 64 * 2
+    compiled, _ = planner.compile_step(cfg, mesh, batch=8, seq=64, base_dtype="nf4")
+    want = flops.compiled_train_step_flops(cfg, 8, 64)  # frozen weights: forward, input gradient, remat
+    assert want <= compiled.xla_flops <= 1.1 * want  # XLA adds nf4 decoding and elementwise work
+    # By hand: as tests/test_sharding.py's full step, but 3 passes of the weights (no weight gradient)
+    # and the rank-4 adapters of all 7 projections: 4 x (in + out) each, 4 passes (fwd, 2x bwd, remat).
+    weights, scores = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192), 4 * 64 * 64
+    adapters = 2 * 4 * (128 + 96 + 96 + 128 + 3 * 256)
+    assert want == 8 * 64 * (2 * (weights * 3 + scores * 4 + adapters * 4) + 2 * 2 * 64 * 512)

@@ -39,7 +39,7 @@ class DataConfig:
 @dataclasses.dataclass
 class OptimConfig:
     lr: float = 3e-4
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int | None = None  # None: warmup_ratio * steps
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -212,7 +212,8 @@ def validate(cfg: TrainConfig) -> None:
          f"data.format must be alpaca, pretrain or chat, got {cfg.data.format!r}")
     need(len(cfg.data.train) > 0, "data.train must name at least one file")
     need(cfg.data.max_len >= 2, f"data.max_len must be >= 2, got {cfg.data.max_len}")
-    need(cfg.optim.schedule in ("cosine", "constant"), f"optim.schedule must be cosine or constant, got {cfg.optim.schedule!r}")
+    need(cfg.optim.schedule in ("cosine", "linear", "constant"),
+         f"optim.schedule must be cosine, linear or constant, got {cfg.optim.schedule!r}")
     need(0.0 <= cfg.optim.warmup_ratio < 1.0, f"optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.model.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {cfg.model.remat!r}")

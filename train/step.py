@@ -38,14 +38,16 @@ BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
 
 def lr_schedule(lr: float, steps: int, schedule: str = "cosine", warmup_steps: int = 0,
                 min_lr_ratio: float = 0.1) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine down to lr * min_lr_ratio at `steps` (or constant)."""
+    """Linear warmup from 0 to `lr`, then cosine or linear down to lr * min_lr_ratio at `steps` (or constant)."""
     warmup_steps = min(warmup_steps, steps)
     if schedule == "constant":
         after = optax.constant_schedule(lr)
     elif schedule == "cosine":
         after = optax.cosine_decay_schedule(lr, max(steps - warmup_steps, 1), alpha=min_lr_ratio)
+    elif schedule == "linear":  # HF Trainer's default (alpaca-lora)
+        after = optax.linear_schedule(lr, lr * min_lr_ratio, max(steps - warmup_steps, 1))
     else:
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}")
     if warmup_steps == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
