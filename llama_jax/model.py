@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from llama_jax import quant
 from llama_jax.attention import attend
@@ -50,6 +51,14 @@ def lora_a_init(key: Array, shape: tuple, dtype: Any = jnp.float32) -> Array:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _as_stored(w: Array) -> Array:
+    """A weight used in the dtype it is stored in (a bf16 LoRA base), pinned to its stored row-major
+    layout here, inside the layer loop. Otherwise XLA's TPU layouts transpose the whole stacked
+    (layers, dim, heads, head_dim) weight before the loop for the backward matmul: a second copy of
+    the base (3 GiB of Llama-2-7B's wq/wk/wv). Converted weights (fp32 params) get their layout free."""
+    return with_layout_constraint(w, Layout(major_to_minor=tuple(range(w.ndim))))
+
+
 def project(module: nn.Module, name: str, x: Array, ins: dict, outs: dict) -> Array:
     """x (batch, seq, *ins) @ the module's weight `name` (*ins, *outs) -> (batch, seq, *outs).
 
@@ -66,7 +75,8 @@ def project(module: nn.Module, name: str, x: Array, ins: dict, outs: dict) -> Ar
     if quant.is_quantized(stored):  # (flax's `param` would check it against a float array's shape)
         w = quant.dequantize(stored, dt)
     else:
-        w = _param(module, name, (*ins.values(), *outs.values()), in_axes + out_axes).astype(dt)
+        w = _param(module, name, (*ins.values(), *outs.values()), in_axes + out_axes)
+        w = _as_stored(w) if w.dtype == dt else w.astype(dt)
     y = jnp.tensordot(x, w, len(ins))
     if cfg.lora_rank and name in cfg.lora_targets:
         a = _param(module, f"{name}_lora_a", (*ins.values(), cfg.lora_rank), (*in_axes, "lora_rank"), lora_a_init)
