@@ -60,7 +60,9 @@ def combine(base: Any, adapters: Any) -> Any:
 
 
 def without_lora(cfg: LlamaConfig) -> LlamaConfig:
-    return cfg.replace(lora_rank=0)
+    """The plain model of a LoRA config (every lora_* field at its default)."""
+    return cfg.replace(**{f: LlamaConfig.__dataclass_fields__[f].default
+                          for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")})
 
 
 def adapter_layout(cfg: LlamaConfig) -> tuple[Any, Any]:

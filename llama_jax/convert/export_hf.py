@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax import layout
-from llama_jax.checkpoint import Staging, open_checkpoint
+from llama_jax.checkpoint import Staging, open_checkpoint, read_lora_base
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.convert.streaming import OUT_DTYPES, itemsize
 
@@ -89,5 +89,10 @@ def _safetensors_header(f: Any, shapes: dict[str, tuple[int, ...]], dtype: str, 
 
 
 def _checkpoint_tokenizer(ckpt: str) -> str | None:
-    path = os.path.join(ckpt, "tokenizer.model")
-    return path if os.path.isfile(path) else None
+    """The checkpoint's tokenizer.model, or (a LoRA run) its base's."""
+    base = read_lora_base(ckpt)
+    for folder in (ckpt, *([base["base"]] if base else [])):
+        path = os.path.join(folder, "tokenizer.model")
+        if os.path.isfile(path):
+            return path
+    return None
