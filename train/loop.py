@@ -46,6 +46,9 @@ from train.config import TrainConfig
 from train.evaluate import exact_match
 
 
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim")  # what fixes the params' shapes
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; the run stopped without saving that state."""
 
@@ -63,7 +66,13 @@ def model_config(cfg: TrainConfig) -> tuple[lj.LlamaConfig, str | None]:
     if cfg.lora.rank:
         run.update(lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, lora_targets=tuple(cfg.lora.targets))
     if cfg.init_from is not None:  # local or gs://...: read_config names a missing checkpoint
-        return read_config(cfg.init_from).replace(**cfg.model.overrides, **run), cfg.init_from
+        base = read_config(cfg.init_from)
+        # The checkpoint gives the architecture, so one recipe (e.g. configs/demo.yaml) serves any base.
+        ignored = {k: v for k, v in cfg.model.overrides.items() if k in SHAPE_FIELDS and getattr(base, k) != v}
+        if ignored:
+            say(f"init_from {cfg.init_from} gives the architecture: model.overrides {ignored} not applied")
+        kept = {k: v for k, v in cfg.model.overrides.items() if k not in ignored}
+        return base.replace(**kept, **run), cfg.init_from
     return lj.LlamaConfig.preset(cfg.model.preset, **cfg.model.overrides, **run), None
 
 
@@ -94,8 +103,7 @@ def check_resumable(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
     if not os.path.exists(os.path.join(cfg.output_dir, "config.json")):
         return
     before = read_config(cfg.output_dir)
-    shape_fields = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim")
-    changed = {f: (getattr(before, f), getattr(model, f)) for f in shape_fields if getattr(before, f) != getattr(model, f)}
+    changed = {f: (getattr(before, f), getattr(model, f)) for f in SHAPE_FIELDS if getattr(before, f) != getattr(model, f)}
     if changed:
         raise ValueError(f"{cfg.output_dir} holds a run of a different model ({changed}, as (saved, now)); "
                          "use a new output_dir or the run's own settings")

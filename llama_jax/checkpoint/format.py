@@ -10,7 +10,9 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import layout, lora, quant
 from llama_jax.checkpoint.files import Staging, is_remote, join, read_text, write_text
@@ -18,7 +20,7 @@ from llama_jax.checkpoint.orbax_glue import leaf_paths, open_leaves, restore_pyt
 from llama_jax.checkpoint.runs import complete_steps
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.model import check_params, param_axes, param_shapes
-from sharding import param_shardings, tree_shardings
+from sharding import tree_shardings
 
 FORMAT = {"format": "llama_jax", "version": 1}
 
@@ -150,15 +152,12 @@ def _load_quantized(path: str, cfg: LlamaConfig, mesh: jax.sharding.Mesh | None,
                 leaf.shape, sharding, lambda index, leaf=leaf: leaf.read(index=index).astype(DTYPES[cfg.param_dtype]))
             continue
         n_in = layout.projection(leaf_path[-1]).n_in
-        layer_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:])) \
-            if mesh is not None else sharding
+        one_layer = sharding if mesh is None else NamedSharding(mesh, PartitionSpec(*sharding.spec[1:]))
         layers = []
         for i in range(leaf.shape[0]):
-            w = jax.make_array_from_callback(leaf.shape[1:], layer_sharding,
-                                             lambda index, i=i, leaf=leaf: leaf.read(i, index))
+            w = jax.make_array_from_callback(leaf.shape[1:], one_layer, lambda index, i=i, leaf=leaf: leaf.read(i, index))
             layers.append(quant.quantize_layers(w[None], n_in, fmt))
-            del w
-        node[leaf_path[-1]] = jax.jit(lambda *xs: jax.tree.map(lambda *a: jax.numpy.concatenate(a), *xs),
+        node[leaf_path[-1]] = jax.jit(lambda *xs: jax.tree.map(lambda *a: jnp.concatenate(a), *xs),
                                       out_shardings=target)(*layers)
     return out
 
