@@ -43,6 +43,20 @@ def read_config(folder: str) -> LlamaConfig:
     return LlamaConfig.from_dict({k: v for k, v in d.items() if k not in FORMAT})
 
 
+def checkpoint_tokenizer(path: str) -> str | None:
+    """The tokenizer.model a checkpoint or run folder carries (the converter and the trainer copy it
+    there), else a LoRA run's base's."""
+    candidate = join(str(path), "tokenizer.model")
+    if is_remote(candidate):
+        found = read_text(candidate) is not None
+    else:
+        found = os.path.isfile(candidate)
+    if found:
+        return candidate
+    base = read_lora_base(str(path))
+    return None if base is None else checkpoint_tokenizer(base["base"])
+
+
 def save_checkpoint(path: str, cfg: LlamaConfig, params: Any, overwrite: bool = False) -> None:
     """Write `path/config.json` + `path/params/` (Orbax PyTree), via a temporary sibling."""
     check_params(params, cfg, f"save_checkpoint({path})")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama_jax.checkpoint import is_remote
+from llama_jax.checkpoint import OutputExists, is_remote
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.export_hf import export_hf
 from llama_jax.convert.peft import export_peft, import_peft
@@ -77,14 +77,17 @@ def main(argv: list[str] | None = None) -> LlamaConfig:
     print(f"wrote {args.out} ({cfg.n_layers} layers, dim {cfg.dim}, {cfg.num_params():,} params, {cfg.param_dtype})")
     if args.verify:
         verify(args.command, args.src, args.out, cfg, args.verify_layers,
-               source if args.command == "meta" else None)
+               source if args.command == "meta" else None, progress)
     return cfg
 
 
 def cli() -> int:
     try:
         main()
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except OutputExists as e:
+        print(f"error: {e.path} already exists; pass --overwrite to replace it", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
     return 0

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax import layout
-from llama_jax.checkpoint import Staging, open_checkpoint, read_lora_base
+from llama_jax.checkpoint import Staging, checkpoint_tokenizer, open_checkpoint
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.convert.streaming import OUT_DTYPES, itemsize
 
@@ -61,7 +61,7 @@ def export_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = F
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(stage.path, "config.json"), "w") as f:
             json.dump(cfg.to_hf_config(torch_dtype=dtype), f, indent=2)
-        tok = _checkpoint_tokenizer(ckpt)
+        tok = checkpoint_tokenizer(ckpt)
         if tok is not None:
             shutil.copyfile(tok, os.path.join(stage.path, "tokenizer.model"))
             with open(os.path.join(stage.path, "tokenizer_config.json"), "w") as f:
@@ -87,12 +87,3 @@ def _safetensors_header(f: Any, shapes: dict[str, tuple[int, ...]], dtype: str, 
     f.write(len(text).to_bytes(8, "little"))
     f.write(text)
 
-
-def _checkpoint_tokenizer(ckpt: str) -> str | None:
-    """The checkpoint's tokenizer.model, or (a LoRA run) its base's."""
-    base = read_lora_base(ckpt)
-    for folder in (ckpt, *([base["base"]] if base else [])):
-        path = os.path.join(folder, "tokenizer.model")
-        if os.path.isfile(path):
-            return path
-    return None

@@ -82,9 +82,12 @@ def hf_llama(cfg: LlamaConfig, dtype: str = "float32", attn: str = "eager", devi
     return model.eval()
 
 
-def _hf_logits(folder: str, tokens: np.ndarray, n_layers: int) -> np.ndarray:
+def _hf_logits(folder: str, tokens: np.ndarray, n_layers: int, progress: bool = True) -> np.ndarray:
     import torch
     import transformers
+
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar
 
     model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, num_hidden_layers=n_layers,
                                                           attn_implementation="eager")
@@ -93,7 +96,7 @@ def _hf_logits(folder: str, tokens: np.ndarray, n_layers: int) -> np.ndarray:
 
 
 def verify(kind: str, src: str, out: str, cfg: LlamaConfig, layers: int | None = None,
-           source: MetaSource | None = None) -> float:
+           source: MetaSource | None = None, progress: bool = True) -> float:
     """Run 8 tokens through the source weights and the result; print and return the max logit diff.
 
     `layers` limits both models to their first N layers, so big models verify in little memory.
@@ -109,9 +112,9 @@ def verify(kind: str, src: str, out: str, cfg: LlamaConfig, layers: int | None =
         reference = meta_reference_logits(weights, cfg.replace(n_layers=n), tokens)
         result = _our_logits(out, tokens, n)
     elif kind == "hf":
-        reference, result = _hf_logits(src, tokens, n), _our_logits(out, tokens, n)
+        reference, result = _hf_logits(src, tokens, n, progress), _our_logits(out, tokens, n)
     else:  # export-hf: src is our checkpoint, out the HF folder
-        reference, result = _our_logits(src, tokens, n), _hf_logits(out, tokens, n)
+        reference, result = _our_logits(src, tokens, n), _hf_logits(out, tokens, n, progress)
     diff = float(np.max(np.abs(reference - result)))
     scale = float(np.max(np.abs(reference)))
     print(f"verify ({n} of {cfg.n_layers} layers, 8 tokens): max |logit diff| = {diff:.3g} "

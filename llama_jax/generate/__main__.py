@@ -15,7 +15,8 @@ from sharding import make_mesh
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llama_jax.generate", description="Generate text from a llama_jax checkpoint: one prompt, or an interactive chat.")
     p.add_argument("--checkpoint", required=True, help="a llama_jax checkpoint directory (or a training run)")
-    p.add_argument("--tokenizer", required=True, help="the SentencePiece tokenizer.model")
+    p.add_argument("--tokenizer", default=None,
+                   help="the SentencePiece tokenizer.model (default: the one the checkpoint or run folder carries)")
     p.add_argument("--prompt", help="the prompt text (chat: the user message; alpaca: the instruction)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", action="store_true", help="Llama-2-chat format")
@@ -28,12 +29,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the answer where this text appears (not printed); repeat for several")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast params (default: as saved)")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="split heads/MLP over this many devices (a (1, 1, N) data/fsdp/tensor mesh)")
     args = p.parse_args(argv)
     if not args.interactive and args.prompt is None:
         p.error("give --prompt TEXT or --interactive")
+    if args.input and not args.alpaca:
+        p.error("--input is the Alpaca input that goes with an instruction: add --alpaca")
+    if args.system is not None and not args.chat:
+        p.error("--system is a Llama-2-chat system message: add --chat")
     return args
 
 
@@ -61,8 +68,9 @@ def _run(args: argparse.Namespace) -> None:
     mesh = None
     if args.tensor_parallel > 1:
         if args.tensor_parallel > jax.device_count():
-            raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; "
-                             f"{jax.device_count()} are visible")
+            visible = jax.device_count()
+            raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; only {visible} "
+                             f"{'is' if visible == 1 else 'are'} visible")
         mesh = make_mesh(1, 1, args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
     gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
@@ -73,10 +81,12 @@ def _run(args: argparse.Namespace) -> None:
     def answer(text: str) -> str:
         ids = _fit_history(gen, history, text, mode, args.input)
         reply = ""
-        for piece in gen.stream(ids, **sampling):
+        for piece in gen.stream(ids, stop=args.stop, **sampling):
             reply += piece
             print(piece, end="", flush=True)
         print(flush=True)
+        if not reply:
+            print("(empty answer: the model's first new token was its end-of-sequence token)", file=sys.stderr)
         if mode == "chat":
             history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
         return reply
