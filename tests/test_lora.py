@@ -283,7 +283,7 @@ def train_command(base, out, *extra):
     return [sys.executable, "-m", "train", "--config", "configs/demo.yaml", f"output_dir={out}", f"init_from={base}",
             "steps=14", "checkpoint_every=4", "log_every=1", "batch_size=4",  # demo.yaml's model.overrides: ignored
             "data.format=pretrain", "data.train=data/demo_pretrain.txt", "data.max_len=32", "eval.data=null",
-            "tensorboard=false", "optim.warmup_steps=2", "optim.lr=1e-2", "lora.rank=4", "lora.alpha=8",
+            "eval.loss_data=null", "tensorboard=false", "optim.warmup_steps=2", "optim.lr=1e-2", "lora.rank=4", "lora.alpha=8",
             "lora.dropout=0.1", *extra]
 
 
