@@ -2,7 +2,8 @@
 
 `LlamaConfig` is a frozen (hashable) dataclass so it can be a static argument of `jax.jit`.
 Architecture fields come first; the last few fields (`dtype`, `param_dtype`, `remat`,
-`scan_layers`, `attention`) choose how the same architecture runs, not what it computes.
+`scan_layers`, `attention`) choose how the same architecture runs, not what it computes; the
+`lora_*` fields add low-rank adapters to some projections (llama_jax/lora.py; rank 0 = none).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the matrices LoRA can adapt and quant.py quantises
 RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention")  # how it runs, not what it computes
 
 
@@ -64,8 +66,14 @@ class LlamaConfig:
     remat: str = "none"  # none | full | save_dots: what the backward pass recomputes
     scan_layers: bool = True  # False unrolls the layer loop (same params, longer compile)
     attention: str = "xla"  # xla (everywhere) | cudnn (NVIDIA GPUs) | splash (TPUs)
+    # LoRA: y = x W + (lora_alpha / lora_rank) * dropout(x) A B on each of lora_targets (rank 0: no adapters).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # applied only when the caller passes a "dropout" RNG (training)
+    lora_targets: tuple = PROJECTIONS
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list; jit needs hashable
         self._check_numbers()
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
@@ -113,11 +121,23 @@ class LlamaConfig:
             self.attention in ATTENTION_IMPLEMENTATIONS,
             f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}",
         )
+        need(isinstance(self.lora_rank, int) and self.lora_rank >= 0, f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
+        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        unknown = [t for t in self.lora_targets if t not in PROJECTIONS]
+        need(not unknown and len(set(self.lora_targets)) == len(self.lora_targets) and
+             (self.lora_targets or not self.lora_rank),
+             f"lora_targets must be distinct names from {PROJECTIONS}, got {list(self.lora_targets)}")
 
     # --- derived sizes -------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / rank, the factor on the adapters' output (PEFT's `scaling`)."""
+        return self.lora_alpha / self.lora_rank
 
     @property
     def compute_dtype(self) -> Any:

@@ -13,11 +13,13 @@ from typing import Any, Sequence
 
 import yaml
 
-from llama_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES, LlamaConfig
+from llama_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PROJECTIONS, REMAT_POLICIES, LlamaConfig
+from llama_jax.quant import FORMATS as QUANT_FORMATS
 
-# model.overrides may set any LlamaConfig field but these four (the recipe's model.* keys set them)
+BASE_DTYPES = ("bfloat16", "float32", *QUANT_FORMATS)
+# model.overrides may set any LlamaConfig field but these (the recipe's model.* and lora.* keys set them)
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(LlamaConfig)
-                    if f.name not in ("dtype", "param_dtype", "remat", "attention"))
+                    if f.name not in ("dtype", "param_dtype", "remat", "attention") and not f.name.startswith("lora_"))
 
 
 @dataclasses.dataclass
@@ -45,7 +47,7 @@ class DataConfig:
 @dataclasses.dataclass
 class OptimConfig:
     lr: float = 3e-4
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int | None = None  # None: warmup_ratio * steps
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -77,6 +79,15 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    rank: int = 0  # 0 = full fine-tuning; > 0: train only rank-r adapters on a frozen init_from base
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.05  # on the adapters' input, training only
+    targets: list = dataclasses.field(default_factory=lambda: list(PROJECTIONS))  # of wq wk wv wo w1 w2 w3
+    base_dtype: str = "bfloat16"  # the frozen base in memory: bfloat16 | float32 | int8 | nf4 (QLoRA)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     steps: int = 0  # optimizer steps; 0 = derived from `epochs`
@@ -97,6 +108,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -218,6 +230,7 @@ RANGES = {
     "mesh.data": "[-1, inf)", "mesh.fsdp": "[-1, inf)", "mesh.tensor": "[-1, inf)",  # -1 fills; 0 refused below
     "mesh.dcn_data": "[1, inf)", "mesh.dcn_fsdp": "[1, inf)",
     "eval.examples": "[0, inf)", "eval.max_new_tokens": "[1, inf)", "eval.every": "[0, inf)", "eval.batches": "[0, inf)",
+    "lora.rank": "[0, inf)", "lora.alpha": "(0, inf)", "lora.dropout": "[0, 1)",
 }
 INT32_MAX = 2**31 - 1
 
@@ -271,8 +284,15 @@ def validate(cfg: TrainConfig) -> None:
     need(all(math.isfinite(w) and w > 0 for w in cfg.data.weights),
          f"data.weights must be finite numbers > 0, got {cfg.data.weights}")
     need(len(cfg.data.train) > 0, "data.train must name at least one file")
-    need(cfg.optim.schedule in ("cosine", "constant"), f"optim.schedule must be cosine or constant, got {cfg.optim.schedule!r}")
+    need(cfg.optim.schedule in ("cosine", "linear", "constant"),
+         f"optim.schedule must be cosine, linear or constant, got {cfg.optim.schedule!r}")
     need(cfg.model.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {cfg.model.remat!r}")
     need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {tuple(DTYPES)}, got {cfg.model.dtype!r}")
     need(cfg.model.attention in ATTENTION_IMPLEMENTATIONS,
          f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {cfg.model.attention!r}")
+    lora = cfg.lora
+    if lora.rank:
+        need(cfg.init_from is not None, "lora.rank > 0 trains adapters on a base model: set init_from=CKPT")
+        need(bool(lora.targets) and set(lora.targets) <= set(PROJECTIONS) and len(set(lora.targets)) == len(lora.targets),
+             f"lora.targets must be distinct names from {list(PROJECTIONS)}, got {lora.targets}")
+        need(lora.base_dtype in BASE_DTYPES, f"lora.base_dtype must be one of {BASE_DTYPES}, got {lora.base_dtype!r}")

@@ -10,6 +10,11 @@ loads the newest step), the step folders of llama_jax/checkpoint/runs.py, `metri
 The same command resumes from the newest checkpoint that restores. SIGTERM (preemption) saves
 the current step and exits cleanly. A non-finite loss or gradient stops the run before it is
 saved, so the last good checkpoint stays the newest.
+
+LoRA (`lora.rank > 0`): the init_from checkpoint is loaded as the frozen base (in
+`lora.base_dtype`, quantised while loading for int8/nf4) and never written; the step folders hold
+the adapters and their optimizer state only, and `lora.json` names the base, so
+lj.load_checkpoint(output_dir) returns the merged model.
 """
 
 from __future__ import annotations
@@ -30,16 +35,19 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 import llama_jax as lj
-from llama_jax import flops
+from llama_jax import flops, lora
 from llama_jax.checkpoint import RunCheckpoints, read_config, write_text
 from llama_jax.errors import note
-from llama_jax.model import check_params
 from sharding import batch_groups, chip_of, global_batch, is_main_process, make_mesh
 from train import data as data_lib
 from train import run_folder
 from train import step as step_lib
 from train.config import TrainConfig
 from train.evaluate import exact_match, make_validation_loss, validation_loss
+
+
+# what fixes the params' shapes: an init_from checkpoint's own values win over model.overrides
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "multiple_of", "ffn_dim_multiplier")
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,14 +62,18 @@ def say(*args: Any, **kwargs: Any) -> None:
 
 def model_config(cfg: TrainConfig) -> tuple[lj.LlamaConfig, str | None]:
     """The architecture (preset + overrides, or the init_from checkpoint's) with the run's dtype/remat/attention."""
-    run = dict(dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention, param_dtype="float32")
+    run = dict(dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention, param_dtype="float32",
+               lora_rank=cfg.lora.rank)
+    if cfg.lora.rank:
+        run.update(lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, lora_targets=tuple(cfg.lora.targets))
     if cfg.init_from is not None:  # local or gs://...: read_config names a missing checkpoint
-        stored = read_config(cfg.init_from)
-        model = stored.replace(**cfg.model.overrides, **run)
-        if lj.param_shapes(model) != lj.param_shapes(stored.replace(**run)):
-            raise ValueError(f"model.overrides {cfg.model.overrides} change the shapes of init_from {cfg.init_from}'s "
-                             "weights; only fields that keep the shapes (rope_theta, norm_eps, max_seq_len) may change")
-        return model, cfg.init_from
+        base = read_config(cfg.init_from)
+        # The checkpoint gives the architecture, so one recipe (e.g. configs/demo.yaml) serves any base.
+        ignored = {k: v for k, v in cfg.model.overrides.items() if k in SHAPE_FIELDS and getattr(base, k) != v}
+        if ignored:
+            say(f"init_from {cfg.init_from} gives the architecture: model.overrides {ignored} not applied")
+        kept = {k: v for k, v in cfg.model.overrides.items() if k not in ignored}
+        return base.replace(**kept, **run), cfg.init_from
     return lj.LlamaConfig.preset(cfg.model.preset, **cfg.model.overrides, **run), None
 
 
@@ -81,11 +93,12 @@ class Setup:
     steps: int
     optimizer: optax.GradientTransformation
     state_shardings: Any
-    train_step: Callable
+    train_step: Callable  # (state, batch) -> (state, metrics); a LoRA step has its frozen base bound
     tokenizer: lj.Tokenizer
     eval_records: list
     validation: list = dataclasses.field(default_factory=list)  # held-out batches for eval_loss (eval.loss_data)
     validation_fn: Callable | None = None
+    base: Any = None  # LoRA: the frozen base params (float or quantised), else None
 
 
 def set_up(cfg: TrainConfig) -> Setup:
@@ -128,10 +141,32 @@ def set_up(cfg: TrainConfig) -> Setup:
                                                                                         o.warmup_ratio), o.min_lr_ratio)
     optimizer = step_lib.make_optimizer(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
     train_step = step_lib.make_train_step(model, optimizer, schedule, mesh, (cfg.batch_size, cfg.data.max_len),
-                                          cfg.grad_accum, o.z_loss)
+                                          cfg.grad_accum, o.z_loss, cfg.lora.base_dtype, cfg.seed)
+    base = None
+    if model.lora_rank:
+        base = load_base(cfg, model, mesh)
+        lora_step = train_step
+        train_step = lambda state, batch: lora_step(state, batch, base)  # noqa: E731
     return Setup(cfg, model, init_from, mesh, batches, data_summary, steps, optimizer,
                  step_lib.state_shardings(model, optimizer, mesh), train_step, tokenizer, eval_records,
-                 validation, make_validation_loss(model) if validation else None)
+                 validation, make_validation_loss(model) if validation else None, base)
+
+
+def load_base(cfg: TrainConfig, model: lj.LlamaConfig, mesh: Mesh) -> Any:
+    """A LoRA run's frozen base from init_from, in lora.base_dtype (int8/nf4: quantised layer by layer)."""
+    dtype = cfg.lora.base_dtype
+    quantize = dtype if dtype in ("int8", "nf4") else None
+    _, base = lj.load_checkpoint(cfg.init_from, mesh=mesh, dtype="bfloat16" if quantize else dtype, quantize=quantize)
+    trainable, total = lora.adapter_count(model), model.num_params()
+    say(f"LoRA rank {model.lora_rank}, alpha {model.lora_alpha:g}, dropout {model.lora_dropout:g} on "
+        f"{' '.join(model.lora_targets)}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of "
+        f"{total:,}); base {cfg.init_from} held as {dtype}, frozen")
+    return base
+
+
+def model_params(run: Setup, state: dict) -> Any:
+    """The params the model runs on: the trained ones, or (LoRA) the base with the trained adapters."""
+    return state["params"] if run.base is None else lora.combine(run.base, state["params"])
 
 
 # --- resume --------------------------------------------------------------------------------------
@@ -140,8 +175,9 @@ def set_up(cfg: TrainConfig) -> Setup:
 def resume_or_start(run: Setup, ckpts: RunCheckpoints) -> tuple[dict, jax.Array, int]:
     """(train state, RNG key, first step): the newest checkpoint that restores, else a fresh start."""
     cfg = run.cfg
+    trainable = step_lib.trainable_layout(run.model)[1]
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(lambda p: step_lib.init_state(p, run.optimizer), lj.param_shapes(run.model)),
+                            jax.eval_shape(lambda p: step_lib.init_state(p, run.optimizer), trainable),
                             run.state_shardings)
     with jax.set_mesh(run.mesh):
         restored = ckpts.restore_newest(abstract)
@@ -154,9 +190,10 @@ def resume_or_start(run: Setup, ckpts: RunCheckpoints) -> tuple[dict, jax.Array,
             say(f"resumed from step {train_state['step']} in {cfg.output_dir}")
             return state, jax.random.wrap_key_data(jnp.asarray(train_state["rng"], jnp.uint32)), int(train_state["step"])
         init_rng, rng = jax.random.split(jax.random.key(cfg.seed))
-        if run.init_from is not None:
+        if run.base is not None:
+            params = lora.init_adapters(run.model, init_rng)
+        elif run.init_from is not None:
             _, params = lj.load_checkpoint(run.init_from, mesh=run.mesh, dtype="float32")
-            check_params(params, run.model, f"init_from {run.init_from} with model.overrides {cfg.model.overrides}")
             say(f"initialised from {run.init_from}")
         else:
             params = lj.init_params(run.model, init_rng)
@@ -309,7 +346,7 @@ def train(run: Setup, state: dict, rng: jax.Array, start: int, ckpts: RunCheckpo
                 bar.set_postfix(loss=f"{log.loss:.4f}")
             if run.validation and (step == run.steps or cfg.eval.every and step % cfg.eval.every == 0):
                 log.flush(started, last_saved, cfg.output_dir)
-                validate(run, state["params"], step, log)  # before the save: a resume never skips it
+                validate(run, model_params(run, state), step, log)  # before the save: a resume never skips it
             if step % cfg.checkpoint_every == 0 or step == run.steps or preemption.requested:
                 log.flush(started, last_saved, cfg.output_dir)  # never save a state whose loss was not checked
                 ckpts.save(step, state, {"step": step, "data_index": step, "data_rows": run.batches.num_rows,
@@ -365,9 +402,9 @@ def _run_claimed(cfg: TrainConfig) -> dict:
         log = MetricsLog(setup, start)
         summary: dict[str, Any] = {"steps": setup.steps, "start_step": start, "data": setup.data_summary}
         if setup.eval_records and start == 0:
-            summary["eval_before"] = evaluate(setup, state["params"], 0, "before", log)
+            summary["eval_before"] = evaluate(setup, model_params(setup, state), 0, "before", log)
         if setup.validation and start == 0:
-            summary["eval_loss_before"] = validate(setup, state["params"], 0, log)
+            summary["eval_loss_before"] = validate(setup, model_params(setup, state), 0, log)
         t_loop = time.time()
         state, preempted_at = train(setup, state, rng, start, ckpts, log)
     finally:
@@ -378,7 +415,7 @@ def _run_claimed(cfg: TrainConfig) -> dict:
         say(f"\nSIGTERM: saved step {preempted_at} to {cfg.output_dir}; run the same command to resume")
         summary["preempted_at"] = preempted_at
     elif setup.eval_records:
-        summary["eval_after"] = evaluate(setup, state["params"], setup.steps, "after", log)
+        summary["eval_after"] = evaluate(setup, model_params(setup, state), setup.steps, "after", log)
     log.close()
     summary["total_s"] = time.time() - t_start
     return summary

@@ -24,6 +24,7 @@ def export_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = F
               max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> LlamaConfig:
     """Write sharded safetensors + index + config.json (+ tokenizer) that transformers loads.
 
+    A LoRA run exports merged (its base + its adapters).
     Streaming: each tensor (one layer's slice of a stacked leaf) is read from the checkpoint,
     moved to HF's layout and appended to its safetensors file before the next is read, so
     memory stays at about one tensor whatever the model size (a 70B exports on a small VM).
@@ -51,8 +52,7 @@ def export_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = F
             with _create(os.path.join(stage.path, file), "wb") as f:
                 _safetensors_header(f, shapes, SAFETENSORS_DTYPES[dtype], size_of)
                 for entry, layer, name in items:
-                    store = leaves[entry.path]
-                    ours = (store if layer is None else store[layer]).read().result()
+                    ours = leaves[entry.path].read(layer)
                     w = layout.from_ours(entry, ours.astype(np_dtype, copy=False), cfg, "hf")
                     f.write(memoryview(w.reshape(-1).view(np.uint8)))
                     weight_map[name] = file
