@@ -1,0 +1,129 @@
+"""The continuous batcher against `lj.generate` on each request alone (greedy token for token,
+seeded sampling draw for draw), its compiled-program bounds, and the text pieces / stop strings
+against brute-force references (decode of the whole sequence, a search of every prefix)."""
+
+import numpy as np
+import pytest
+
+import llama_jax as lj
+from llama_jax.generate import batcher as batcher_module
+from llama_jax.generate.batcher import Batcher, ContextTooLong, QueueFull, Request
+from llama_jax.generate.stops import StopMatcher, TextDecoder
+from reference import hf_model, hf_params
+
+TOKENIZER = "data/tokenizer.model"
+LONGEST = 20
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = lj.LlamaConfig.preset("tiny-gqa")
+    return cfg, hf_params(hf_model(cfg, seed=2, sharpen=4.0), cfg), lj.Tokenizer(TOKENIZER)
+
+
+def requests(seed, count):
+    """Ragged prompts (two length buckets), ragged max_new_tokens, greedy and sampled rows."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        sampled = i % 2 == 1
+        out.append(Request(rng.integers(3, 512, int(rng.integers(2, 30))).tolist(), int(rng.choice([3, 11, LONGEST])),
+                           temperature=0.8 if sampled else 0.0, top_p=0.9 if i % 4 == 1 else 1.0,
+                           top_k=20 if i % 4 == 3 else 0, seed=100 + i))
+    return out
+
+
+def alone(model, r):
+    """What lj.generate gives this request by itself. A request's step-s token does not depend on
+    max_new_tokens, so one LONGEST run (one compiled shape) cut to its length serves every length."""
+    cfg, params, tok = model
+    new = lj.generate(params, cfg, [r.prompt], max_new_tokens=LONGEST, temperature=r.temperature, top_p=r.top_p,
+                      top_k=r.top_k, seed=r.seed, eos_id=tok.eos_id)[0]
+    return new[:r.max_new_tokens]
+
+
+def test_every_request_equals_generate_alone_and_reads_a_bounded_cache(model, monkeypatch):
+    cfg, params, tok = model
+    reads = []
+    decode = batcher_module._decode
+    monkeypatch.setattr(batcher_module, "_decode", lambda *a, **kw: reads.append(kw["kv_len"]) or decode(*a, **kw))
+    b = Batcher(params, cfg, slots=3, decode=tok.decode, eos_id=tok.eos_id, steps_per_call=2)
+    batch = b.run(requests(0, 10))  # 10 requests through 3 slots: slots are reused mid-flight
+    for r in batch:
+        assert r.tokens == alone(model, r), (r.temperature, len(r.prompt))
+        assert r.text == tok.decode(r.tokens)
+        assert r.finish_reason == ("length" if len(r.tokens) == r.max_new_tokens else "stop")
+    assert any(r.temperature > 0 for r in batch) and b.served == 10 and b.live == 0
+    assert set(reads) == {128} and cfg.max_seq_len == 256  # the decode read half the cache, not all of it
+    # new prompt lengths and settings in the same buckets compile nothing new
+    sizes = batcher_module._admit._cache_size(), decode._cache_size()
+    more = b.run(requests(1, 6))
+    assert all(r.tokens == alone(model, r) for r in more)
+    assert (batcher_module._admit._cache_size(), decode._cache_size()) == sizes
+
+
+def test_stop_strings_cancel_and_limits(model):
+    cfg, params, tok = model
+    b = Batcher(params, cfg, slots=2, decode=tok.decode, eos_id=tok.eos_id, max_waiting=2)
+    greedy = Request(tok.encode("Once upon", bos=True), LONGEST)
+    full = tok.decode(alone(model, greedy))
+    start = next(i for i in range(len(full) // 2, len(full) - 2) if "\ufffd" not in full[i:i + 2])
+    stop = Request(greedy.prompt, LONGEST, stop=[full[start:start + 2], "zzzz"])
+    b.submit(stop)
+    cancelled = b.submit(Request(greedy.prompt, LONGEST))
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        b.submit(Request(greedy.prompt, 4))
+    b.cancel(cancelled)
+    b.run([])
+    assert stop.text == full[:full.find(full[start:start + 2])] and stop.finish_reason == "stop"
+    assert cancelled.finish_reason == "cancelled" and cancelled.tokens == []
+    with pytest.raises(ContextTooLong, match="ask for at most 56 new tokens"):
+        b.submit(Request([1] * 200, 100))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        b.submit(Request([1], 4, top_p=0.0))
+    with pytest.raises(ValueError, match="stop strings need text"):
+        Batcher(params, cfg, slots=1).submit(Request([1], 4, stop="x"))
+
+
+def test_text_decoder_pieces_join_to_the_whole_decode(model):
+    """Random ids (byte pieces, lone spaces and all): at every step the pieces so far are a prefix
+    of decode(ids so far), and with finish() they are all of it."""
+    tok = model[2]
+    rng = np.random.default_rng(0)
+    space = tok.piece_to_id("\u2581")
+    for _ in range(150):
+        ids = rng.integers(3, tok.vocab_size, 30).tolist()
+        ids[rng.integers(0, 30)] = space
+        decoder, text = TextDecoder(tok.decode), ""
+        for n, token in enumerate(ids, 1):
+            text += decoder.add(token)
+            assert tok.decode(ids[:n]).startswith(text)
+        text += decoder.finish()
+        assert text == tok.decode(ids)
+
+
+def brute_force_cut(pieces, stops):
+    """The first piece boundary at which some stop string is in the text; then its earliest start."""
+    for end in range(1, len(pieces) + 1):
+        text = "".join(pieces[:end])
+        found = [text.find(s) for s in stops if s in text]
+        if found:
+            return min(found)
+    return None
+
+
+def test_stop_matcher_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        text = "".join(rng.choice(list("abc "), int(rng.integers(0, 30))))
+        stops = ["".join(rng.choice(list("abc "), int(rng.integers(1, 4)))) for _ in range(int(rng.integers(1, 3)))]
+        cuts = sorted(rng.choice(np.arange(1, max(len(text), 2)), int(rng.integers(0, 6))).tolist())
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)]) if b > a]
+        expected = brute_force_cut(pieces, stops)
+        matcher, shown = StopMatcher(stops), []
+        for piece in pieces:
+            matcher.feed(piece)
+            shown.append(matcher.safe_end())
+        assert matcher.cut == expected, (pieces, stops)
+        assert shown == sorted(shown)  # what was shown is never taken back ...
+        assert all(end <= expected for end in shown) if expected is not None else True  # ... nor part of a stop
