@@ -6,6 +6,12 @@ requests get OpenAI's error JSON with the right status while the server keeps an
 
 import concurrent.futures
 import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 
 import httpx2 as httpx
@@ -15,6 +21,7 @@ import pytest
 import llama_jax as lj
 from llama_jax.generate.batcher import Batcher
 from llama_jax.serve import create_app, running
+from llama_jax.serve.__main__ import main
 from reference import hf_model, hf_params
 
 TOKENIZER = "data/tokenizer.model"
@@ -239,3 +246,35 @@ def test_api_key(model):
         good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         assert good.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens <= 2
         assert httpx.get(url + "/health").status_code == 200  # health needs no key
+
+
+def test_cli_serves_a_checkpoint_and_refuses_bad_flags(model, tmp_path, capsys):
+    """`python -m llama_jax.serve` end to end (tokenizer from the checkpoint folder, a free port, an
+    API key), and user errors as one line with exit status 2."""
+    cfg, params, _, gen = model
+    path = tmp_path / "ckpt"
+    lj.save_checkpoint(path, cfg, params)
+    shutil.copy(TOKENIZER, path / "tokenizer.model")
+    for argv, words in ((["--checkpoint", str(tmp_path / "nope")], "no such checkpoint folder"),
+                        (["--checkpoint", str(path), "--max-seq-len", "999"], "max_seq_len must be an int in [2, 256]"),
+                        (["--checkpoint", str(path), "--max-batch", "0"], "--max-batch must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--no-warmup"])
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    taken = socket.create_server(("127.0.0.1", 0))
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(path), "--no-warmup", "--port", str(taken.getsockname()[1])])
+    assert f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}" in capsys.readouterr().err
+    taken.close()
+
+    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(path), "--port", "0",
+                             "--max-batch", "2", "--no-warmup", "--api-key", KEY], stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stderr.readline()
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", banner).group(1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        r = client.completions.create(model="ckpt", prompt=PROMPTS[0], max_tokens=24, temperature=0)
+        assert r.choices[0].text == gen.complete(PROMPTS[0], max_new_tokens=24, temperature=0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0

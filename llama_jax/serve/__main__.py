@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import os
 import sys
+import time
 from typing import Sequence
 
 import jax
@@ -32,6 +33,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 503")
     p.add_argument("--steps-per-call", type=int, default=1,
                    help="decode steps per device call (more: less host overhead, later admission)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="compile lazily: the first request of each new length bucket waits for a compile")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="cast params and compute to this dtype (default: as saved)")
     p.add_argument("--tensor-parallel", type=int, default=1,
@@ -56,7 +59,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(banner, file=sys.stderr, flush=True)
-    serve(app, sock)
+    try:
+        serve(app, sock)
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then passed Ctrl-C on
+        pass
+
+
+def _warm(batcher: Batcher) -> None:
+    print("compiling the prefill and decode programs (--no-warmup skips this)...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    count = batcher.warmup()
+    print(f"compiled {count} programs in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 def _build(args: argparse.Namespace):
@@ -67,11 +80,11 @@ def _build(args: argparse.Namespace):
             raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; only {visible} "
                              f"{'is' if visible == 1 else 'are'} visible")
         mesh = make_mesh(1, 1, args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
+    cfg, params = load_checkpoint(args.checkpoint, mesh=mesh, dtype=args.dtype)
     tokenizer_path = args.tokenizer or checkpoint_tokenizer(args.checkpoint)
     if tokenizer_path is None:
         raise ValueError(f"--tokenizer not given and {args.checkpoint} carries no tokenizer.model; pass --tokenizer")
     tokenizer = Tokenizer(tokenizer_path)
-    cfg, params = load_checkpoint(args.checkpoint, mesh=mesh, dtype=args.dtype)
     if args.dtype is not None:
         cfg = cfg.replace(dtype=args.dtype)
     if tokenizer.vocab_size != cfg.vocab_size:
@@ -81,6 +94,8 @@ def _build(args: argparse.Namespace):
     batcher = Batcher(params, cfg, slots=args.max_batch, max_seq_len=args.max_seq_len, decode=tokenizer.decode,
                       eos_id=tokenizer.eos_id, max_waiting=args.max_waiting, steps_per_call=args.steps_per_call,
                       mesh=mesh)
+    if not args.no_warmup:
+        _warm(batcher)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     cache_gb = sum(x.nbytes for x in jax.tree.leaves(batcher.state["cache"])) / 1e9
     host, port = sock.getsockname()[:2]
