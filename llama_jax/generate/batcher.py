@@ -371,7 +371,7 @@ class Batcher:
                     "top_k": np.int32(request.top_k), "seed": np.int32(request.seed)}
         self.state, out = _admit(self.params, self.state, tokens, np.int32(len(request.prompt)),
                                  np.int32(slot.index), settings, cfg=self.cfg)
-        return jax.tree.map(lambda x: x[None], out), [(0, slot, request)]
+        return out, [(0, slot, request)]
 
     def _dispatch_decode(self) -> tuple | None:
         """One decode call for all slots if any live request still needs tokens."""
@@ -388,8 +388,10 @@ class Batcher:
 
     def _read_back(self, dispatched: tuple, touched: dict[Request, Update]) -> None:
         """Hand each request its tokens from a finished device call (blocks until it is done)."""
-        (tokens, logprobs, top_ids, top_lp), owners = dispatched  # arrays (steps, rows, ...); owners (row, slot, request)
-        tokens, logprobs, top_ids, top_lp = (np.asarray(x) for x in (tokens, logprobs, top_ids, top_lp))
+        (tokens, logprobs, top_ids, top_lp), owners = dispatched  # (steps, rows, ...) or a prefill's (rows, ...)
+        tokens, logprobs, top_ids, top_lp = jax.device_get((tokens, logprobs, top_ids, top_lp))
+        if tokens.ndim == 1:  # a prefill: one step
+            tokens, logprobs, top_ids, top_lp = tokens[None], logprobs[None], top_ids[None], top_lp[None]
         for row, slot, request in owners:
             for k in range(tokens.shape[0]):
                 if request.done or slot.request is not request:

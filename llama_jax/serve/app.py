@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import secrets
 import socket
+import sys
 import threading
 from typing import AsyncIterator, Iterator
 
@@ -29,15 +30,37 @@ from llama_jax.serve import protocol as wire
 from llama_jax.tokenizer import Tokenizer
 
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is still there
+SWITCH_INTERVAL_S = 0.0005  # while serving: how long a thread may hold the interpreter lock when another waits
+
+
+class _Mailbox:
+    """Updates from the batcher's thread to the event loop: one loop wake-up for all the updates of
+    a decode step, not one per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock, self.items, self.scheduled = loop, threading.Lock(), [], False
+
+    def post(self, queue: asyncio.Queue, update: Update) -> None:
+        with self.lock:
+            self.items.append((queue, update))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, update in items:
+            queue.put_nowait(update)
 
 
 class _Job:
     """One request in the batcher, its updates delivered to the event loop."""
 
-    def __init__(self, batcher: Batcher, request: Request) -> None:
-        self.batcher, self.request = batcher, request
-        loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
-        request.on_update = lambda update: loop.call_soon_threadsafe(self.queue.put_nowait, update)
+    def __init__(self, batcher: Batcher, request: Request, mailbox: _Mailbox) -> None:
+        self.batcher, self.request, self.queue = batcher, request, asyncio.Queue()
+        request.on_update = lambda update: mailbox.post(self.queue, update)
 
     def submit(self) -> None:
         try:
@@ -70,13 +93,22 @@ class _Job:
 def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
     """The app; its lifespan starts the batcher's loop and stops it at shutdown."""
 
+    mailbox: _Mailbox | None = None
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        nonlocal mailbox
+        mailbox = _Mailbox(asyncio.get_running_loop())
+        # The batcher thread and the event loop share the interpreter lock; at Python's default 5 ms
+        # switch interval the batcher waits up to 5 ms per decode step to hand tokens over.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         batcher.start()
         try:
             yield
         finally:
             batcher.close()
+            sys.setswitchinterval(switch_interval)
 
     app = FastAPI(title="llama_jax", lifespan=lifespan, docs_url=None, redoc_url=None)
     created = wire.now()
@@ -131,7 +163,7 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key:
         authorize(http)
         body = wire.parse(await http.body(), wire.CompletionRequest)
         ids = wire.prompt_ids(body, tokenizer)
-        job = _Job(batcher, engine_request(body, ids, body.max_tokens, body.logprobs or 0))
+        job = _Job(batcher, engine_request(body, ids, body.max_tokens, body.logprobs or 0), mailbox)
         job.submit()
         id, model, now, request = wire.new_id("cmpl"), model_name, wire.now(), job.request
         with_logprobs = body.logprobs is not None
@@ -172,7 +204,7 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key:
         except ValueError as e:
             raise wire.APIError(400, f"messages: {e}", "messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else 0
-        job = _Job(batcher, engine_request(body, ids, body.max_completion_tokens or body.max_tokens, top))
+        job = _Job(batcher, engine_request(body, ids, body.max_completion_tokens or body.max_tokens, top), mailbox)
         job.submit()
         id, model, now, request = wire.new_id("chatcmpl"), model_name, wire.now(), job.request
 
