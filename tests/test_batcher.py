@@ -127,3 +127,17 @@ def test_stop_matcher_against_brute_force():
         assert matcher.cut == expected, (pieces, stops)
         assert shown == sorted(shown)  # what was shown is never taken back ...
         assert all(end <= expected for end in shown) if expected is not None else True  # ... nor part of a stop
+
+
+def test_tensor_parallel_batcher_equals_generate_alone(model):
+    """Params split over 2 devices by the logical-axis rules (the CLI's --tensor-parallel 2)."""
+    import jax
+
+    from sharding import make_mesh, shard_params
+
+    cfg, params, tok = model
+    mesh = make_mesh(1, 1, 2, devices=jax.devices()[:2])
+    b = Batcher(shard_params(params, cfg, mesh), cfg, slots=2, decode=tok.decode, eos_id=tok.eos_id, mesh=mesh)
+    batch = b.run(requests(2, 3))
+    assert b.state["cache"]["k"].sharding.spec != jax.sharding.PartitionSpec()  # the cache is split too
+    assert all(r.tokens == alone(model, r) for r in batch)

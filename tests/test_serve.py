@@ -179,6 +179,30 @@ def test_concurrent_mixed_requests_equal_solo_and_cancelled_ones_free_slots(serv
     assert len(cancelled) == 3 and all(r.finish_reason == "cancelled" and len(r.tokens) < 100 for r in cancelled)
 
 
+def test_a_client_that_hangs_up_while_waiting_is_cancelled(server, client):
+    """A non-streamed request whose client gives up (here: queued behind 4 long streams) is
+    cancelled at once, not generated for nobody."""
+    url, batcher, submitted = server
+    before = len(submitted)
+    streams = [client.completions.create(model=MODEL, prompt=f"block {i}", max_tokens=110, temperature=0, stream=True)
+               for i in range(SLOTS)]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/v1/completions", json={"prompt": "hang up", "max_tokens": 110, "temperature": 0},
+                   timeout=0.05)
+    for stream in streams:
+        stream.close()
+    deadline = time.time() + 30
+    while (batcher.live or batcher.waiting) and time.time() < deadline:
+        time.sleep(0.05)
+    hung = submitted[before + SLOTS]
+    assert hung.prompt == tok_ids("hang up") and hung.finish_reason == "cancelled" and len(hung.tokens) < 110
+    assert all(r.finish_reason == "cancelled" for r in submitted[before:before + SLOTS])
+
+
+def tok_ids(text):
+    return lj.Tokenizer(TOKENIZER).encode(text, bos=True)
+
+
 BAD = [  # (body, status, words the message must contain)
     ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens: Input should be greater than or equal to 1"),
     ({"prompt": "x", "temperature": -0.5}, 400, "temperature: Input should be greater than or equal to 0"),

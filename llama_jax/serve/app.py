@@ -29,7 +29,6 @@ from llama_jax.generate.batcher import Batcher, ContextTooLong, QueueFull, Reque
 from llama_jax.serve import protocol as wire
 from llama_jax.tokenizer import Tokenizer
 
-DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is still there
 SWITCH_INTERVAL_S = 0.0005  # while serving: how long a thread may hold the interpreter lock when another waits
 
 
@@ -72,22 +71,39 @@ class _Job:
         except (ValueError, TypeError) as e:
             raise wire.APIError(400, str(e)) from None
 
-    async def updates(self, http: HTTPRequest | None = None) -> AsyncIterator[Update]:
-        """The request's updates until its last; with `http`, a client that disconnects cancels it."""
+    async def updates(self) -> AsyncIterator[Update]:
+        """The request's updates until its last (a stream closed early, e.g. by a client that went
+        away, cancels the request)."""
         try:
             while True:
-                try:
-                    update = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S if http else None)
-                except TimeoutError:
-                    if await http.is_disconnected():
-                        return
-                    continue
+                update = await self.queue.get()
                 yield update
                 if update.finish_reason is not None:
                     return
         finally:
-            if not self.request.done:
-                self.batcher.cancel(self.request)
+            self.cancel()
+
+    async def wait(self, http: HTTPRequest) -> None:
+        """Wait for the whole answer; a client that disconnects meanwhile cancels the request at once."""
+        async def disconnected() -> None:
+            while (await http.receive())["type"] != "http.disconnect":  # the body is read: only this is left
+                pass
+
+        async def answered() -> None:
+            async for _ in self.updates():
+                pass
+
+        tasks = [asyncio.ensure_future(disconnected()), asyncio.ensure_future(answered())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.cancel()
+
+    def cancel(self) -> None:
+        if not self.request.done:
+            self.batcher.cancel(self.request)
 
 
 def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -235,9 +251,7 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key:
                                     logprobs(request.tokens, request.logprobs, request.top), wire.usage(request))
 
     async def finish(job: _Job, http: HTTPRequest) -> None:
-        """Wait for a whole answer (cancelled if the client disconnects meanwhile)."""
-        async for _ in job.updates(http):
-            pass
+        await job.wait(http)
         if job.request.error:
             raise wire.APIError(500, job.request.error, kind="server_error")
 
