@@ -3,7 +3,7 @@
 
     python bench/serve.py                        # CPU: demo preset, 96 requests, concurrency 32, 16 slots
     python bench/serve.py --preset llama-1b --requests 32 --max-seq-len 512 --new 8 96
-    python bench/serve.py --preset llama2-7b --dtype bfloat16 --requests 256   # a GPU (default there)
+    python bench/serve.py --preset llama2-7b --dtype bfloat16 --requests 256 --max-seq-len 512   # a GPU (its default)
 
 Closed-loop clients: `--concurrency` clients (a child process: asyncio + httpx, SSE, so they do
 not share the server's interpreter lock) each send a request, read its streamed answer to the end
@@ -225,15 +225,20 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=256 if gpu else 96)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=16, help="slots (continuous) and batch size (static)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="cache positions per slot (default: the model's)")
+    p.add_argument("--max-seq-len", type=int, default=512 if gpu else None,
+                   help="cache positions per slot (default: 512 on a GPU, else the model's context)")
     p.add_argument("--prompt-len", type=int, nargs=2, default=(8, 200) if gpu else (4, 100), metavar=("MIN", "MAX"))
     p.add_argument("--new", type=int, nargs=2, default=(16, 256) if gpu else (4, 128), metavar=("MIN", "MAX"))
     p.add_argument("--steps-per-call", type=int, default=1, help="continuous: decode steps per device call")
     p.add_argument("--static-chunk", type=int, default=8, help="static: decode steps per generate_stream call")
     p.add_argument("--seconds", type=float, default=600, help="no new request starts after this long (each mode)")
     p.add_argument("--modes", nargs="+", default=("static", "continuous"), choices=("static", "continuous"))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes whatever the device (a CPU check of gpu.sh)")
     p.add_argument("--out", help="write the JSON result here")
     args = p.parse_args()
+    if args.smoke:
+        args.preset, args.dtype, args.requests, args.concurrency, args.max_batch = "demo", "float32", 16, 8, 4
+        args.prompt_len, args.new, args.max_seq_len = (4, 40), (4, 32), None
 
     cfg = lj.LlamaConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
     args.max_seq_len = args.max_seq_len or cfg.max_seq_len
