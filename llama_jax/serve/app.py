@@ -133,6 +133,11 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key:
     async def api_error(_: HTTPRequest, e: wire.APIError) -> JSONResponse:
         return JSONResponse(e.json(), status_code=e.status)
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: HTTPRequest, e: Exception) -> JSONResponse:  # a bug of ours: still OpenAI's JSON
+        return JSONResponse(wire.APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").json(),
+                            500)
+
     @app.exception_handler(404)
     async def not_found(request: HTTPRequest, _: Exception) -> JSONResponse:
         return JSONResponse(wire.APIError(404, f"no route {request.method} {request.url.path}").json(), 404)
@@ -165,7 +170,7 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "llama_jax", "max_model_len": batcher.max_seq_len}]}
 
-    def engine_request(body: wire._Sampling, ids: list[int], max_tokens: int | None, top_logprobs: int) -> Request:
+    def engine_request(body: wire.Sampling, ids: list[int], max_tokens: int | None, top_logprobs: int) -> Request:
         body.check_supported()
         check_model(body.model)
         if max_tokens is None:  # up to the context

@@ -38,7 +38,9 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
+class Sampling(_Strict):
+    """The fields both endpoints take (OpenAI's defaults: temperature 1, top_p 1)."""
+
     model: str | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -69,7 +71,7 @@ class _Sampling(_Strict):
             raise APIError(400, f"at most 4 stop strings (as OpenAI's API), got {len(stops)}", "stop")
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
@@ -97,7 +99,7 @@ class Message(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # None: up to the context
     max_completion_tokens: int | None = Field(None, ge=1)
