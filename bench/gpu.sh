@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared benchmark command for a GPU session (H100/H200): ceilings, attention, forward, training,
-# prefill (time to first token), decoding and serving (continuous vs static batches), each with its HF/PyTorch peer in the same run, then
-# one table of every row. JSON per bench + gpu.log go to $OUT (the device tool) or a temp folder.
+# prefill (time to first token), decoding, harness scoring (eval) and serving (continuous vs static
+# batches), each with its HF/PyTorch peer in the same run, then one table of every row. JSON per bench +
+# gpu.log go to $OUT (the device tool) or a temp folder.
 #
-#   bash bench/gpu.sh           # on the GPU: about 13 minutes, every step under its own time limit
+#   bash bench/gpu.sh           # on the GPU: about 14 minutes, every step under its own time limit
 #   bash bench/gpu.sh --smoke   # tiny shapes, end to end on a CPU (the check before a device run)
 #
 # Extra XLA flags to try go in XLA_FLAGS (passed through); JAX does not preallocate GPU memory
@@ -43,8 +44,9 @@ step forward 60 bench/forward.py --dtype bfloat16 --batch 4 --seq 2048
 step train 200 bench/train.py
 step prefill 110 bench/prefill.py --ceilings "$OUTDIR/ceilings.json"
 step decode 110 bench/decode.py
-step serve 240 bench/serve.py --requests 128
+step eval 150 bench/eval.py
+step serve 180 bench/serve.py --requests 96
 
 echo "=== results in $OUTDIR" | tee -a "$LOG"
 "$PY" bench/table.py "$OUTDIR"/ceilings.json "$OUTDIR"/attention.json "$OUTDIR"/forward.json "$OUTDIR"/train.json \
-  "$OUTDIR"/prefill.json "$OUTDIR"/decode.json "$OUTDIR"/serve.json | tee -a "$LOG"
+  "$OUTDIR"/prefill.json "$OUTDIR"/decode.json "$OUTDIR"/eval.json "$OUTDIR"/serve.json | tee -a "$LOG"

@@ -161,27 +161,27 @@ class StaticBatches:
     def _run(self, batch) -> None:
         import llama_jax as lj
         from llama_jax.generate.batcher import Update
-        from llama_jax.generate.stops import TextDecoder
+        from llama_jax.generate.stops import StopMatcher
 
-        decoders = [TextDecoder(self.decode) for _ in batch]
+        matchers = [StopMatcher(None, self.decode) for _ in batch]
         for pieces in lj.generate_stream(self.params, self.cfg, [r.prompt for r in batch],
                                          max_new_tokens=max(r.max_new_tokens for r in batch), temperature=0.0,
                                          eos_id=self.eos_id, chunk=self.chunk):
-            for r, d, piece in zip(batch, decoders, pieces):
+            for r, m, piece in zip(batch, matchers, pieces):
                 piece = [] if r.done else piece[:r.max_new_tokens - len(r.tokens)]
                 if piece:
                     r.tokens += piece
-                    text = "".join(d.add(t) for t in piece)
-                    last = len(r.tokens) == r.max_new_tokens
-                    if last:
-                        text += d.finish()
-                        r.finish_reason, r.text = "length", d.text
+                    m.update(r.tokens)
+                    text = m.take()
+                    if len(r.tokens) == r.max_new_tokens:
+                        text += m.finish()
+                        r.finish_reason, r.text = "length", m.text
                         self.served += 1
                     r.on_update(Update(piece, [0.0] * len(piece), [[]] * len(piece), text, r.finish_reason))
-        for r, d in zip(batch, decoders):
+        for r, m in zip(batch, matchers):
             if not r.done:  # ended by EOS
-                rest = d.finish()
-                r.finish_reason, r.text = "stop", d.text
+                rest = m.finish()
+                r.finish_reason, r.text = "stop", m.text
                 self.served += 1
                 r.on_update(Update([], [], [], rest, "stop"))
 

@@ -8,6 +8,7 @@ exactly, because a chat model only answers well when it sees the layout it was t
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterable, Mapping, Sequence
 
@@ -51,16 +52,37 @@ class Tokenizer:
 
     def __init__(self, model_path: str | os.PathLike) -> None:
         path = os.fspath(model_path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer model not found: {path!r}")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer model path is not a file: {path!r} "
-                                    "(expected a SentencePiece .model file, e.g. tokenizer.model)")
+        if "://" in path:  # gs://, s3://, file://...: read through TensorStore like checkpoints
+            from llama_jax.checkpoint.files import read_bytes
+
+            proto = read_bytes(path)
+            if proto is None:
+                raise FileNotFoundError(f"tokenizer model not found: {path!r}")
+        else:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"tokenizer model not found: {path!r}")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"tokenizer model path is not a file: {path!r} "
+                                        "(expected a SentencePiece .model file, e.g. tokenizer.model)")
+            with open(path, "rb") as f:
+                proto = f.read()
+        self._load(proto, path)
+
+    @classmethod
+    def from_proto(cls, proto: bytes, name: str = "<bytes>") -> "Tokenizer":
+        """A tokenizer from the bytes of a .model file (worker processes get `model_proto`)."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._load(proto, name)
+        return tokenizer
+
+    def _load(self, proto: bytes, path: str) -> None:
         try:
-            self.sp_model = spm.SentencePieceProcessor(model_file=path)
+            self.sp_model = spm.SentencePieceProcessor(model_proto=proto)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with a terse message
             raise ValueError(f"not a SentencePiece model file: {path!r} ({e})") from e
         self.model_path = path
+        self.model_proto = proto
+        self.fingerprint = hashlib.sha256(proto).hexdigest()[:16]  # tokenized shards record it
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size})"

@@ -196,7 +196,6 @@ def test_a_client_that_hangs_up_while_waiting_is_cancelled(server, client):
         time.sleep(0.05)
     hung = submitted[before + SLOTS]
     assert hung.prompt == tok_ids("hang up") and hung.finish_reason == "cancelled" and len(hung.tokens) < 110
-    assert all(r.finish_reason == "cancelled" for r in submitted[before:before + SLOTS])
 
 
 def tok_ids(text):

@@ -24,13 +24,17 @@ class ModelConfig:
     attention: str = "xla"  # xla | cudnn (NVIDIA GPUs) | splash (TPUs)
 
 
+DATA_FORMATS = ("alpaca", "chat", "pretrain", "tokens", "auto")
+
+
 @dataclasses.dataclass
 class DataConfig:
-    format: str = "alpaca"  # alpaca | pretrain | chat
-    train: list = dataclasses.field(default_factory=list)  # files (JSON for alpaca/chat; .txt/.jsonl for pretrain)
+    format: str = "alpaca"  # alpaca | chat | pretrain | tokens (python -m train.tokenize folders) | auto
+    train: list = dataclasses.field(default_factory=list)  # files, globs, folders, hf:NAME, gs://... (train/data/formats.py)
     max_len: int = 512  # tokens per example/row (a row holds max_len inputs)
     pack: bool = False  # pack several examples per row (segment ids keep them apart)
     text_key: str = "text"  # field of a JSONL line holding a document (pretrain)
+    weights: list[float] = dataclasses.field(default_factory=list)  # tokens: mixture weight per data.train entry
 
 
 @dataclasses.dataclass
@@ -62,6 +66,9 @@ class EvalConfig:
     data: str | None = None  # Alpaca JSON of held-out examples: exact-match accuracy, greedy decoding
     examples: int = 0  # how many of them (0 = all)
     max_new_tokens: int = 32
+    loss_data: str | None = None  # held-out file in data.format: eval_loss / eval_ppl over its target tokens
+    every: int = 0  # steps between validation passes (0: only at the start and the end)
+    batches: int = 0  # batches of batch_size rows per validation pass (0 = all of loss_data)
 
 
 @dataclasses.dataclass
@@ -116,6 +123,11 @@ def _check_type(key: str, value: Any, default: Any, annotation: str) -> Any:
         if optional:
             return None
         raise ValueError(f"config {key}: must not be null")
+    if "list[float]" in str(annotation):
+        value = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"config {key}: expected a list of numbers, got {value!r}")
+        return [float(v) for v in value]
     if isinstance(default, bool) or "bool" in str(annotation):
         if not isinstance(value, bool):
             raise ValueError(f"config {key}: expected true/false, got {value!r}")
@@ -195,13 +207,16 @@ def validate(cfg: TrainConfig) -> None:
          f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum}")
     need(cfg.model.preset is not None or cfg.init_from is not None,
          "set model.preset (e.g. demo, llama2-7b) or init_from (a converted checkpoint)")
-    need(cfg.data.format in ("alpaca", "pretrain", "chat"),
-         f"data.format must be alpaca, pretrain or chat, got {cfg.data.format!r}")
+    need(cfg.data.format in DATA_FORMATS, f"data.format must be one of {DATA_FORMATS}, got {cfg.data.format!r}")
+    need(not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.train),
+         f"data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.train)} data.train entries")
     need(len(cfg.data.train) > 0, "data.train must name at least one file")
     need(cfg.data.max_len >= 2, f"data.max_len must be >= 2, got {cfg.data.max_len}")
     need(cfg.optim.schedule in ("cosine", "constant"), f"optim.schedule must be cosine or constant, got {cfg.optim.schedule!r}")
     need(0.0 <= cfg.optim.warmup_ratio < 1.0, f"optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    need(cfg.eval.every >= 0 and cfg.eval.batches >= 0,
+         f"eval.every and eval.batches must be >= 0, got {cfg.eval.every} and {cfg.eval.batches}")
     need(cfg.model.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {cfg.model.remat!r}")
     need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {tuple(DTYPES)}, got {cfg.model.dtype!r}")
     need(cfg.model.attention in ATTENTION_IMPLEMENTATIONS,

@@ -1,12 +1,36 @@
-"""Exact-match accuracy of greedy answers on held-out Alpaca records (the demo's proof of learning)."""
+"""Evaluation during training: validation loss on held-out rows, and exact match of greedy answers
+on held-out Alpaca records (the demo's proof of learning)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.sharding import Mesh
 
 from llama_jax.config import LlamaConfig
 from llama_jax.generate import generate
 from llama_jax.tokenizer import Tokenizer, format_alpaca
+from sharding import global_batch
+from train.step import token_sums
+
+
+def make_validation_loss(cfg: LlamaConfig) -> Callable:
+    """The jitted (params, global batch) -> {"ce", "count", ...}: the train step's token sums (same
+    targets and masking), without z-loss and without an update."""
+    return jax.jit(lambda params, batch: token_sums(params, batch, cfg, 0.0)[1])
+
+
+def validation_loss(loss_fn: Callable, params: Any, batches: Sequence[dict], mesh: Mesh) -> tuple[float, float]:
+    """(eval_loss, eval_ppl): mean cross-entropy per target token over all batches, and its exp.
+    Call it under the training mesh."""
+    sums = jax.device_get([loss_fn(params, global_batch(batch, mesh)) for batch in batches])
+    count = sum(float(s["count"]) for s in sums)
+    if count == 0:
+        raise ValueError("validation data has no target tokens")
+    loss = sum(float(s["ce"]) for s in sums) / count
+    return loss, math.exp(loss)
 
 
 def exact_match(params: Any, cfg: LlamaConfig, tokenizer: Tokenizer, records: Sequence[dict],

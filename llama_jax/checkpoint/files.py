@@ -38,24 +38,36 @@ def write_text(path: str, text: str) -> None:
         os.replace(tmp, path)
 
 
-def read_text(path: str) -> str | None:
-    """A small text file's contents, or None when it does not exist."""
+def read_bytes(path: str) -> bytes | None:
+    """A file's bytes (local path or URL), or None when it does not exist."""
     if is_remote(path):
         folder, name = str(path).rsplit("/", 1)
         result = ts.KvStore.open(kvstore(folder)).result().read(name).result()
-        return result.value.decode() if result.state == "value" else None
+        return result.value if result.state == "value" else None
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
+    with open(path, "rb") as f:
         return f.read()
 
 
+def read_text(path: str) -> str | None:
+    """A small text file's contents, or None when it does not exist."""
+    data = read_bytes(path)
+    return None if data is None else data.decode()
+
+
 def copy_file(src: str, dst: str) -> None:
-    """Copy a local file to a local path or a URL."""
-    if is_remote(dst):
-        folder, name = dst.rsplit("/", 1)
-        with open(src, "rb") as f:
-            ts.KvStore.open(kvstore(folder)).result().write(name, f.read()).result()
+    """Copy a small file between local paths and URLs."""
+    if is_remote(src) or is_remote(dst):
+        data = read_bytes(src)
+        if data is None:
+            raise FileNotFoundError(f"{src}: no such file")
+        if is_remote(dst):
+            folder, name = dst.rsplit("/", 1)
+            ts.KvStore.open(kvstore(folder)).result().write(name, data).result()
+        else:
+            with open(dst, "wb") as f:
+                f.write(data)
     else:
         shutil.copyfile(src, dst)
 

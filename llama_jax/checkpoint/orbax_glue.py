@@ -49,8 +49,14 @@ def quiet_orbax():
 # --- writing ---------------------------------------------------------------------------------------
 
 
+def orbax_path(path: str) -> str:
+    """Orbax's paths (etils.epath) know gs:// but not file://, which is a local path."""
+    return str(path).removeprefix("file://")
+
+
 def save_pytree(params_dir: str, tree: Any) -> None:
     """Orbax's PyTree checkpoint of `tree` at `params_dir` (every process writes its own shards)."""
+    params_dir = orbax_path(params_dir)
     with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(params_dir, args=ocp.args.PyTreeSave(tree))
 
@@ -124,7 +130,7 @@ class StreamingWriter:
 def stored_shapes(params_dir: str) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{leaf path: shape} of a PyTree checkpoint, from its metadata (no array is read)."""
     with ocp.PyTreeCheckpointer() as ckptr, quiet_orbax():
-        stored = ckptr.metadata(params_dir)
+        stored = ckptr.metadata(orbax_path(params_dir))
     stored = getattr(stored, "item_metadata", stored)
     return {path: tuple(m.shape) for path, m in leaf_paths(dict(stored))}
 
@@ -134,7 +140,7 @@ def restore_pytree(params_dir: str, shapes: Any, shardings: Any, dtype: Any = No
     args = jax.tree.map(lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=s.shape, dtype=dtype),
                         shapes, shardings)
     with ocp.PyTreeCheckpointer() as ckptr, quiet_orbax():
-        return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=shapes, restore_args=args))
+        return ckptr.restore(orbax_path(params_dir), args=ocp.args.PyTreeRestore(item=shapes, restore_args=args))
 
 
 def open_leaves(params_dir: str, names: list[str]) -> dict[str, Any]:
@@ -147,7 +153,7 @@ def open_leaves(params_dir: str, names: list[str]) -> dict[str, Any]:
     stores = {}
     for name in names:
         with quiet_orbax():
-            info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(params_dir),
+            info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(orbax_path(params_dir)),
                                                is_ocdbt_checkpoint=use_ocdbt, use_zarr3=use_zarr3)
             spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
         try:

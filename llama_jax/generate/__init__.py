@@ -5,5 +5,7 @@ stop strings (stops.py), the text-level Generator (generator.py), and the comman
 from llama_jax.generate.batcher import Batcher, Request
 from llama_jax.generate.engine import filter_probs, generate, generate_stream, sample
 from llama_jax.generate.generator import Generator
+from llama_jax.generate.stops import StopMatcher
 
-__all__ = ["Batcher", "Generator", "Request", "filter_probs", "generate", "generate_stream", "sample"]
+__all__ = ["Batcher", "Generator", "Request", "StopMatcher", "filter_probs", "generate", "generate_stream",
+           "sample"]

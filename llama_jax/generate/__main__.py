@@ -29,6 +29,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the answer where this text appears (not printed); repeat for several")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast params (default: as saved)")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="split heads/MLP over this many devices (a (1, 1, N) data/fsdp/tensor mesh)")
@@ -79,7 +81,7 @@ def _run(args: argparse.Namespace) -> None:
     def answer(text: str) -> str:
         ids = _fit_history(gen, history, text, mode, args.input)
         reply = ""
-        for piece in gen.stream(ids, **sampling):
+        for piece in gen.stream(ids, stop=args.stop, **sampling):
             reply += piece
             print(piece, end="", flush=True)
         print(flush=True)

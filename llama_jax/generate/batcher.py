@@ -15,7 +15,7 @@ How it runs (read `Batcher._iterate`):
   fold_in(fold_in(key(seed), 0), s). So a request's tokens are the ones `generate` gives it alone
   (greedy: token for token; seeded sampling: the same draws), whatever else shares the batch.
 - Stop strings, EOS and max_new_tokens are checked on the host per token; tokens the device made
-  past a request's end are dropped. Text goes out through `TextDecoder` and `StopMatcher`.
+  past a request's end are dropped. Text and stop strings go through `StopMatcher` (stops.py).
 
 `Batcher.run(requests)` serves a list synchronously; `start()` runs the loop in a thread for a
 server (`submit`, `cancel`, `on_update` callbacks from that thread).
@@ -38,7 +38,7 @@ from jax import lax
 
 from llama_jax.config import LlamaConfig
 from llama_jax.generate.engine import MIN_LENGTH_BUCKET, _check_request, _pow2, sample
-from llama_jax.generate.stops import StopMatcher, TextDecoder, check_stops
+from llama_jax.generate.stops import StopMatcher, check_stops
 from llama_jax.model import Llama, init_cache
 
 Array = jax.Array
@@ -176,9 +176,7 @@ class _Slot:
     index: int
     request: Request | None = None
     issued: int = 0  # tokens the device will have made for this request once all dispatched calls finish
-    decoder: TextDecoder | None = None
-    matcher: StopMatcher | None = None
-    shown: int = 0  # characters of matcher.text already sent
+    matcher: StopMatcher | None = None  # its text and stop strings (None without a decode function)
 
 
 class Batcher:
@@ -355,9 +353,8 @@ class Batcher:
                 break
             if slot.request is None:
                 request = self.waiting.popleft()
-                slot.request, slot.issued, slot.shown = request, 1, 0
-                if self.decode is not None:
-                    slot.decoder, slot.matcher = TextDecoder(self.decode), StopMatcher(request.stop)
+                slot.request, slot.issued = request, 1
+                slot.matcher = StopMatcher(request.stop, self.decode) if self.decode is not None else None
                 taken.append((slot, request))
         return taken
 
@@ -409,32 +406,26 @@ class Batcher:
         for seq, item in ((request.tokens, token), (request.logprobs, logprob), (request.top, top),
                           (update.tokens, token), (update.logprobs, logprob), (update.top_logprobs, top)):
             seq.append(item)
-        if slot.matcher is not None and slot.matcher.feed(slot.decoder.add(token)) is not None:
+        if slot.matcher is not None and slot.matcher.update(request.tokens) is not None:
             return self._finish(slot, "stop", update)
         if len(request.tokens) >= request.max_new_tokens:
             return self._finish(slot, "length", update)
         if slot.matcher is not None:
-            update.text += self._take_text(slot, slot.matcher.safe_end())
-
-    def _take_text(self, slot: _Slot, end: int) -> str:
-        piece = slot.matcher.text[slot.shown:end]
-        slot.shown = max(slot.shown, end)
-        return piece
+            update.text += slot.matcher.take()
 
     def _finish(self, slot: _Slot, reason: str, update: Update | None = None) -> None:
         """End the slot's request (reason stop | length | cancelled | error) and free the slot."""
         request = slot.request
         if slot.matcher is not None and reason != "cancelled":
-            if slot.matcher.cut is None and slot.matcher.feed(slot.decoder.finish()) is not None:
-                reason = "stop"  # the held-back tail completed a stop string
-            end = slot.matcher.cut if slot.matcher.cut is not None else len(slot.matcher.text)
-            request.text = slot.matcher.text[:end]
+            rest = slot.matcher.finish()
+            reason = "stop" if slot.matcher.stopped else reason  # the held-back tail may complete a stop
+            request.text = slot.matcher.text
             if update is not None:
-                update.text += self._take_text(slot, end)
+                update.text += rest
         request.finish_reason = reason
         if update is not None:
             update.finish_reason = reason
-        slot.request, slot.decoder, slot.matcher = None, None, None
+        slot.request, slot.matcher = None, None
         self.served += 1
 
     def _fail_all(self, message: str) -> None:

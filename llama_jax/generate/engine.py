@@ -13,6 +13,8 @@ How a batch runs (read `generate`):
   (0 = greedy, a lax.cond), top-p, top-k, seed, eos_id and max_new_tokens are traced values:
   changing them never recompiles.
 - Streaming (`generate_stream`) runs the same compiled decode loop a chunk of steps at a time.
+- A `stop` check (stop strings: generate/stops.py) runs on the host between chunks of the same
+  loop; a row it ends gets its done flag set on the device, and the loop exits once all are done.
 - Sampling draws row r's step-s token with key fold_in(fold_in(key(seed), r), s), so a prompt's
   text depends only on (seed, its index, the settings), not on the batch bucket or on streaming.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -215,9 +217,58 @@ def _kept(tokens: np.ndarray, eos_id: int | None) -> int:
     return stop[0] if stop else len(tokens)
 
 
+StopCheck = Callable[[int, list[int]], int | None]  # (row, its new tokens so far) -> None or tokens to keep
+
+
+def _chunks(params: Any, cfg: LlamaConfig, rows: list[list[int]], state: dict, sampling: dict, max_new_tokens: int,
+            eos_id: int | None, chunk: int, stop: StopCheck | None,
+            kept: list[int | None]) -> Iterator[tuple[list[list[int]], dict]]:
+    """Decode `chunk` steps per call of the compiled loop; yield (each row's new tokens since the
+    last yield, the state). After each chunk `stop(row, its new tokens so far)` may end a row:
+    kept[row] records how many tokens it keeps, and its done flag is set on the device, so the
+    loop exits as soon as every row has ended (EOS, max_new_tokens or a stop)."""
+    seen: list[list[int]] = [[] for _ in rows]
+    ended = [False] * len(rows)
+    done_until = 0
+    while True:
+        step = int(state["step"])
+        new = np.asarray(state["tokens"])[: len(rows), done_until:step]  # a few KB to the host, no slicing op
+        pieces, stopped_now = [], []
+        for i in range(len(rows)):
+            piece = [] if ended[i] else new[i, :_kept(new[i], eos_id)].tolist()
+            ended[i] = ended[i] or len(piece) < new.shape[1]
+            if stop is not None and piece:
+                seen[i] += piece
+                keep = stop(i, seen[i])
+                if keep is not None:
+                    lowest = len(seen[i]) - len(piece)
+                    if not isinstance(keep, (int, np.integer)) or not lowest <= keep <= len(seen[i]):
+                        raise ValueError(f"stop({i}, tokens) returned {keep!r}: expected None or a token count in "
+                                         f"[{lowest}, {len(seen[i])}] (earlier tokens were already returned)")
+                    piece = piece[:keep - lowest]
+                    kept[i], ended[i] = int(keep), True
+                    stopped_now.append(i)
+            pieces.append(piece)
+        yield pieces, state
+        done_until = step
+        if step >= max_new_tokens or all(ended):
+            return
+        if stopped_now:
+            ended_now = np.zeros(state["done"].shape, bool)
+            ended_now[stopped_now] = True
+            state = {**state, "done": state["done"] | ended_now}
+        state = _decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), sampling, cfg=cfg)
+
+
+def _check_chunk(chunk: Any) -> None:
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+
+
 def generate(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-             eos_id: int | None = 2, logprobs: bool = False, echo: bool = False) -> Any:
+             eos_id: int | None = 2, logprobs: bool = False, echo: bool = False, stop: StopCheck | None = None,
+             chunk: int = 16) -> Any:
     """New tokens for each prompt (list of token-id lists, any lengths), EOS not included.
 
     temperature 0 is greedy; otherwise temperature, then top-k (0 = off), then nucleus top-p with
@@ -226,15 +277,26 @@ def generate(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
     (before temperature/top-p, as Meta reports). With `echo=True` the returned rows start with
     the prompt, whose logprobs are those of each prompt token given the ones before (0.0 for the
     first token), as in Meta's reference. Run it under `with mesh:` for sharded decoding.
+
+    `stop(row, new_tokens_so_far)` is called every `chunk` decode steps for each running row and
+    returns None to go on or how many of its tokens to keep (the row ends there: see
+    `StopMatcher.update` for stop strings). Without it the whole decode is one on-device loop.
     """
+    _check_chunk(chunk)
     rows, state, prompt_logprobs, sampling = _start(params, cfg, prompts, max_new_tokens, temperature,
                                                             top_p, top_k, seed, eos_id)
-    state = _decode(params, state, jnp.int32(max_new_tokens), sampling, cfg=cfg)
+    kept: list[int | None] = [None] * len(rows)
+    if stop is None:
+        state = _decode(params, state, jnp.int32(max_new_tokens), sampling, cfg=cfg)
+    else:
+        for _, state in _chunks(params, cfg, rows, state, sampling, max_new_tokens, eos_id, chunk, stop, kept):
+            pass
     out_tokens, out_logprobs = np.asarray(state["tokens"]), np.asarray(state["logprobs"])
     prompt_logprobs = np.asarray(prompt_logprobs) if echo else None
     results, scores = [], []
     for i, row in enumerate(rows):
         n = _kept(out_tokens[i, :max_new_tokens], eos_id)
+        n = n if kept[i] is None else min(n, kept[i])
         new, new_lp = out_tokens[i, :n].tolist(), out_logprobs[i, :n].tolist()
         if echo:
             new = row + new
@@ -246,27 +308,15 @@ def generate(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], ma
 
 def generate_stream(params: Any, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                    eos_id: int | None = 2, chunk: int = 8) -> Iterator[list[list[int]]]:
+                    eos_id: int | None = 2, chunk: int = 8, stop: StopCheck | None = None) -> Iterator[list[list[int]]]:
     """Like `generate`, but yields each row's new tokens as they come: a list (one entry per prompt)
     of the tokens produced since the last yield (empty for rows that are done). The first yield
     comes right after the prefill; then one per `chunk` decode steps, each chunk one call of the
-    same compiled on-device loop. Concatenating the yields gives exactly `generate`'s output."""
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    same compiled on-device loop. Concatenating the yields gives exactly `generate`'s output
+    (with the same `stop`, which is checked before each yield)."""
+    _check_chunk(chunk)
     rows, state, _, sampling = _start(params, cfg, prompts, max_new_tokens, temperature, top_p, top_k, seed,
                                       eos_id)
-    stopped = [False] * len(rows)
-    done_until = 0
-    while True:
-        step = int(state["step"])
-        new = np.asarray(state["tokens"])[: len(rows), done_until:step]  # a few KB to the host, no slicing op
-        pieces = []
-        for i in range(len(rows)):
-            piece = [] if stopped[i] else new[i, :_kept(new[i], eos_id)].tolist()
-            stopped[i] = stopped[i] or len(piece) < new.shape[1]
-            pieces.append(piece)
+    for pieces, _ in _chunks(params, cfg, rows, state, sampling, max_new_tokens, eos_id, chunk, stop,
+                             [None] * len(rows)):
         yield pieces
-        done_until = step
-        if step >= max_new_tokens or all(stopped):
-            return
-        state = _decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), sampling, cfg=cfg)

@@ -12,6 +12,7 @@ import jax
 from llama_jax.checkpoint import checkpoint_tokenizer, load_checkpoint
 from llama_jax.config import LlamaConfig
 from llama_jax.generate.engine import generate, generate_stream
+from llama_jax.generate.stops import StopMatcher
 from llama_jax.tokenizer import Tokenizer, format_alpaca
 from sharding import shard_params
 
@@ -21,8 +22,10 @@ class Generator:
     (default: the tokenizer.model the checkpoint or training run folder carries).
 
     Sampling keywords of every method (defaults as in Meta's examples): max_new_tokens=None (up to
-    the model's context), temperature=0.6, top_p=0.9, top_k=0, seed=0. With `mesh`, params are
-    placed on it by the logical-axis rules and every call decodes under it.
+    the model's context), temperature=0.6, top_p=0.9, top_k=0, seed=0. Every method also takes
+    `stop`: a string or a list of them; a completion ends where the first of them appears (checked
+    on the text as tokens arrive, generate/stops.py) and the stop text is not returned. With
+    `mesh`, params are placed on it by the logical-axis rules and every call decodes under it.
     """
 
     defaults = {"max_new_tokens": None, "temperature": 0.6, "top_p": 0.9, "top_k": 0, "seed": 0}
@@ -69,49 +72,66 @@ class Generator:
             settings["max_new_tokens"] = self.cfg.max_seq_len - longest
         return settings
 
-    def _run(self, prompts: list[list[int]], sampling: Mapping[str, Any]) -> list[str]:
+    def _run(self, prompts: list[list[int]], sampling: Mapping[str, Any],
+             stop: str | Sequence[str] | None) -> list[str]:
         settings = self._settings(prompts, sampling)
+        matchers = [StopMatcher(stop, self.tokenizer.decode) for _ in prompts]
+        check = (lambda i, tokens: matchers[i].update(tokens)) if matchers[0].stops else None
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            out = generate(self.params, self.cfg, prompts, eos_id=self.tokenizer.eos_id, **settings)
-        return [self.tokenizer.decode(t) for t in out]
+            out = generate(self.params, self.cfg, prompts, eos_id=self.tokenizer.eos_id, stop=check, **settings)
+        for m, tokens in zip(matchers, out):
+            m.update(tokens)
+        return [m.finish() for m in matchers]
 
-    def stream(self, prompt: str | Sequence[int], **sampling: Any) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], stop: str | Sequence[str] | None = None,
+               **sampling: Any) -> Iterator[str]:
         """Yield the completion of one prompt (text gets BOS; a token list is used as is) piece by
-        piece as it is produced; the pieces join to exactly the decoded completion."""
+        piece as it is produced; the pieces join to exactly `complete`'s text. A piece never ends
+        in half a UTF-8 character or in text that may still become a stop string."""
         ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
         settings = self._settings([ids], sampling)
+        matcher = StopMatcher(stop, self.tokenizer.decode)
+        check = (lambda _, tokens: matcher.update(tokens)) if matcher.stops else None
         new: list[int] = []
-        shown = ""
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            for pieces in generate_stream(self.params, self.cfg, [ids], eos_id=self.tokenizer.eos_id, **settings):
+            for pieces in generate_stream(self.params, self.cfg, [ids], eos_id=self.tokenizer.eos_id, stop=check,
+                                          **settings):
                 new += pieces[0]
-                text = self.tokenizer.decode(new)
-                if len(text) > len(shown) and not text.endswith("\ufffd"):  # hold back half a UTF-8 char
-                    yield text[len(shown):]
-                    shown = text
-        text = self.tokenizer.decode(new)
-        if text != shown:
-            yield text[len(shown):]
+                matcher.update(new)
+                text = matcher.take()
+                if text:
+                    yield text
+        text = matcher.finish()
+        if text:
+            yield text
 
-    def complete(self, texts: str | Sequence[str], **sampling: Any) -> str | list[str]:
+    def complete(self, texts: str | Sequence[str], stop: str | Sequence[str] | None = None,
+                 **sampling: Any) -> str | list[str]:
         """Plain completion of one text or a list of texts (each gets BOS)."""
         single = isinstance(texts, str)
         prompts = [self.tokenizer.encode(t, bos=True) for t in ([texts] if single else texts)]
-        out = self._run(prompts, sampling)
+        out = self._run(prompts, sampling, stop)
         return out[0] if single else out
 
+    def complete_tokens(self, prompts: Sequence[Sequence[int]], stop: str | Sequence[str] | None = None,
+                        **sampling: Any) -> list[str]:
+        """Completions of prompts given as token-id lists, used as they are (no BOS added)."""
+        return self._run([list(p) for p in prompts], sampling, stop)
+
     def chat(self, dialogs: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
-             **sampling: Any) -> dict | list[dict]:
+             stop: str | Sequence[str] | None = None, **sampling: Any) -> dict | list[dict]:
         """Llama-2-chat answers: one dialog ([{"role", "content"}, ...] ending with a user turn) or a
         list of them -> {"role": "assistant", "content": ...} each."""
         single = len(dialogs) > 0 and isinstance(dialogs[0], Mapping)
         prompts = [self.tokenizer.encode_dialog(d) for d in ([dialogs] if single else dialogs)]
-        out = [{"role": "assistant", "content": text} for text in self._run(prompts, sampling)]
+        out = [{"role": "assistant", "content": text} for text in self._run(prompts, sampling, stop)]
         return out[0] if single else out
 
-    def alpaca(self, instruction: str, input: str = "", **sampling: Any) -> str:
+    def alpaca(self, instruction: str, input: str = "", stop: str | Sequence[str] | None = None,
+               **sampling: Any) -> str:
         """The response of an Alpaca-tuned model to one instruction (optional input), stripped."""
-        return self._run([self.tokenizer.encode(format_alpaca(instruction, input), bos=True)], sampling)[0].strip()
+        prompt = self.tokenizer.encode(format_alpaca(instruction, input), bos=True)
+        return self._run([prompt], sampling, stop)[0].strip()
 
     def prompt_ids(self, text: str, mode: str = "complete", input: str = "", history: Sequence[Mapping] = ()) -> list[int]:
         """The token ids the model sees for `text` in a mode: complete | alpaca | chat (after `history`)."""

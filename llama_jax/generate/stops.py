@@ -1,16 +1,21 @@
-"""Text as tokens arrive: incremental detokenisation (`TextDecoder`) and stop strings (`StopMatcher`).
+"""Stop strings over one sequence's detokenised completion, checked incrementally as tokens arrive.
 
-`TextDecoder` turns one sequence's new tokens into text pieces that join to exactly
-`decode(all tokens)`: each token costs two decodes of a short window (the tokens since the last
-piece plus the ones before it), not a decode of the whole completion. SentencePiece drops the
-leading space of a decoded sequence's first piece, so a window is only trusted when its known
-prefix decodes to something; otherwise the whole sequence is decoded once. A token that ends
-inside a multi-byte character (byte-fallback pieces) renders as U+FFFD; trailing U+FFFDs are held
-back until a complete character follows them (or the sequence ends).
+`StopMatcher` is the one piece every text-level caller shares (Generator, the harness LM, the
+server's batcher): feed it a sequence's new tokens so far, and it says how many of them to keep
+once a stop string has been completed, where that stop starts in the text (the stop text itself
+is never returned), and which text is safe to stream (never half a UTF-8 character, never the
+start of what may become a stop string).
 
-`StopMatcher` is fed those pieces and reports where the earliest stop string starts once one is
-complete, and how much of the text is safe to show while streaming (never the start of what may
-still become a stop string). A stop that spans tokens is found in the token that completes it.
+Decoding is incremental (`TextDecoder`), as vLLM's detokenizer does it: the text grows by
+decode(tokens[start:n])[len(decode(tokens[start:mark])):], so SentencePiece's leading-space rule
+applies the same way to both strings and each token costs two short decodes, not a decode of the
+whole completion; where the known prefix decodes to nothing (a lone space piece, whose space
+SentencePiece drops at the start of a text) the whole sequence is decoded once instead. A token
+that ends inside a multi-byte character (byte-fallback pieces) renders as U+FFFD; trailing U+FFFDs
+are held back until a complete character follows them (or the sequence ends), so the text given
+out is always a prefix of decode(all tokens). Stops are searched only in new text plus the last
+(longest stop - 1) characters, so a stop that spans token boundaries is found in the token that
+completes it, exactly where Hugging Face's `stop_strings` criterion stops generating.
 """
 
 from __future__ import annotations
@@ -75,35 +80,84 @@ class TextDecoder:
 
 
 class StopMatcher:
-    """The earliest stop string in a text fed piece by piece.
+    """One sequence's completion text as its tokens arrive, and the earliest stop string in it.
 
-    `feed(piece)` returns None to go on, or the index in the whole text where a stop string starts
-    once one is complete (the text is cut there; later feeds change nothing). `safe_end()` is how
-    much of the text may be shown now.
+    `update(tokens)` takes all new tokens so far (the prompt excluded) and returns None to go on,
+    or, once a stop string is complete, how many tokens to keep: up to and including the token
+    that completed it. Afterwards `text` is the completion up to the stop's first character.
+    `take()` gives the text that became safe to show since the last call (for streaming) and
+    `finish()` the rest once the sequence has ended.
     """
 
-    def __init__(self, stops: str | Sequence[str] | None) -> None:
+    def __init__(self, stops: str | Sequence[str] | None, decode: Callable[[Sequence[int]], str]) -> None:
         self.stops = check_stops(stops)
         self.longest = max((len(s) for s in self.stops), default=0)
-        self.text = ""
-        self.cut: int | None = None
+        self.tokens: list[int] = []  # the tokens taken so far (up to the one that completed a stop)
+        self.kept: int | None = None  # tokens kept once stopped
+        self.stop_at: int | None = None  # index in the text where the stop string starts
+        self._render = TextDecoder(decode)
+        self._searched = 0  # characters of the text already searched for stops
+        self._shown = 0  # characters handed out by take()
 
-    def feed(self, piece: str) -> int | None:
-        if self.cut is not None or not piece:
-            return self.cut
-        begin = max(0, len(self.text) - self.longest + 1)  # a new stop must end in the new piece
-        self.text += piece
-        found = [i for i in (self.text.find(s, begin) for s in self.stops) if i >= 0]
+    @property
+    def stopped(self) -> bool:
+        return self.stop_at is not None
+
+    @property
+    def text(self) -> str:
+        """The completion so far (complete characters), cut where the stop string starts."""
+        text = self._render.text
+        return text if self.stop_at is None else text[:self.stop_at]
+
+    def update(self, tokens: Sequence[int]) -> int | None:
+        """All new tokens so far -> None (go on) or the number of tokens to keep (a stop completed)."""
+        if self.stopped:
+            return self.kept
+        if len(tokens) < len(self.tokens):
+            raise ValueError(f"update() needs all new tokens so far: got {len(tokens)} after {len(self.tokens)}")
+        for token in tokens[len(self.tokens):]:
+            self.tokens.append(int(token))
+            if self._render.add(token) and self._search():
+                self.kept = len(self.tokens)
+                return self.kept
+        return None
+
+    def _search(self) -> bool:
+        """Look for the earliest stop string that ends in text added since the last search."""
+        if not self.stops:
+            return False
+        text = self._render.text
+        begin = max(0, self._searched - self.longest + 1)
+        found = [i for i in (text.find(s, begin) for s in self.stops) if i >= 0]
+        self._searched = len(text)
         if found:
-            self.cut = min(found)
-        return self.cut
+            self.stop_at = min(found)
+        return bool(found)
 
-    def safe_end(self) -> int:
-        """The cut once stopped; else the text's length less a tail that may still grow into a stop."""
-        if self.cut is not None:
-            return self.cut
-        for k in range(min(self.longest - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
+    def take(self) -> str:
+        """Text that became safe to show since the last call: complete characters, and not a tail
+        that may still grow into a stop string."""
+        text = self._render.text
+        end = self.stop_at if self.stopped else len(text) - self._held(text)
+        piece = text[self._shown:end]
+        self._shown = max(self._shown, end)
+        return piece
+
+    def _held(self, text: str) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        for k in range(min(self.longest - 1, len(text)), 0, -1):
+            tail = text[-k:]
             if any(s.startswith(tail) for s in self.stops):
-                return len(self.text) - k
-        return len(self.text)
+                return k
+        return 0
+
+    def finish(self) -> str:
+        """The sequence has ended: render what was held back (a character left incomplete renders
+        as U+FFFD, as decode does), search it, and return the text not yet taken."""
+        if not self.stopped and self._render.finish() and self._search():
+            self.kept = len(self.tokens)
+        if self.stopped:
+            return self.take()
+        piece = self._render.text[self._shown:]
+        self._shown = len(self._render.text)
+        return piece

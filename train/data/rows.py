@@ -1,10 +1,8 @@
-"""Training data: token examples -> fixed-length rows -> deterministic, resumable, per-host batches.
+"""Rows in memory: examples -> fixed-length rows -> deterministic, resumable, per-host batches.
 
-An example is (tokens, loss_mask) with loss_mask[i] = 1 when token i is a training target (it is
-predicted from the tokens before it). Three sources make examples:
-- pretraining text: each document is BOS + text + EOS, every token but BOS is a target;
-- Alpaca SFT (`alpaca_example`): BOS + prompt masked, output + EOS targets, Stanford's templates;
-- Llama-2-chat dialogs: only the assistant answers (and their EOS) are targets.
+Examples come from train/data/formats.py (Alpaca, chat, pretraining text). This is the path for
+data sets that fit a host's memory; tokenized shards stream instead (train/data/stream.py) with
+the same row conventions.
 
 Rows hold `max_len + 1` tokens so the model sees `max_len` inputs (a multiple of 128 stays one).
 Packed rows carry segment ids (1, 2, ... per example, 0 = padding) and positions that restart
@@ -18,104 +16,26 @@ table and keeps only its slice of every global batch.
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from llama_jax.tokenizer import Tokenizer, format_alpaca
-
-Example = tuple[list[int], list[int]]  # (tokens, loss_mask)
-
-
-# --- examples ------------------------------------------------------------------------------
-
-
-def _encode_alpaca(tokenizer: Tokenizer, example: Any, where: str = "example") -> Example:
-    if not isinstance(example, dict) or not isinstance(example.get("instruction"), str) \
-            or not isinstance(example.get("output"), str) or not isinstance(example.get("input", ""), str):
-        raise ValueError(f"{where}: expected an Alpaca record {{'instruction': str, 'input': str (optional), "
-                         f"'output': str}}, got {str(example)[:200]!r}")
-    prompt_text = format_alpaca(example["instruction"], example.get("input", ""))
-    prompt = tokenizer.encode(prompt_text, bos=True, eos=False)
-    full = tokenizer.encode(prompt_text + example["output"], bos=True, eos=True)
-    # The target follows "### Response:" directly, so a tokenizer could merge across the boundary.
-    # Then only the ids the prompt and the full text share are masked: no output text escapes the loss.
-    n_prompt = len(prompt)
-    if full[:n_prompt] != prompt:
-        n_prompt = next(i for i, (a, b) in enumerate(zip(prompt, full)) if a != b)
-    return full, [0] * n_prompt + [1] * (len(full) - n_prompt)
-
-
-def _truncate(example: Example, max_len: int) -> tuple[Example, bool]:
-    tokens, mask = example
-    return (tokens[:max_len], mask[:max_len]), len(tokens) > max_len
-
-
-def alpaca_example(tokenizer: Tokenizer, example: dict, max_len: int = 512) -> Example:
-    """(tokens, loss_mask) of one Alpaca record, as Stanford Alpaca trains it.
-
-    tokens = BOS + prompt + output + EOS (prompt from the exact Alpaca templates), truncated to
-    `max_len`; loss_mask is 0 over BOS + prompt and 1 over output + EOS.
-    """
-    return _truncate(_encode_alpaca(tokenizer, example), max_len)[0]
-
-
-def chat_example(tokenizer: Tokenizer, dialog: Sequence[dict], max_len: int = 4096) -> Example:
-    """(tokens, loss_mask) of a Llama-2-chat dialog: only assistant answers and their EOS are targets."""
-    return _truncate(tokenizer.encode_dialog_turns(dialog), max_len)[0]
-
-
-def _read_json_list(path: str) -> list:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path!r}")
-    with open(path) as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); expected a list of records") from e
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return records
-
-
-def load_alpaca(path: str) -> list[dict]:
-    """The records of an Alpaca JSON file (a list of {instruction, input, output})."""
-    return _read_json_list(path)
-
-
-def read_documents(path: str, text_key: str = "text") -> list[str]:
-    """Documents of a pretraining file: a .jsonl file holds one {text_key: ...} per line; any
-    other file is plain text with documents separated by blank lines."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path!r}")
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                        raise ValueError(f"{path}:{n}: expected a JSON object with a string {text_key!r} field")
-                    docs.append(record[text_key])
-        else:
-            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
-    return docs
-
+from llama_jax.tokenizer import Tokenizer
+from train.data import storage
+from train.data.formats import Example, detect_kind, iter_records, record_tokens, truncate
 
 # --- rows ----------------------------------------------------------------------------------
 
 Rows = dict  # "tokens", "loss_mask", "segment_ids", "positions": int32 arrays (N, row_len)
 
 
-def _empty_rows(n: int, row_len: int) -> Rows:
+def empty_rows(n: int, row_len: int) -> Rows:
     return {k: np.zeros((n, row_len), np.int32) for k in ("tokens", "loss_mask", "segment_ids", "positions")}
 
 
 def pad_rows(examples: Sequence[Example], row_len: int) -> Rows:
     """One example per row, right-padded (segment id 0, no loss)."""
-    rows = _empty_rows(len(examples), row_len)
+    rows = empty_rows(len(examples), row_len)
     for i, (tokens, mask) in enumerate(examples):
         n = len(tokens)
         if n > row_len:
@@ -139,7 +59,7 @@ def pack_rows(examples: Sequence[Example], row_len: int) -> Rows:
         placed[-1].append(ex)
         used += n
     placed = [p for p in placed if p]
-    rows = _empty_rows(len(placed), row_len)
+    rows = empty_rows(len(placed), row_len)
     for r, group in enumerate(placed):
         start = 0
         for seg, (tokens, mask) in enumerate(group, 1):
@@ -161,7 +81,7 @@ def stream_rows(documents: Sequence[list[int]], row_len: int) -> Rows:
     n = (len(tokens) - 1) // stride
     if n == 0:
         raise ValueError(f"pretraining data has {len(tokens)} tokens, fewer than one row of {row_len}")
-    rows = _empty_rows(n, row_len)
+    rows = empty_rows(n, row_len)
     for r in range(n):
         t = tokens[r * stride: r * stride + row_len]
         d = doc_ids[r * stride: r * stride + row_len]
@@ -191,36 +111,39 @@ def model_batch(rows: Rows) -> dict[str, np.ndarray]:
 
 def build_rows(fmt: str, paths: Sequence[str], tokenizer: Tokenizer, max_len: int, pack: bool,
                seed: int = 0, text_key: str = "text") -> tuple[Rows, dict]:
-    """The row table of a data set and a summary (examples, truncated count, tokens, targets)."""
+    """The row table of a data set (fmt alpaca | chat | pretrain | auto) and a summary (examples,
+    truncated and skipped counts, rows, targets). Records with no target left after truncation
+    to max_len are skipped."""
     row_len = max_len + 1
-    truncated = 0
+    truncated = skipped = 0
     examples: list[Example] = []
-    if fmt == "pretrain":
-        docs = [tokenizer.encode(text, bos=True, eos=True) for p in paths for text in read_documents(p, text_key)]
+    docs: list[list[int]] = []
+    for path in storage.expand(paths):
+        for where, record in iter_records(path, text_key):
+            kind = {"pretrain": "text", "auto": None}.get(fmt, fmt) or detect_kind(record, where, text_key)
+            if fmt == "pretrain" or (fmt == "auto" and kind == "text"):
+                docs.append(record_tokens(tokenizer, "text", record, where, text_key)[0])
+                continue
+            ex, cut = truncate(record_tokens(tokenizer, kind, record, where, text_key), max_len)
+            truncated += cut
+            if sum(ex[1]) > 0:  # an example whose targets were all truncated teaches nothing
+                examples.append(ex)
+            else:
+                skipped += 1
+    if docs and examples:
+        raise ValueError(f"{list(paths)} mix pretraining documents with instruction records; train them apart "
+                         "or tokenize both (python -m train.tokenize) and mix them with data.weights")
+    if docs:
         rows = stream_rows(docs, row_len)
         examples_count = len(docs)
     else:
-        for path in paths:
-            for i, record in enumerate(_read_json_list(path)):
-                where = f"{path}[{i}]"
-                if fmt == "alpaca":
-                    ex = _encode_alpaca(tokenizer, record, where)
-                else:
-                    dialog = record.get("messages", record.get("dialog")) if isinstance(record, dict) else record
-                    if not isinstance(dialog, list):
-                        raise ValueError(f"{where}: expected a dialog (a list of {{role, content}} messages)")
-                    ex = tokenizer.encode_dialog_turns(dialog)
-                ex, cut = _truncate(ex, max_len)
-                truncated += cut
-                if sum(ex[1]) > 0:  # an example whose targets were all truncated teaches nothing
-                    examples.append(ex)
         if not examples:
             raise ValueError(f"no training examples with targets in {list(paths)}")
         order = np.random.default_rng(seed).permutation(len(examples))
         examples = [examples[i] for i in order]
         rows = pack_rows(examples, row_len) if pack else pad_rows(examples, row_len)
         examples_count = len(examples)
-    summary = {"examples": examples_count, "truncated": truncated, "rows": len(rows["tokens"]),
+    summary = {"examples": examples_count, "truncated": truncated, "skipped": skipped, "rows": len(rows["tokens"]),
                "row_len": row_len, "targets": int(model_batch(rows)["weights"].sum())}
     return rows, summary
 
@@ -253,3 +176,20 @@ class Batches:
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         idx = self.global_indices(k)[self.offset: self.offset + self.local]
         return model_batch({name: a[idx] for name, a in self.rows.items()})
+
+
+def validation_batches(rows: Rows, batch_size: int, limit: int = 0, process_index: int = 0,
+                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Held-out rows in their order, as this host's share of global batches of `batch_size` (the
+    last one padded with empty rows, which hold no targets); the first `limit` batches (0 = all).
+    The same rows every time: validation numbers depend only on the params."""
+    n, local = len(rows["tokens"]), batch_size // process_count
+    count = -(-n // batch_size)
+    batches = []
+    for b in range(min(count, limit) if limit else count):
+        index = b * batch_size + process_index * local + np.arange(local)
+        chunk = {k: np.zeros((local,) + a.shape[1:], a.dtype) for k, a in rows.items()}
+        for k, a in rows.items():
+            chunk[k][index < n] = a[index[index < n]]
+        batches.append(model_batch(chunk))
+    return batches

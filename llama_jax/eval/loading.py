@@ -1,0 +1,45 @@
+"""A checkpoint loaded for evaluation: its dtype (params and compute), its device mesh, its tokenizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from llama_jax.checkpoint import checkpoint_tokenizer, load_checkpoint
+from llama_jax.config import LlamaConfig
+from sharding import make_mesh
+
+
+def eval_mesh(tensor_parallel: int = 1, fsdp: int = 1) -> jax.sharding.Mesh | None:
+    """A (1, fsdp, tensor_parallel) mesh over the first fsdp x tensor_parallel devices, or None for
+    one device. fsdp splits the parameters and the batch rows; tensor parallel splits heads/MLP."""
+    for name, n in (("tensor_parallel", tensor_parallel), ("fsdp", fsdp)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+    n = tensor_parallel * fsdp
+    if n == 1:
+        return None
+    if n > jax.device_count():
+        raise ValueError(f"fsdp {fsdp} x tensor_parallel {tensor_parallel} needs {n} devices; "
+                         f"{jax.device_count()} are visible")
+    return make_mesh(1, fsdp, tensor_parallel, devices=jax.devices()[:n])
+
+
+def load_for_eval(checkpoint: str, dtype: str | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> tuple[LlamaConfig, Any]:
+    """(cfg, params) of a checkpoint (or training run), placed on `mesh`. `dtype` sets both the
+    params and the compute dtype (bfloat16 on accelerators); logits stay float32."""
+    cfg, params = load_checkpoint(checkpoint, mesh=mesh, dtype=dtype)
+    return (cfg if dtype is None else cfg.replace(dtype=dtype)), params
+
+
+def tokenizer_path(checkpoint: Any, tokenizer: str | None) -> Any:
+    """`tokenizer` if given, else the tokenizer.model a checkpoint or run folder carries."""
+    if tokenizer is not None:
+        return tokenizer
+    found = checkpoint_tokenizer(str(checkpoint)) if isinstance(checkpoint, str) else None
+    if found is None:
+        raise ValueError("no tokenizer given and the checkpoint carries no tokenizer.model; pass --tokenizer "
+                         "(e.g. Meta's tokenizer.model)")
+    return found
