@@ -27,18 +27,15 @@ REPO = os.environ.get("LLAMA_JAX_REPO") or next(
     os.path.join(here, "llama_jax"))  # a checkout (smoke mode, TPU VM), else where the install cell clones it
 RECIPE = f"{REPO}/configs/alpaca-qlora-7b.yaml"  # the QLoRA paper's recipe, sized for a v5e-1
 
-# What differs between the runs: sizes, sources, the time bound, the learning rate. Nothing else.
+# What differs between the runs: sizes, sources, the base's precision, the attention kernel, the learning rate.
+ALPACA = dict(train=5000, heldout=200, batch=16, grad_accum=4, max_len=512, lr=2e-4, log_every=10,
+              attention="splash", tasks="arc_easy", limit=200, eval_batch=8, new_tokens=128)
 RUNS = {
-    "meta-llama/Llama-2-7b-hf": dict(preset="llama2-7b", base_dtype="nf4", train=5000, heldout=200, batch=16,
-                                     grad_accum=4, max_len=512, lr=2e-4, log_every=10, attention="splash",
-                                     tasks="arc_easy", limit=200, eval_batch=8, new_tokens=128),
-    FALLBACK: dict(preset="tinyllama-1.1b", base_dtype="bfloat16", train=5000, heldout=200, batch=16,
-                   grad_accum=4, max_len=512, lr=2e-4, log_every=10, attention="splash",
-                   tasks="arc_easy", limit=200, eval_batch=8, new_tokens=128),
-    "smoke": dict(preset="tiny-gqa", base_dtype="nf4", train=512, heldout=32, batch=16, grad_accum=1,
-                  max_len=80, lr=5e-3, log_every=1, attention="xla",
-                  tasks="lj_mc", limit=12, eval_batch=8, new_tokens=8),
-}
+    "meta-llama/Llama-2-7b-hf": dict(ALPACA, preset="llama2-7b", base_dtype="nf4"),  # QLoRA: bf16 7B is 12.6 GiB
+    FALLBACK: dict(ALPACA, preset="tinyllama-1.1b", base_dtype="bfloat16"),  # LoRA: 1.1B fits in bf16
+    "smoke": dict(preset="tiny-gqa", base_dtype="nf4", train=512, heldout=32, batch=16, grad_accum=1, max_len=80,
+                  lr=5e-3, log_every=1, attention="xla", tasks="lj_mc", limit=12, eval_batch=8, new_tokens=8),
+}  # smoke: a higher learning rate, so that its 32 steps show in the loss and the perplexity
 QUESTIONS = {  # (instruction, input) pairs answered before and after fine-tuning
     "smoke": [("Reverse the digits.", "47"), ("Add the two numbers.", "6+5")],
     "real": [("Give three tips for staying healthy.", ""), ("What is the capital of France?", ""),
