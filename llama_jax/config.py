@@ -2,12 +2,14 @@
 
 `LlamaConfig` is a frozen (hashable) dataclass so it can be a static argument of `jax.jit`.
 Architecture fields come first; the last few fields (`dtype`, `param_dtype`, `remat`,
-`scan_layers`, `attention`) choose how the same architecture runs, not what it computes.
+`scan_layers`, `attention`) choose how the same architecture runs, not what it computes; the
+`lora_*` fields add low-rank adapters to some projections (llama_jax/lora.py; rank 0 = none).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -15,6 +17,26 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the matrices LoRA can adapt and quant.py quantises
+RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention")  # how it runs, not what it computes
+
+
+def _whole(config: dict, key: str, default: Any = None) -> Any:
+    """config[key] as an int; a fraction, string or non-finite number is refused, never truncated."""
+    value = config.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(f"{key} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _real(config: dict, key: str) -> float:
+    """config[key] as a float; anything but a number is refused, naming the key."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    return float(value)
 
 
 def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -44,8 +66,15 @@ class LlamaConfig:
     remat: str = "none"  # none | full | save_dots: what the backward pass recomputes
     scan_layers: bool = True  # False unrolls the layer loop (same params, longer compile)
     attention: str = "xla"  # xla (everywhere) | cudnn (NVIDIA GPUs) | splash (TPUs)
+    # LoRA: y = x W + (lora_alpha / lora_rank) * dropout(x) A B on each of lora_targets (rank 0: no adapters).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # applied only when the caller passes a "dropout" RNG (training)
+    lora_targets: tuple = PROJECTIONS
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list; jit needs hashable
+        self._check_numbers()
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.hidden_dim is None:
@@ -53,6 +82,21 @@ class LlamaConfig:
                 self, "hidden_dim", meta_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
             )
         self._validate()
+
+    def _check_numbers(self) -> None:
+        """Types and ranges of the numeric fields, before anything is computed from them."""
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "hidden_dim",
+                     "max_seq_len"):
+            value = getattr(self, name)
+            if not (value is None and name in ("n_kv_heads", "hidden_dim")) and not (
+                    isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31):
+                raise ValueError(f"LlamaConfig: {name} must be a positive int (below 2**31), got {value!r}")
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            if not (value is None and name == "ffn_dim_multiplier") and not (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0):
+                raise ValueError(f"LlamaConfig: {name} must be a finite number > 0, got {value!r}")
 
     def _validate(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -77,11 +121,23 @@ class LlamaConfig:
             self.attention in ATTENTION_IMPLEMENTATIONS,
             f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}",
         )
+        need(isinstance(self.lora_rank, int) and self.lora_rank >= 0, f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
+        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        unknown = [t for t in self.lora_targets if t not in PROJECTIONS]
+        need(not unknown and len(set(self.lora_targets)) == len(self.lora_targets) and
+             (self.lora_targets or not self.lora_rank),
+             f"lora_targets must be distinct names from {PROJECTIONS}, got {list(self.lora_targets)}")
 
     # --- derived sizes -------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / rank, the factor on the adapters' output (PEFT's `scaling`)."""
+        return self.lora_alpha / self.lora_rank
 
     @property
     def compute_dtype(self) -> Any:
@@ -98,6 +154,10 @@ class LlamaConfig:
         feed_forward = 3 * d * self.hidden_dim
         per_layer = attention + feed_forward + 2 * d
         return 2 * self.vocab_size * d + self.n_layers * per_layer + d
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide what the model computes (all but RUN_FIELDS)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUN_FIELDS}
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         """A copy with some fields changed (hidden_dim is kept unless given)."""
@@ -133,16 +193,16 @@ class LlamaConfig:
                 raise ValueError(f"params.json is missing {key!r}")
         file_vocab = params.get("vocab_size", -1)
         return cls(
-            vocab_size=vocab_size if file_vocab in (None, -1) else int(file_vocab),
-            dim=int(params["dim"]),
-            n_layers=int(params["n_layers"]),
-            n_heads=int(params["n_heads"]),
-            n_kv_heads=params.get("n_kv_heads"),
-            multiple_of=int(params.get("multiple_of", 256)),
+            vocab_size=vocab_size if file_vocab in (None, -1) else _whole(params, "vocab_size"),
+            dim=_whole(params, "dim"),
+            n_layers=_whole(params, "n_layers"),
+            n_heads=_whole(params, "n_heads"),
+            n_kv_heads=_whole(params, "n_kv_heads"),
+            multiple_of=_whole(params, "multiple_of", 256),
             ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-            norm_eps=float(params.get("norm_eps", 1e-5)),
-            rope_theta=float(params.get("rope_theta", 10000.0)),
-            max_seq_len=int(params.get("max_seq_len", max_seq_len)),
+            norm_eps=_real({"norm_eps": 1e-5, **params}, "norm_eps"),
+            rope_theta=_real({"rope_theta": 10000.0, **params}, "rope_theta"),
+            max_seq_len=_whole({"max_seq_len": max_seq_len, **params}, "max_seq_len"),
             **overrides,
         )
 
@@ -162,25 +222,28 @@ class LlamaConfig:
             raise ValueError("config.json asks for biases; LLaMA has none")
         if config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json hidden_act is {config['hidden_act']!r}, expected 'silu'")
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
-        rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-        dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        head_dim = config.get("head_dim")
-        if head_dim is not None and int(head_dim) != dim // heads:
+        ropes = [config.get(key) for key in ("rope_parameters", "rope_scaling") if config.get(key) is not None]
+        for rope in ropes:  # transformers 5.x and 4.x spellings; both must say plain RoPE
+            if not isinstance(rope, dict):
+                raise ValueError(f"config.json rope_parameters/rope_scaling must be an object, got {rope!r}")
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default":
+                raise ValueError(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
+        rope_theta = (ropes[0] if ropes else {}).get("rope_theta", config.get("rope_theta", 10000.0))
+        dim, heads = _whole(config, "hidden_size"), _whole(config, "num_attention_heads")
+        head_dim = _whole(config, "head_dim")
+        if head_dim is not None and dim > 0 and heads > 0 and head_dim != dim // heads:
             raise ValueError(f"config.json head_dim {head_dim} != hidden_size/heads {dim // heads}")
         return cls(
-            vocab_size=int(config.get("vocab_size", 32000)),
+            vocab_size=_whole(config, "vocab_size", 32000),
             dim=dim,
-            n_layers=int(config["num_hidden_layers"]),
+            n_layers=_whole(config, "num_hidden_layers"),
             n_heads=heads,
-            n_kv_heads=int(config.get("num_key_value_heads") or heads),
-            hidden_dim=int(config["intermediate_size"]),
-            norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            max_seq_len=int(config.get("max_position_embeddings", 4096)),
+            n_kv_heads=_whole(config, "num_key_value_heads") or heads,
+            hidden_dim=_whole(config, "intermediate_size"),
+            norm_eps=_real({"rms_norm_eps": 1e-6, **config}, "rms_norm_eps"),
+            rope_theta=_real({"rope_theta": rope_theta}, "rope_theta"),
+            max_seq_len=_whole(config, "max_position_embeddings", 4096),
             **overrides,
         )
 

@@ -3,7 +3,8 @@
 Torch checkpoints store linear weights as (out, in); we store (in, ..., out) with separate head
 axes. Meta rotates interleaved RoPE pairs and HF (and this model) half-split pairs, so Meta's
 wq/wk rows are permuted per head on the way in and back on the way out. Every converter
-(Meta -> ours, HF -> ours, ours -> HF) goes through `to_ours` / `from_ours` and `TABLE`.
+(Meta -> ours, HF -> ours, ours -> HF) goes through `to_ours` / `from_ours` and `TABLE`; PEFT
+adapter names (`peft_key`, `hf_module`) are the HF names of the same entries.
 """
 
 from __future__ import annotations
@@ -29,6 +30,21 @@ class Entry:
     def per_layer(self) -> bool:
         return "{i}" in self.hf
 
+    @property
+    def n_in(self) -> int:
+        """How many leading axes of our array are the matmul's input: (heads, head_dim) for wo, else one."""
+        return 2 if self.kind == "heads_in" else 1
+
+    @property
+    def hf_module(self) -> str:
+        """The HF Linear's short name (q_proj, ..., down_proj): PEFT's `target_modules` entries."""
+        return self.hf.split(".")[-2]
+
+    def peft_key(self, layer: int, matrix: str) -> str:
+        """PEFT's saved name of LoRA matrix "A" or "B" of this entry's layer `layer`."""
+        module = self.hf.format(i=layer).rsplit(".", 1)[0]
+        return f"base_model.model.{module}.lora_{matrix}.weight"
+
 
 TABLE: tuple[Entry, ...] = (
     Entry(("tok_embeddings",), "model.embed_tokens.weight", "tok_embeddings.weight", "copy", 1),
@@ -53,6 +69,14 @@ TABLE: tuple[Entry, ...] = (
     Entry(("norm", "weight"), "model.norm.weight", "norm.weight", "copy", None),
     Entry(("output",), "lm_head.weight", "output.weight", "transpose", 0),
 )
+
+def projection(name: str) -> Entry:
+    """The entry of a projection matrix by our name (wq ... w3)."""
+    for entry in TABLE:
+        if entry.path[-1] == name and entry.path[0] == "layers":
+            return entry
+    raise KeyError(name)
+
 
 META_IGNORED = ("rope.freqs",)  # an unused buffer in Meta's checkpoints
 HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older HF checkpoints saved per layer

@@ -13,6 +13,9 @@ Layout decisions that matter for checkpoints and sharding:
   names; `sharding/` maps them to mesh axes. Outside a mesh the constraints do nothing.
 - The layers are one `nn.scan` over a stacked "layers" axis, so compile time does not grow
   with depth; `scan_layers=False` unrolls the same loop (same parameters).
+- Every projection goes through `project`: its weight is a float array or an int8/nf4 one
+  (llama_jax/quant.py, multiplied by `quant.matmul` right there), and with `cfg.lora_rank > 0` the targeted ones
+  add a LoRA update from their adapters `{name}_lora_a` / `{name}_lora_b` (llama_jax/lora.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.layout import Layout, with_layout_constraint
 
+from llama_jax import quant
 from llama_jax.attention import attend
 from llama_jax.config import LlamaConfig
 from sharding import active_mesh, check_shapes, constrain, param_layout, param_shardings  # no-ops outside a mesh
@@ -38,6 +43,49 @@ CACHE_AXES = ("layers", "act_batch", "act_seq", "act_kv_heads", None)  # logical
 def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, init=None) -> Array:
     init = init or nn.initializers.normal(stddev=0.02)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.cfg.weight_dtype)
+
+
+def lora_a_init(key: Array, shape: tuple, dtype: Any = jnp.float32) -> Array:
+    """PEFT's A init, torch's kaiming_uniform_(a=sqrt(5)): uniform in +-1/sqrt(fan_in), fan_in = the input size."""
+    bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _as_stored(w: Array) -> Array:
+    """A weight used in the dtype it is stored in (a bf16 LoRA base), pinned to its stored row-major
+    layout here, inside the layer loop. Otherwise XLA's TPU layouts transpose the whole stacked
+    (layers, dim, heads, head_dim) weight before the loop for the backward matmul: a second copy of
+    the base (3 GiB of Llama-2-7B's wq/wk/wv). Converted weights (fp32 params) get their layout free."""
+    return with_layout_constraint(w, Layout(major_to_minor=tuple(range(w.ndim))))
+
+
+def project(module: nn.Module, name: str, x: Array, ins: dict, outs: dict) -> Array:
+    """x (batch, seq, *ins) @ the module's weight `name` (*ins, *outs) -> (batch, seq, *outs).
+
+    `ins`/`outs` map logical axis names to sizes. The weight is a float param or a quantised one
+    (llama_jax/quant.py) stored in its place, multiplied in the compute dtype (`quant.matmul`). For LoRA
+    targets the adapters A (*ins, rank) and B (rank, *outs) add (alpha / rank) * dropout(x) A B;
+    A is sharded like the weight's input axes, B like its output axes, rank never. B starts at
+    zero, so a new adapter leaves the output exactly unchanged. Dropout runs only when the caller
+    passes a "dropout" RNG (the train step), never in `forward` or generation.
+    """
+    cfg, dt = module.cfg, module.cfg.compute_dtype
+    in_axes, out_axes = tuple(ins), tuple(outs)
+    stored = module.get_variable("params", name) if module.has_variable("params", name) else None
+    if quant.is_quantized(stored):  # (flax's `param` would check it against a float array's shape)
+        y = quant.matmul(x, stored, len(ins), dt)
+    else:
+        w = _param(module, name, (*ins.values(), *outs.values()), in_axes + out_axes)
+        y = jnp.tensordot(x, _as_stored(w) if w.dtype == dt else w.astype(dt), len(ins))
+    if cfg.lora_rank and name in cfg.lora_targets:
+        a = _param(module, f"{name}_lora_a", (*ins.values(), cfg.lora_rank), (*in_axes, "lora_rank"), lora_a_init)
+        b = _param(module, f"{name}_lora_b", (cfg.lora_rank, *outs.values()), ("lora_rank", *out_axes),
+                   nn.initializers.zeros)
+        if cfg.lora_dropout and module.has_rng("dropout"):
+            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0.0).astype(x.dtype)
+        y = y + cfg.lora_scale * jnp.tensordot(jnp.tensordot(x, a.astype(dt), len(ins)), b.astype(dt), 1)
+    return y
 
 
 class RMSNorm(nn.Module):
@@ -79,14 +127,10 @@ class Attention(nn.Module):
     def __call__(self, x: Array, positions: Array, segment_ids: Array | None, cache: KVCache | None):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         d, h, kv, hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        wq = _param(self, "wq", (d, h, hd), ("embed", "heads", "head_dim")).astype(dt)
-        wk = _param(self, "wk", (d, kv, hd), ("embed", "kv_heads", "head_dim")).astype(dt)
-        wv = _param(self, "wv", (d, kv, hd), ("embed", "kv_heads", "head_dim")).astype(dt)
-        wo = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed")).astype(dt)
-
-        q = constrain(jnp.einsum("btd,dhk->bthk", x, wq), ("act_batch", "act_seq", "act_heads", None))
-        k = constrain(jnp.einsum("btd,dhk->bthk", x, wk), ("act_batch", "act_seq", "act_kv_heads", None))
-        v = constrain(jnp.einsum("btd,dhk->bthk", x, wv), ("act_batch", "act_seq", "act_kv_heads", None))
+        embed, heads, kv_heads = {"embed": d}, {"heads": h, "head_dim": hd}, {"kv_heads": kv, "head_dim": hd}
+        q = constrain(project(self, "wq", x, embed, heads), ("act_batch", "act_seq", "act_heads", None))
+        k = constrain(project(self, "wk", x, embed, kv_heads), ("act_batch", "act_seq", "act_kv_heads", None))
+        v = constrain(project(self, "wv", x, embed, kv_heads), ("act_batch", "act_seq", "act_kv_heads", None))
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
 
         if cache is None:  # training / full forward: causal by index, never across segments
@@ -99,7 +143,7 @@ class Attention(nn.Module):
             out = attend(q, cache["k"].astype(dt), cache["v"].astype(dt), mask, causal=False,
                          implementation=cfg.attention)
         out = constrain(out, ("act_batch", "act_seq", "act_heads", None))
-        return jnp.einsum("bthk,hkd->btd", out, wo), cache
+        return project(self, "wo", out, heads, embed), cache
 
 
 class FeedForward(nn.Module):
@@ -109,13 +153,10 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        cfg, dt = self.cfg, self.cfg.compute_dtype
-        w1 = _param(self, "w1", (cfg.dim, cfg.hidden_dim), ("embed", "mlp")).astype(dt)
-        w3 = _param(self, "w3", (cfg.dim, cfg.hidden_dim), ("embed", "mlp")).astype(dt)
-        w2 = _param(self, "w2", (cfg.hidden_dim, cfg.dim), ("mlp", "embed")).astype(dt)
-        gate = jax.nn.silu(x @ w1) * (x @ w3)
+        embed, mlp = {"embed": self.cfg.dim}, {"mlp": self.cfg.hidden_dim}
+        gate = jax.nn.silu(project(self, "w1", x, embed, mlp)) * project(self, "w3", x, embed, mlp)
         gate = constrain(gate, ("act_batch", "act_seq", "act_mlp"))
-        return gate @ w2
+        return project(self, "w2", gate, mlp, embed)
 
 
 class Block(nn.Module):
@@ -164,7 +205,7 @@ class Llama(nn.Module):
         stack = nn.scan(
             block,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, 0),
             length=cfg.n_layers,
             unroll=1 if cfg.scan_layers else cfg.n_layers,
@@ -193,15 +234,20 @@ def init_cache(cfg: LlamaConfig, batch: int, slots: int) -> KVCache:
 # --- public functional API ------------------------------------------------------------------
 
 
+def _boxed_init(cfg: LlamaConfig, rng: Array) -> Any:
+    """Parameters with their logical-axis boxes, from a one-token trace (with the xla attention,
+    which every shape takes: the attention implementation owns no parameters)."""
+    return Llama(cfg.replace(attention="xla")).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
 def param_axes(cfg: LlamaConfig) -> Any:
     """The logical axis names of every parameter, as a pytree shaped like the params."""
-    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    boxed = jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0)))
     return jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def _init(cfg: LlamaConfig, rng: Array) -> Any:
-    params = Llama(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-    return nn.meta.unbox(params)
+    return nn.meta.unbox(_boxed_init(cfg, rng))
 
 
 @functools.cache  # configs are frozen and hashable; tracing init is not free for big models

@@ -120,6 +120,10 @@ class Tokenizer:
         """Token ids of `text`, with BOS first / EOS last when asked (Meta's Tokenizer.encode)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. undecodable bytes from a command line
+            raise ValueError(f"text is not valid UTF-8 (character {e.start}: {text[e.start]!r})") from None
         ids: list[int] = self.sp_model.encode(text)
         if bos:
             ids = [self.bos_id] + ids

@@ -32,6 +32,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "head_dim": (),
     "layers": (),
+    "lora_rank": (),  # LoRA adapters: A shards like its weight's input axes, B like its outputs, rank never
     # activations
     "act_batch": ("data", "fsdp"),
     "act_seq": (),

@@ -164,7 +164,8 @@ def test_meta_bf16_keeps_bits_reads_rope_theta_copies_tokenizer_and_verifies(tmp
     cfg, model, expected = reference_model("tiny-gqa", bf16=True, rope_theta=30000.0)
     llama2 = tmp_path / "download"  # Llama-2's layout: tokenizer.model next to the model folder
     src = write_meta(str(llama2 / "llama-2-tiny"), cfg, model, 2, torch.bfloat16, {"rope_theta": 30000.0})
-    (llama2 / "tokenizer.model").write_bytes(b"sentencepiece bytes")
+    tokenizer = open(os.path.join(os.path.dirname(__file__), "..", "data", "tokenizer.model"), "rb").read()
+    (llama2 / "tokenizer.model").write_bytes(tokenizer)  # a real one: the converter checks it loads
     out = str(tmp_path / "out")
     convert_cli.main(["meta", src, out, "--verify", "--max-seq-len", "128"])
     stdout = capsys.readouterr().out
@@ -176,7 +177,7 @@ def test_meta_bf16_keeps_bits_reads_rope_theta_copies_tokenizer_and_verifies(tmp
     wq = np.asarray(params["layers"]["attention"]["wq"][1])
     hf_wq = model.model.layers[1].self_attn.q_proj.weight.detach().numpy()
     np.testing.assert_array_equal(wq.reshape(cfg.dim, -1).T, hf_wq.astype(ml_dtypes.bfloat16))
-    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == tokenizer
     assert rel_err(ours_logits(out), expected) <= 1e-5
 
     # the streamed files are a plain Orbax PyTree checkpoint: Orbax alone reads the same values,

@@ -235,7 +235,8 @@ def test_training_on_shards_resumes_exactly(corpus, tmp_path, monkeypatch):
         return load_config(os.path.join(ROOT, "configs", "demo.yaml"), [
             f"output_dir={out}", "steps=6", "checkpoint_every=100", "log_every=1", "batch_size=8",
             "model.preset=tiny", "model.overrides={}", "data.format=tokens", f"data.train=[{tmp / 'w1'}]",
-            "data.max_len=64", "eval.data=null", "eval.loss_data=null", "tensorboard=false", "async_checkpointing=false"])
+            "data.max_len=64", "eval.data=null", "eval.loss_data=null", "tensorboard=false",
+            "async_checkpointing=false"])
 
     def losses(out):
         with open(os.path.join(out, "metrics.jsonl")) as f:

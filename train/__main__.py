@@ -6,7 +6,20 @@ import argparse
 import json
 import sys
 
+from llama_jax.errors import one_line, run_cli
 from train.config import load_config
+
+
+def _train(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+
+    import sharding
+
+    sharding.initialize()  # joins the other hosts of a TPU pod (or JAX_COORDINATOR_ADDRESS...); else nothing
+    from train.loop import run  # imports jax: after the config is known to be good
+
+    summary = run(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "data"}, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,27 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (optim.lr=1e-4)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    try:  # bad recipe, data, tokenizer, mesh, resume settings, a locked output_dir: one line, exit 2
+        return run_cli(_train, args)
+    except RuntimeError as e:
+        from train.loop import TrainingDiverged
 
-    import sharding
-
-    sharding.initialize()  # joins the other hosts of a TPU pod (or JAX_COORDINATOR_ADDRESS...); else nothing
-    from train.loop import TrainingDiverged, run  # imports jax: after the config is known to be good
-
-    try:
-        summary = run(cfg)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:  # bad data paths, tokenizer, mesh, resume settings
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "data"}, default=str))
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,12 +7,19 @@ fails at start-up with the list of known keys instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Sequence
 
 import yaml
 
-from llama_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES
+from llama_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PROJECTIONS, REMAT_POLICIES, LlamaConfig
+from llama_jax.quant import FORMATS as QUANT_FORMATS
+
+BASE_DTYPES = ("bfloat16", "float32", *QUANT_FORMATS)
+# model.overrides may set any LlamaConfig field but these (the recipe's model.* and lora.* keys set them)
+OVERRIDABLE = tuple(f.name for f in dataclasses.fields(LlamaConfig)
+                    if f.name not in ("dtype", "param_dtype", "remat", "attention") and not f.name.startswith("lora_"))
 
 
 @dataclasses.dataclass
@@ -40,7 +47,7 @@ class DataConfig:
 @dataclasses.dataclass
 class OptimConfig:
     lr: float = 3e-4
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int | None = None  # None: warmup_ratio * steps
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -72,6 +79,15 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    rank: int = 0  # 0 = full fine-tuning; > 0: train only rank-r adapters on a frozen init_from base
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.05  # on the adapters' input, training only
+    targets: list = dataclasses.field(default_factory=lambda: list(PROJECTIONS))  # of wq wk wv wo w1 w2 w3
+    base_dtype: str = "bfloat16"  # the frozen base in memory: bfloat16 | float32 | int8 | nf4 (QLoRA)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     steps: int = 0  # optimizer steps; 0 = derived from `epochs`
@@ -92,6 +108,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,7 +189,10 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
             child = node.get(part)
             node[part] = dict(child) if isinstance(child, dict) else {}
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(text)
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
     return raw
 
 
@@ -182,8 +202,13 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path!r} (expected a YAML recipe, e.g. configs/demo.yaml)")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            with open(path, "rb") as f:
+                raw = yaml.safe_load(f.read().decode("utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"config file {path!r} is not valid UTF-8 YAML ({' '.join(str(e).split())})") from None
+        except RecursionError:
+            raise ValueError(f"config file {path!r}: YAML nested too deeply") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path!r} must hold a mapping of keys, got {type(raw).__name__}")
     cfg = _build(TrainConfig, apply_overrides(raw, overrides), "")
@@ -191,33 +216,83 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
     return cfg
 
 
+# The allowed range of every numeric recipe key, in interval notation ("(0, inf)": > 0). A new
+# numeric key gets its line here (tests/test_safety.py checks that none is missing). Integers must
+# also fit the device's int32 (seed: uint32, as jax.random.key takes it).
+RANGES = {
+    "steps": "[0, inf)", "epochs": "[0, inf)", "checkpoint_every": "[1, inf)", "keep_checkpoints": "[1, inf)",
+    "seed": "[0, 4294967296)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "log_every": "[1, inf)",
+    "peak_tflops": "[0, inf)",
+    "data.max_len": "[2, inf)",
+    "optim.lr": "(0, inf)", "optim.warmup_steps": "[0, inf)", "optim.warmup_ratio": "[0, 1)",
+    "optim.min_lr_ratio": "[0, 1]", "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "(0, inf)",
+    "optim.weight_decay": "[0, inf)", "optim.clip_norm": "[0, inf)", "optim.z_loss": "[0, inf)",
+    "mesh.data": "[-1, inf)", "mesh.fsdp": "[-1, inf)", "mesh.tensor": "[-1, inf)",  # -1 fills; 0 refused below
+    "mesh.dcn_data": "[1, inf)", "mesh.dcn_fsdp": "[1, inf)",
+    "eval.examples": "[0, inf)", "eval.max_new_tokens": "[1, inf)", "eval.every": "[0, inf)", "eval.batches": "[0, inf)",
+    "lora.rank": "[0, inf)", "lora.alpha": "(0, inf)", "lora.dropout": "[0, 1)",
+}
+INT32_MAX = 2**31 - 1
+
+
+def _in_range(value: float, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+def numeric_keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every int/float field of the recipe (None for unset optional ones)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(numeric_keys(value, f"{key}."))
+        elif ("int" in str(f.type) or "float" in str(f.type)) and not any(t in str(f.type) for t in ("bool", "list")):
+            out[key] = value
+    return out
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Cross-field checks with messages that say which key to fix."""
+    """Ranges of every numeric key, then cross-field checks, with messages that say which key to fix."""
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise ValueError(f"config: {message}")
 
-    need(cfg.steps > 0 or cfg.epochs > 0, f"set steps (> 0) or epochs (> 0); got steps={cfg.steps}, epochs={cfg.epochs}")
-    need(cfg.steps >= 0, f"steps must be >= 0, got {cfg.steps}")
-    need(cfg.checkpoint_every > 0, f"checkpoint_every must be > 0, got {cfg.checkpoint_every}")
-    need(cfg.keep_checkpoints > 0, f"keep_checkpoints must be > 0, got {cfg.keep_checkpoints}")
-    need(cfg.log_every > 0, f"log_every must be > 0, got {cfg.log_every}")
-    need(cfg.batch_size > 0 and cfg.grad_accum > 0, "batch_size and grad_accum must be > 0")
+    for key, value in numeric_keys(cfg).items():
+        if value is None:
+            continue
+        need(math.isfinite(value), f"{key} must be a finite number, got {value}")
+        need(_in_range(value, RANGES[key]), f"{key} must be in {RANGES[key]}, got {value}")
+        need(not isinstance(value, int) or key == "seed" or value <= INT32_MAX,
+             f"{key} = {value} is too large (at most {INT32_MAX})")
+    for axis in ("data", "fsdp", "tensor"):
+        need(getattr(cfg.mesh, axis) != 0, f"mesh.{axis} must be -1 (fill) or >= 1, got 0")
+    need(cfg.steps > 0 or cfg.epochs > 0,
+         f"set steps (> 0) or epochs (> 0); got steps={cfg.steps}, epochs={cfg.epochs}")
     need(cfg.batch_size % cfg.grad_accum == 0,
          f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum}")
     need(cfg.model.preset is not None or cfg.init_from is not None,
          "set model.preset (e.g. demo, llama2-7b) or init_from (a converted checkpoint)")
+    unknown = sorted(set(cfg.model.overrides) - set(OVERRIDABLE))
+    need(not unknown, f"model.overrides: unknown key(s) {unknown}; known: {list(OVERRIDABLE)} "
+                      "(dtype, remat and attention are model.dtype, model.remat, model.attention)")
     need(cfg.data.format in DATA_FORMATS, f"data.format must be one of {DATA_FORMATS}, got {cfg.data.format!r}")
     need(not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.train),
          f"data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.train)} data.train entries")
+    need(all(math.isfinite(w) and w > 0 for w in cfg.data.weights),
+         f"data.weights must be finite numbers > 0, got {cfg.data.weights}")
     need(len(cfg.data.train) > 0, "data.train must name at least one file")
-    need(cfg.data.max_len >= 2, f"data.max_len must be >= 2, got {cfg.data.max_len}")
-    need(cfg.optim.schedule in ("cosine", "constant"), f"optim.schedule must be cosine or constant, got {cfg.optim.schedule!r}")
-    need(0.0 <= cfg.optim.warmup_ratio < 1.0, f"optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
-    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
-    need(cfg.eval.every >= 0 and cfg.eval.batches >= 0,
-         f"eval.every and eval.batches must be >= 0, got {cfg.eval.every} and {cfg.eval.batches}")
+    need(cfg.optim.schedule in ("cosine", "linear", "constant"),
+         f"optim.schedule must be cosine, linear or constant, got {cfg.optim.schedule!r}")
     need(cfg.model.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {cfg.model.remat!r}")
     need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {tuple(DTYPES)}, got {cfg.model.dtype!r}")
     need(cfg.model.attention in ATTENTION_IMPLEMENTATIONS,
          f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {cfg.model.attention!r}")
+    lora = cfg.lora
+    if lora.rank:
+        need(cfg.init_from is not None, "lora.rank > 0 trains adapters on a base model: set init_from=CKPT")
+        need(bool(lora.targets) and set(lora.targets) <= set(PROJECTIONS) and len(set(lora.targets)) == len(lora.targets),
+             f"lora.targets must be distinct names from {list(PROJECTIONS)}, got {lora.targets}")
+        need(lora.base_dtype in BASE_DTYPES, f"lora.base_dtype must be one of {BASE_DTYPES}, got {lora.base_dtype!r}")

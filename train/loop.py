@@ -10,6 +10,11 @@ loads the newest step), the step folders of llama_jax/checkpoint/runs.py, `metri
 The same command resumes from the newest checkpoint that restores. SIGTERM (preemption) saves
 the current step and exits cleanly. A non-finite loss or gradient stops the run before it is
 saved, so the last good checkpoint stays the newest.
+
+LoRA (`lora.rank > 0`): the init_from checkpoint is loaded as the frozen base (in
+`lora.base_dtype`, quantised while loading for int8/nf4) and never written; the step folders hold
+the adapters and their optimizer state only, and `lora.json` names the base, so
+lj.load_checkpoint(output_dir) returns the merged model.
 """
 
 from __future__ import annotations
@@ -27,19 +32,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 import llama_jax as lj
-from llama_jax import flops
-from llama_jax.checkpoint import RunCheckpoints, copy_file, is_remote, read_config, write_config, write_text
-from llama_jax.model import check_params
+from llama_jax import flops, lora
+from llama_jax.checkpoint import RunCheckpoints, read_config, write_text
+from llama_jax.errors import note
 from sharding import batch_groups, chip_of, global_batch, is_main_process, make_mesh
 from train import data as data_lib
+from train import run_folder
 from train import step as step_lib
 from train.config import TrainConfig
 from train.evaluate import exact_match, make_validation_loss, per_task, report, validation_loss
+
+
+# what fixes the params' shapes: an init_from checkpoint's own values win over model.overrides
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "multiple_of", "ffn_dim_multiplier")
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,9 +63,18 @@ def say(*args: Any, **kwargs: Any) -> None:
 
 def model_config(cfg: TrainConfig) -> tuple[lj.LlamaConfig, str | None]:
     """The architecture (preset + overrides, or the init_from checkpoint's) with the run's dtype/remat/attention."""
-    run = dict(dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention, param_dtype="float32")
+    run = dict(dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention, param_dtype="float32",
+               lora_rank=cfg.lora.rank)
+    if cfg.lora.rank:
+        run.update(lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, lora_targets=tuple(cfg.lora.targets))
     if cfg.init_from is not None:  # local or gs://...: read_config names a missing checkpoint
-        return read_config(cfg.init_from).replace(**cfg.model.overrides, **run), cfg.init_from
+        base = read_config(cfg.init_from)
+        # The checkpoint gives the architecture, so one recipe (e.g. configs/demo.yaml) serves any base.
+        ignored = {k: v for k, v in cfg.model.overrides.items() if k in SHAPE_FIELDS and getattr(base, k) != v}
+        if ignored:
+            say(f"init_from {cfg.init_from} gives the architecture: model.overrides {ignored} not applied")
+        kept = {k: v for k, v in cfg.model.overrides.items() if k not in ignored}
+        return base.replace(**kept, **run), cfg.init_from
     return lj.LlamaConfig.preset(cfg.model.preset, **cfg.model.overrides, **run), None
 
 
@@ -76,23 +94,12 @@ class Setup:
     steps: int
     optimizer: optax.GradientTransformation
     state_shardings: Any
-    train_step: Callable
+    train_step: Callable  # (state, batch) -> (state, metrics); a LoRA step has its frozen base bound
     tokenizer: lj.Tokenizer
     eval_records: list
     validation: list = dataclasses.field(default_factory=list)  # held-out batches for eval_loss (eval.loss_data)
     validation_fn: Callable | None = None
-
-
-def check_resumable(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
-    """A resumed run must be the same architecture as the one that wrote output_dir."""
-    if not os.path.exists(os.path.join(cfg.output_dir, "config.json")):
-        return
-    before = read_config(cfg.output_dir)
-    shape_fields = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim")
-    changed = {f: (getattr(before, f), getattr(model, f)) for f in shape_fields if getattr(before, f) != getattr(model, f)}
-    if changed:
-        raise ValueError(f"{cfg.output_dir} holds a run of a different model ({changed}, as (saved, now)); "
-                         "use a new output_dir or the run's own settings")
+    base: Any = None  # LoRA: the frozen base params (float or quantised), else None
 
 
 def set_up(cfg: TrainConfig) -> Setup:
@@ -106,7 +113,7 @@ def set_up(cfg: TrainConfig) -> Setup:
     if micro % batch_groups(mesh):
         raise ValueError(f"microbatch {micro} (batch_size / grad_accum) is not divisible by data x fsdp = "
                          f"{batch_groups(mesh)}")
-    check_resumable(cfg, model)
+    run_folder.check_resume(cfg, model)
 
     tokenizer = lj.Tokenizer(cfg.tokenizer)
     batches, data_summary = data_lib.make_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed, jax.process_index(),
@@ -135,10 +142,32 @@ def set_up(cfg: TrainConfig) -> Setup:
                                                                                         o.warmup_ratio), o.min_lr_ratio)
     optimizer = step_lib.make_optimizer(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
     train_step = step_lib.make_train_step(model, optimizer, schedule, mesh, (cfg.batch_size, cfg.data.max_len),
-                                          cfg.grad_accum, o.z_loss)
+                                          cfg.grad_accum, o.z_loss, cfg.lora.base_dtype, cfg.seed)
+    base = None
+    if model.lora_rank:
+        base = load_base(cfg, model, mesh)
+        lora_step = train_step
+        train_step = lambda state, batch: lora_step(state, batch, base)  # noqa: E731
     return Setup(cfg, model, init_from, mesh, batches, data_summary, steps, optimizer,
                  step_lib.state_shardings(model, optimizer, mesh), train_step, tokenizer, eval_records,
-                 validation, make_validation_loss(model) if validation else None)
+                 validation, make_validation_loss(model) if validation else None, base)
+
+
+def load_base(cfg: TrainConfig, model: lj.LlamaConfig, mesh: Mesh) -> Any:
+    """A LoRA run's frozen base from init_from, in lora.base_dtype (int8/nf4: quantised layer by layer)."""
+    dtype = cfg.lora.base_dtype
+    quantize = dtype if dtype in ("int8", "nf4") else None
+    _, base = lj.load_checkpoint(cfg.init_from, mesh=mesh, dtype="bfloat16" if quantize else dtype, quantize=quantize)
+    trainable, total = lora.adapter_count(model), model.num_params()
+    say(f"LoRA rank {model.lora_rank}, alpha {model.lora_alpha:g}, dropout {model.lora_dropout:g} on "
+        f"{' '.join(model.lora_targets)}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of "
+        f"{total:,}); base {cfg.init_from} held as {dtype}, frozen")
+    return base
+
+
+def model_params(run: Setup, state: dict) -> Any:
+    """The params the model runs on: the trained ones, or (LoRA) the base with the trained adapters."""
+    return state["params"] if run.base is None else lora.combine(run.base, state["params"])
 
 
 # --- resume --------------------------------------------------------------------------------------
@@ -147,8 +176,9 @@ def set_up(cfg: TrainConfig) -> Setup:
 def resume_or_start(run: Setup, ckpts: RunCheckpoints) -> tuple[dict, jax.Array, int]:
     """(train state, RNG key, first step): the newest checkpoint that restores, else a fresh start."""
     cfg = run.cfg
+    trainable = step_lib.trainable_layout(run.model)[1]
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(lambda p: step_lib.init_state(p, run.optimizer), lj.param_shapes(run.model)),
+                            jax.eval_shape(lambda p: step_lib.init_state(p, run.optimizer), trainable),
                             run.state_shardings)
     with jax.set_mesh(run.mesh):
         restored = ckpts.restore_newest(abstract)
@@ -161,9 +191,10 @@ def resume_or_start(run: Setup, ckpts: RunCheckpoints) -> tuple[dict, jax.Array,
             say(f"resumed from step {train_state['step']} in {cfg.output_dir}")
             return state, jax.random.wrap_key_data(jnp.asarray(train_state["rng"], jnp.uint32)), int(train_state["step"])
         init_rng, rng = jax.random.split(jax.random.key(cfg.seed))
-        if run.init_from is not None:
+        if run.base is not None:
+            params = lora.init_adapters(run.model, init_rng)
+        elif run.init_from is not None:
             _, params = lj.load_checkpoint(run.init_from, mesh=run.mesh, dtype="float32")
-            check_params(params, run.model, f"init_from {run.init_from} with model.overrides {cfg.model.overrides}")
             say(f"initialised from {run.init_from}")
         else:
             params = lj.init_params(run.model, init_rng)
@@ -199,17 +230,7 @@ class MetricsLog:
         self.tb = None
         if not self.main:
             return
-        kept = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by a kill
-                        continue
-                    if record.get("step", 0) <= resumed_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        write_text(self.path, "".join(kept))
+        write_text(self.path, "".join(_metrics_up_to(self.path, resumed_step)))
         self.file = open(self.path, "a")
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
@@ -266,6 +287,30 @@ class MetricsLog:
                 self.tb.close()
 
 
+def _metrics_up_to(path: str, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to `step`; unreadable lines (cut by a kill, or damaged) are
+    dropped with a note naming them."""
+    if not os.path.exists(path):
+        return []
+    kept, dropped = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                record = json.loads(line)
+                step_of = record.get("step", 0) if isinstance(record, dict) else None
+                if not isinstance(step_of, int):
+                    raise ValueError("no integer step")
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError included
+                dropped.append(n)
+                continue
+            if step_of <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        note(f"{path}: dropped {len(dropped)} unreadable line(s) (line {', '.join(map(str, dropped[:5]))})")
+    return kept
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -289,6 +334,7 @@ def train(run: Setup, state: dict, rng: jax.Array, start: int, ckpts: RunCheckpo
     """Steps start..run.steps: metrics every log_every steps, a checkpoint every checkpoint_every, at the
     end and on SIGTERM. Returns the final state and the step a SIGTERM stopped at (None: all steps ran)."""
     cfg = run.cfg
+    ckpts.check_room(state)
     last_saved, started = start, time.time()
     with tqdm(total=run.steps, initial=start, disable=not is_main_process(), desc="train",
               dynamic_ncols=True) as bar, Preemption() as preemption, jax.set_mesh(run.mesh), \
@@ -303,7 +349,7 @@ def train(run: Setup, state: dict, rng: jax.Array, start: int, ckpts: RunCheckpo
                 bar.set_postfix(loss=f"{log.loss:.4f}")
             if run.validation and (step == run.steps or cfg.eval.every and step % cfg.eval.every == 0):
                 log.flush(started, last_saved, cfg.output_dir)
-                validate(run, state["params"], step, log)  # before the save: a resume never skips it
+                validate(run, model_params(run, state), step, log)  # before the save: a resume never skips it
             if step % cfg.checkpoint_every == 0 or step == run.steps or preemption.requested:
                 log.flush(started, last_saved, cfg.output_dir)  # never save a state whose loss was not checked
                 ckpts.save(step, state, {"step": step, "data_index": step, "data_rows": run.batches.num_rows,
@@ -337,18 +383,17 @@ def validate(run: Setup, params: Any, step: int, log: MetricsLog) -> float:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train (or resume) as the recipe says; returns a summary (final loss, eval accuracy, times)."""
-    t_start = time.time()
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    setup = set_up(cfg)
-    if is_main_process():
-        write_config(cfg.output_dir, setup.model.replace(dtype="float32"))
-        write_text(os.path.join(cfg.output_dir, "train_config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        tokenizer_copy = os.path.join(cfg.output_dir, "tokenizer.model")  # generate/export-hf find it there
-        if not os.path.exists(tokenizer_copy) or is_remote(cfg.tokenizer) or not os.path.samefile(cfg.tokenizer,
-                                                                                                   tokenizer_copy):
-            copy_file(cfg.tokenizer, tokenizer_copy)
+    """Train (or resume) as the recipe says; returns a summary (final loss, eval accuracy, times).
 
+    The run holds output_dir's lock throughout; nothing in the folder is written until the resume
+    is accepted (train/run_folder.py)."""
+    with run_folder.claim(cfg.output_dir):
+        return _run_claimed(cfg)
+
+
+def _run_claimed(cfg: TrainConfig) -> dict:
+    t_start = time.time()
+    setup = set_up(cfg)
     ckpts = RunCheckpoints(cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpointing)
     try:
         state, rng, start = resume_or_start(setup, ckpts)
@@ -356,12 +401,14 @@ def run(cfg: TrainConfig) -> dict:
             say(f"{cfg.output_dir} has already trained {start} of {setup.steps} steps: nothing to do "
                 "(raise steps= to train longer, or use a new output_dir)")
             return {"steps": setup.steps, "start_step": start, "finished": True}
+        run_folder.record(cfg, setup.model)
         log = MetricsLog(setup, start)
         summary: dict[str, Any] = {"steps": setup.steps, "start_step": start, "data": setup.data_summary}
         if setup.eval_records and start == 0:
-            summary["eval_before"], summary["eval_before_per_task"] = evaluate(setup, state["params"], 0, "before", log)
+            summary["eval_before"], summary["eval_before_per_task"] = evaluate(
+                setup, model_params(setup, state), 0, "before", log)
         if setup.validation and start == 0:
-            summary["eval_loss_before"] = validate(setup, state["params"], 0, log)
+            summary["eval_loss_before"] = validate(setup, model_params(setup, state), 0, log)
         t_loop = time.time()
         state, preempted_at = train(setup, state, rng, start, ckpts, log)
     finally:
@@ -373,8 +420,8 @@ def run(cfg: TrainConfig) -> dict:
         say(f"\nSIGTERM: saved step {preempted_at} to {cfg.output_dir}; run the same command to resume")
         summary["preempted_at"] = preempted_at
     elif setup.eval_records:
-        summary["eval_after"], summary["eval_after_per_task"] = evaluate(setup, state["params"], setup.steps,
-                                                                          "after", log)
+        summary["eval_after"], summary["eval_after_per_task"] = evaluate(
+            setup, model_params(setup, state), setup.steps, "after", log)
     log.close()
     summary["total_s"] = time.time() - t_start
     return summary

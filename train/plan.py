@@ -1,6 +1,7 @@
 """`python -m train.plan`: will a training run fit a TPU slice? Compiles the real sharded step for it.
 
     python -m train.plan --model llama2-70b --topology v5p-128 --mesh fsdp=-1 --batch 256 --seq 4096
+    python -m train.plan --model llama2-7b --topology v5e-1 --batch 16 --seq 512 --lora-rank 16 --base-dtype nf4
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama_jax.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from llama_jax.config import ATTENTION_IMPLEMENTATIONS, PROJECTIONS, REMAT_POLICIES
 from sharding import parse_mesh
 from train.planner import plan
 
@@ -29,11 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-accum", type=int, default=1,
                         help="microbatches per step (train's grad_accum): activations of batch / grad-accum rows")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (quick looks)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="plan LoRA with adapters of this rank (0: full)")
+    parser.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32", "int8", "nf4"),
+                        help="LoRA: how the frozen base is stored (nf4 = QLoRA)")
+    parser.add_argument("--lora-targets", default=",".join(PROJECTIONS),
+                        help="LoRA: comma-separated projections to adapt (default: all seven)")
     args = parser.parse_args(argv)
     try:
         result = plan(args.model, args.topology, parse_mesh(args.mesh), args.batch, args.seq, args.remat, args.layers,
                       grad_accum=args.grad_accum, attention=args.attention,
-                      say=lambda line: print(line, file=sys.stderr, flush=True))
+                      say=lambda line: print(line, file=sys.stderr, flush=True), lora_rank=args.lora_rank,
+                      base_dtype=args.base_dtype, lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
     except ValueError as e:  # bad model / topology / mesh / batch: say what, no traceback
         parser.error(str(e))
     print(result.report())

@@ -9,6 +9,8 @@ AdamW with the no-decay mask for RMSNorm weights and a warmup + cosine schedule;
 Params, grads and both moments are float32, compute bfloat16, with the chosen remat policy and
 `--grad-accum` microbatches. The largest batch is found by compiling a second batch size and
 extrapolating the per-row memory linearly (printed as an estimate). The command line is train/plan.py.
+With `lora_rank > 0` the step is the LoRA one: fp32 adapters, their grads and moments, and the
+frozen base as a separate argument stored as bfloat16, float32, int8 or nf4 (QLoRA).
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax import flops
-from llama_jax.config import LlamaConfig
-from llama_jax.model import param_shapes
-from sharding import CHIPS, Chip, batch_groups, batch_sharding, make_mesh
+from llama_jax import flops, lora
+from llama_jax.config import PROJECTIONS, LlamaConfig
+from sharding import CHIPS, Chip, batch_groups, batch_sharding, make_mesh, tree_shardings
 from sharding.hardware import GiB, TPU_GENERATIONS
 from train import step as step_lib
 from train.config import OptimConfig
@@ -101,7 +102,8 @@ def tpu_devices(topology: str) -> tuple[Chip, list[Any]]:
     chip, name, chips = parse_topology(topology)
     with _held_stderr():  # libtpu's start-up lines (E0000 ... worker hostname) read like failures here
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip.chip_config,
-                                            chips_per_host_bounds=(2, 2, 1), num_slices=1)
+                                            chips_per_host_bounds=(2, 2, 1) if chips > 1 else (1, 1, 1),
+                                            num_slices=1)
     if len(desc.devices) != chips:
         raise RuntimeError(f"libtpu made {len(desc.devices)} devices for {name}, expected {chips}")
     return chip, list(desc.devices)
@@ -135,10 +137,12 @@ def _bytes_per_device(shapes: Any, shardings: Any) -> int:
 PLAN_STEPS = 1000  # the schedule's length; it changes the learning rate, not the program's memory
 
 
-def lower_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1) -> tuple[Any, dict]:
+def lower_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1,
+               base_dtype: str = "bfloat16") -> tuple[Any, dict]:
     """Lower train.step's sharded step for `mesh` exactly as train.loop builds it.
 
-    Returns the jax Lowered object and the per-chip bytes of params / optimizer state / batch.
+    Returns the jax Lowered object and the per-chip bytes of params (the trained ones) /
+    optimizer state / batch, and for LoRA of the frozen base (stored as `base_dtype`).
     """
     if batch % grad_accum or (batch // grad_accum) % batch_groups(mesh):
         raise ValueError(f"--batch {batch} must split into --grad-accum {grad_accum} microbatches each divisible "
@@ -147,24 +151,33 @@ def lower_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1) 
     warmup = step_lib.warmup_steps_for(PLAN_STEPS, o.warmup_steps, o.warmup_ratio)
     schedule = step_lib.lr_schedule(o.lr, PLAN_STEPS, o.schedule, warmup, o.min_lr_ratio)
     optimizer = step_lib.make_optimizer(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
-    step = step_lib.make_train_step(cfg, optimizer, schedule, mesh, (batch, seq), grad_accum, o.z_loss)
+    step = step_lib.make_train_step(cfg, optimizer, schedule, mesh, (batch, seq), grad_accum, o.z_loss, base_dtype)
+
+    def placed(shapes: Any, shardings: Any) -> Any:
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
     shardings = step_lib.state_shardings(cfg, optimizer, mesh)
-    shapes = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer), param_shapes(cfg))
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    shapes = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer), step_lib.trainable_layout(cfg)[1])
     rows = batch_sharding(mesh, 2)  # the loop's batches: int32, weights float32
     batch_sds = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "weights" else jnp.int32, sharding=rows)
                  for k in step_lib.BATCH_KEYS}
     sizes = {"params": _bytes_per_device(shapes["params"], shardings["params"]),
              "optimizer": _bytes_per_device(shapes["opt_state"], shardings["opt_state"]),
              "batch": _bytes_per_device(batch_sds, jax.tree.map(lambda s: s.sharding, batch_sds))}
+    args = [placed(shapes, shardings), batch_sds]
+    if cfg.lora_rank:
+        base_axes, base_shapes = lora.base_layout(cfg, base_dtype)
+        base_shardings = tree_shardings(base_axes, base_shapes, mesh)
+        sizes["base"] = _bytes_per_device(base_shapes, base_shardings)
+        args.append(placed(base_shapes, base_shardings))
     with jax.set_mesh(mesh):
-        return step.lower(state, batch_sds), sizes
+        return step.lower(*args), sizes
 
 
-def compile_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1) -> tuple[Compiled, dict]:
+def compile_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1,
+                 base_dtype: str = "bfloat16") -> tuple[Compiled, dict]:
     """AOT-compile the sharded train step for `mesh` (any devices, compile-only ones included)."""
-    lowered, sizes = lower_step(cfg, mesh, batch, seq, grad_accum)
+    lowered, sizes = lower_step(cfg, mesh, batch, seq, grad_accum, base_dtype)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -202,6 +215,7 @@ class Plan:
     peak_flops: float
     flops: float  # model FLOPs per step, all chips (flops.compiled_train_step_flops)
     n_layers: int
+    lora: str = ""  # "" for full fine-tuning, else e.g. "LoRA rank 16 on wq wk wv wo w1 w2 w3, base nf4"
 
     @property
     def fits(self) -> bool:
@@ -234,9 +248,12 @@ class Plan:
         lines = [
             f"plan: {self.model} on {self.topology} ({self.n_chips} chips, {gib(self.hbm_bytes).strip()} HBM each), "
             f"mesh {mesh}, batch {c.batch} x seq {self.seq}, remat {self.remat}"
-            + (f", grad-accum {self.grad_accum} (microbatch {c.batch // self.grad_accum})" if self.grad_accum > 1 else ""),
-            "  per-chip memory of train.step's compiled step (clip + adamw, fp32 params/grads/moments, bf16 compute):",
-            f"    params               {gib(self.sizes['params'])}",
+            + (f", grad-accum {self.grad_accum} (microbatch {c.batch // self.grad_accum})" if self.grad_accum > 1 else "")
+            + (f", {self.lora}" if self.lora else ""),
+            "  per-chip memory of train.step's compiled step (clip + adamw, fp32 "
+            + ("adapters/grads/moments, frozen base" if self.lora else "params/grads/moments") + ", bf16 compute):",
+            *([f"    base (frozen)        {gib(self.sizes['base'])}"] if self.lora else []),
+            f"    {'adapters' if self.lora else 'params  '}             {gib(self.sizes['params'])}",
             f"    optimizer (2 moments){gib(self.sizes['optimizer'])}",
             f"    batch (5 arrays)     {gib(self.sizes['batch'])}",
             f"    temp (activations, grads, scratch){gib(activations)}",
@@ -266,14 +283,17 @@ class Plan:
 
 def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, remat: str = "full",
          n_layers: int | None = None, devices: list[Any] | None = None, chip: Chip | None = None,
-         grad_accum: int = 1, attention: str = "xla", say: Callable[[str], None] = lambda _: None) -> Plan:
+         grad_accum: int = 1, attention: str = "xla", say: Callable[[str], None] = lambda _: None,
+         lora_rank: int = 0, base_dtype: str = "bfloat16", lora_targets: tuple = PROJECTIONS) -> Plan:
     """Compile the train step at `batch` and at the smallest batch, and judge the fit.
 
     `devices`/`chip` default to libtpu's compile-only devices of `topology`. `n_layers` replaces
     the preset's depth (for quick experiments; the report then describes that smaller model).
     `say` receives a line before each compile (they take a minute or more for big models).
+    `lora_rank > 0` plans LoRA (adapters on `lora_targets`, the base stored as `base_dtype`).
     """
-    overrides = dict(dtype="bfloat16", param_dtype="float32", remat=remat, attention=attention)
+    overrides = dict(dtype="bfloat16", param_dtype="float32", remat=remat, attention=attention,
+                     lora_rank=lora_rank, lora_targets=tuple(lora_targets))
     if n_layers is not None:
         if n_layers < 1:
             raise ValueError(f"--layers must be >= 1, got {n_layers}")
@@ -290,8 +310,10 @@ def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, 
     second = groups if batch > groups else 2 * groups
     shape = f"{model} on {topology}, mesh {' '.join(f'{k}={v}' for k, v in mesh_obj.shape.items())}"
     say(f"compiling the train step for {shape} at batch {batch} x seq {seq} (1 of 2)...")
-    at_batch, sizes = compile_step(cfg, mesh_obj, batch, seq, grad_accum)
+    at_batch, sizes = compile_step(cfg, mesh_obj, batch, seq, grad_accum, base_dtype)
     say(f"compiling it again at batch {second} to measure memory per row (2 of 2)...")
-    other, _ = compile_step(cfg, mesh_obj, second, seq, grad_accum)
+    other, _ = compile_step(cfg, mesh_obj, second, seq, grad_accum, base_dtype)
+    described = f"LoRA rank {lora_rank} on {' '.join(cfg.lora_targets)}, base {base_dtype}" if lora_rank else ""
     return Plan(model, topology, dict(mesh_obj.shape), seq, remat, chip.hbm_bytes, sizes, at_batch, other, groups,
-                grad_accum, len(devices), chip.peak_bf16_flops, flops.compiled_train_step_flops(cfg, batch, seq), cfg.n_layers)
+                grad_accum, len(devices), chip.peak_bf16_flops, flops.compiled_train_step_flops(cfg, batch, seq),
+                cfg.n_layers, described)

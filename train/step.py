@@ -10,6 +10,10 @@
   included, as Megatron and most LLaMA re-implementations do) but never on the RMSNorm weights.
 - Under a mesh, the state keeps the parameters' logical-axis shardings (optimizer moments shard
   like their parameters), the batch is split over ("data", "fsdp"), and the state is donated.
+- LoRA (`cfg.lora_rank > 0`): the state's params are the adapters only; the frozen base (float or
+  quantised) is a separate, non-donated argument `step(state, batch, base)`, so no gradient,
+  moment or checkpoint of it exists. Dropout keys are fold_in(key(seed), step, microbatch): a
+  resumed run draws the same masks.
 """
 
 from __future__ import annotations
@@ -23,24 +27,27 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llama_jax import lora
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama, param_shapes
-from sharding import batch_sharding, param_shardings
+from llama_jax.model import Llama, param_axes, param_shapes
+from sharding import batch_sharding, tree_shardings
 
-State = dict  # {"params": pytree, "opt_state": optax state, "step": int32 scalar}
+State = dict  # {"params": pytree (the adapters for LoRA), "opt_state": optax state, "step": int32 scalar}
 BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
 
 
 def lr_schedule(lr: float, steps: int, schedule: str = "cosine", warmup_steps: int = 0,
                 min_lr_ratio: float = 0.1) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine down to lr * min_lr_ratio at `steps` (or constant)."""
+    """Linear warmup from 0 to `lr`, then cosine or linear down to lr * min_lr_ratio at `steps` (or constant)."""
     warmup_steps = min(warmup_steps, steps)
     if schedule == "constant":
         after = optax.constant_schedule(lr)
     elif schedule == "cosine":
         after = optax.cosine_decay_schedule(lr, max(steps - warmup_steps, 1), alpha=min_lr_ratio)
+    elif schedule == "linear":  # HF Trainer's default (alpaca-lora)
+        after = optax.linear_schedule(lr, lr * min_lr_ratio, max(steps - warmup_steps, 1))
     else:
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}")
     if warmup_steps == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
@@ -60,9 +67,14 @@ def make_optimizer(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, 
     return optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm > 0 else adamw
 
 
-def token_sums(params: Any, batch: dict, cfg: LlamaConfig, z_loss: float) -> tuple[jax.Array, dict]:
-    """Sum over target tokens of cross-entropy (+ z-loss), and the counts the metrics need."""
-    logits = Llama(cfg).apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
+def token_sums(params: Any, batch: dict, cfg: LlamaConfig, z_loss: float, base: Any = None,
+               dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Sum over target tokens of cross-entropy (+ z-loss), and the counts the metrics need.
+
+    `params` are what is differentiated: the whole model, or (LoRA) the adapters beside `base`."""
+    variables = {"params": params if base is None else lora.combine(base, params)}
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    logits = Llama(cfg).apply(variables, batch["tokens"], batch["positions"], batch["segment_ids"], rngs=rngs)
     logits = logits.astype(jnp.float32)
     w = batch["weights"]
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -73,24 +85,31 @@ def token_sums(params: Any, batch: dict, cfg: LlamaConfig, z_loss: float) -> tup
     return ce + z_loss * z, {"ce": ce, "z": z, "correct": correct, "count": jnp.sum(w)}
 
 
-def train_step(state: State, batch: dict, *, cfg: LlamaConfig, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule, grad_accum: int = 1, z_loss: float = 0.0) -> tuple[State, dict]:
-    """One optimizer update on a global batch, as `grad_accum` microbatches."""
+def train_step(state: State, batch: dict, base: Any = None, *, cfg: LlamaConfig,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int = 1,
+               z_loss: float = 0.0, seed: int = 0) -> tuple[State, dict]:
+    """One optimizer update on a global batch, as `grad_accum` microbatches (LoRA: of the adapters on `base`)."""
     params = state["params"]
     grad_fn = jax.grad(token_sums, has_aux=True)
+    step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
+
+    def dropout_rng(j: Any) -> jax.Array | None:
+        return jax.random.fold_in(step_key, j) if cfg.lora_rank and cfg.lora_dropout else None
+
     if grad_accum == 1:
-        grads, sums = grad_fn(params, batch, cfg, z_loss)
+        grads, sums = grad_fn(params, batch, cfg, z_loss, base, dropout_rng(0))
     else:
         # Microbatch j = rows j, j+A, j+2A, ...: each device keeps its own rows (no reshuffle).
         micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch)
 
-        def body(carry, mb):
-            g, s = grad_fn(params, mb, cfg, z_loss)
+        def body(carry, j_mb):
+            j, mb = j_mb
+            g, s = grad_fn(params, mb, cfg, z_loss, base, dropout_rng(j))
             return jax.tree.map(jnp.add, carry, (g, s)), None
 
         zeros = (jax.tree.map(jnp.zeros_like, params),
                  {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "correct", "count")})
-        (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+        (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
     count = jnp.maximum(sums["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
@@ -111,28 +130,42 @@ def init_state(params: Any, optimizer: optax.GradientTransformation) -> State:
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
+def trainable_layout(cfg: LlamaConfig) -> tuple[Any, Any]:
+    """(logical axes, shapes) of what the step trains: every param, or (LoRA) the adapters."""
+    if cfg.lora_rank:
+        return lora.adapter_layout(cfg)
+    return param_axes(cfg), param_shapes(cfg)
+
+
 def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> State:
     """NamedShardings of the whole train state: moments like their params, scalars replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    params = param_shardings(cfg, mesh)
-    opt_shapes = jax.eval_shape(optimizer.init, param_shapes(cfg))
+    axes, shapes = trainable_layout(cfg)
+    params = tree_shardings(axes, shapes, mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, shapes)
     opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, params,
                                 transform_non_params=lambda _: replicated)
     return {"params": params, "opt_state": opt, "step": replicated}
 
 
 def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: Mesh, batch_shape: tuple, grad_accum: int = 1, z_loss: float = 0.0) -> Callable:
+                    mesh: Mesh, batch_shape: tuple, grad_accum: int = 1, z_loss: float = 0.0,
+                    base_dtype: str = "bfloat16", seed: int = 0) -> Callable:
     """The jit-compiled step with explicit in/out shardings and the state donated.
 
+    Full fine-tuning: step(state, batch). LoRA: step(state, batch, base), the base laid out as
+    `lora.base_layout(cfg, base_dtype)` says (lj.load_checkpoint(..., mesh=) places it so).
     Call it inside `with jax.set_mesh(mesh):` so the model's activation constraints apply.
     """
     state_sh = state_shardings(cfg, optimizer, mesh)
     batch_sh = {k: batch_sharding(mesh, len(batch_shape)) for k in BATCH_KEYS}
     replicated = NamedSharding(mesh, PartitionSpec())
     fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
-                           grad_accum=grad_accum, z_loss=z_loss)
-    return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
+                           grad_accum=grad_accum, z_loss=z_loss, seed=seed)
+    in_shardings = (state_sh, batch_sh)
+    if cfg.lora_rank:
+        in_shardings += (tree_shardings(*lora.base_layout(cfg, base_dtype), mesh),)
+    return jax.jit(fn, in_shardings=in_shardings, out_shardings=(state_sh, replicated), donate_argnums=0)
 
 
 def warmup_steps_for(steps: int, warmup_steps: int | None, warmup_ratio: float) -> int:

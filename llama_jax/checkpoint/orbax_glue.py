@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from llama_jax.checkpoint.files import join, kvstore, read_text, write_text
+from llama_jax.checkpoint.integrity import digest
 from llama_jax.config import DTYPES
 
 ZARR_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "bfloat16"}
@@ -34,6 +35,16 @@ class _SkipKnownOrbaxNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return "Metadata file does not exist" not in message and "ts_context=None" not in message
+
+
+class NoOrbaxTracebacks(logging.Filter):
+    """Orbax logs a failed background save (a full disk) with a traceback per thread; the error
+    itself reaches the caller, so its log lines keep their one-line message only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "orbax" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 @contextlib.contextmanager
@@ -68,11 +79,14 @@ class StreamingWriter:
     numpy leaves: one zarr v2 array per leaf in a folder named by the dotted tree path, and a
     `_METADATA` file describing the tree. Stacked leaves get one chunk per layer, so writing a
     layer touches only its own chunk file and a sharded restore reads only what it needs.
+    Chunks are uncompressed, so a chunk file holds exactly the bytes written: `digests` records
+    each file's checksum from memory ({"leaf.name/chunk key": digest}, for checksums.json).
     """
 
     def __init__(self, params_dir: str, shapes: dict[tuple[str, ...], tuple[int, ...]], dtype: str):
         self.dir, self.shapes, self.dtype = str(params_dir), shapes, dtype
         self.arrays: dict[tuple[str, ...], Any] = {}
+        self.digests: dict[str, str] = {}
         self.lock = threading.Lock()  # write() is called from several threads
         # No fsync per chunk file: Staging.commit() syncs the whole folder once before the rename.
         self.context = ts.Context({"file_io_concurrency": {"limit": 8}, "file_io_sync": False})
@@ -104,6 +118,8 @@ class StreamingWriter:
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"{'/'.join(path)}: got shape {value.shape}, expected {tuple(target.shape)}")
         array = np.ascontiguousarray(value, dtype=DTYPES[self.dtype])
+        chunk = ".".join(([] if layer is None else [str(layer)]) + ["0"] * len(target.shape))  # zarr v2 key
+        self.digests[f"{'.'.join(path)}/{chunk}"] = digest(array.reshape(-1).view(np.uint8).data)
         target.write(array, can_reference_source_data_indefinitely=donate or array is not value).result()
 
     def finish(self) -> None:
@@ -127,12 +143,15 @@ class StreamingWriter:
 # --- reading ---------------------------------------------------------------------------------------
 
 
-def stored_shapes(params_dir: str) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """{leaf path: shape} of a PyTree checkpoint, from its metadata (no array is read)."""
-    with ocp.PyTreeCheckpointer() as ckptr, quiet_orbax():
-        stored = ckptr.metadata(orbax_path(params_dir))
+def stored_arrays(params_dir: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+    """{leaf path: (shape, dtype name)} of a PyTree checkpoint, from its metadata (no array is read)."""
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr, quiet_orbax():
+            stored = ckptr.metadata(orbax_path(params_dir))
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise ValueError(f"{params_dir}: unreadable checkpoint metadata ({type(e).__name__}: {str(e)[:200]})") from None
     stored = getattr(stored, "item_metadata", stored)
-    return {path: tuple(m.shape) for path, m in leaf_paths(dict(stored))}
+    return {path: (tuple(m.shape), np.dtype(m.dtype).name) for path, m in leaf_paths(dict(stored))}
 
 
 def restore_pytree(params_dir: str, shapes: Any, shardings: Any, dtype: Any = None) -> Any:

@@ -2,7 +2,9 @@
 
     python -m llama_jax.convert meta SRC OUT [--dtype bfloat16|float32] [--tokenizer PATH] [--verify]
     python -m llama_jax.convert hf SRC OUT [--dtype ...] [--verify]
-    python -m llama_jax.convert export-hf CKPT OUT [--dtype ...] [--verify]
+    python -m llama_jax.convert export-hf CKPT OUT [--dtype ...] [--verify]     # a LoRA run exports merged
+    python -m llama_jax.convert export-peft RUN OUT                             # LoRA run -> PEFT adapter folder
+    python -m llama_jax.convert peft ADAPTER --base CKPT OUT [--dtype ...]      # PEFT adapter -> merged checkpoint
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import sys
 from llama_jax.checkpoint import OutputExists, is_remote
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.export_hf import export_hf
+from llama_jax.convert.peft import export_peft, import_peft
 from llama_jax.convert.reference import verify
 from llama_jax.convert.sources import HFSource, MetaSource
 from llama_jax.convert.streaming import OUT_DTYPES, convert
+from llama_jax.errors import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,13 +41,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name == "meta":  # params.json does not say the context length
             p.add_argument("--max-seq-len", type=int, default=4096,
                            help="context length to record: 4096 for Llama 2 (default), 2048 for LLaMA-1")
+    p = sub.add_parser("export-peft", help="LoRA training run -> Hugging Face PEFT adapter folder")
+    p.add_argument("src", help="a LoRA training run folder (lora.rank > 0)")
+    p.add_argument("out", help="output folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p = sub.add_parser("peft", help="PEFT LoRA adapter folder + llama_jax base -> merged llama_jax checkpoint")
+    p.add_argument("src", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin)")
+    p.add_argument("--base", required=True, help="the llama_jax checkpoint the adapter was trained on")
+    p.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=OUT_DTYPES, default=None, help="output dtype (default: the base's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT once merging succeeds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> LlamaConfig:
     """Run one conversion; raises a clear exception on bad input (the CLI prints it)."""
     args = parse_args(argv)
+    if getattr(args, "verify_layers", None) is not None and args.verify_layers < 1:
+        raise ValueError(f"--verify-layers must be >= 1, got {args.verify_layers}")
+    if args.command == "export-peft":
+        cfg = export_peft(args.src, args.out, args.overwrite)
+        print(f"wrote {args.out} (PEFT LoRA adapter: r {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, "
+              f"{' '.join(cfg.lora_targets)})")
+        return cfg
     progress = not args.no_progress
+    if args.command == "peft":
+        cfg = import_peft(args.src, args.base, args.out, args.dtype, args.overwrite, progress)
+        print(f"wrote {args.out} ({args.src} merged into {args.base}, {cfg.param_dtype})")
+        return cfg
     if args.command == "export-hf":
         if is_remote(args.out):
             raise ValueError(f"{args.out}: export-hf writes a local folder")
@@ -59,15 +85,13 @@ def main(argv: list[str] | None = None) -> LlamaConfig:
 
 
 def cli() -> int:
-    try:
-        main()
-    except OutputExists as e:
-        print(f"error: {e.path} already exists; pass --overwrite to replace it", file=sys.stderr)
-        return 1
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 1
-    return 0
+    def run() -> None:
+        try:
+            main()
+        except OutputExists as e:  # the library says overwrite=True; here the flag is --overwrite
+            raise FileExistsError(f"{e.path} already exists; pass --overwrite to replace it") from None
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

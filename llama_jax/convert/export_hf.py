@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +24,7 @@ def export_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = F
               max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> LlamaConfig:
     """Write sharded safetensors + index + config.json (+ tokenizer) that transformers loads.
 
+    A LoRA run exports merged (its base + its adapters).
     Streaming: each tensor (one layer's slice of a stacked leaf) is read from the checkpoint,
     moved to HF's layout and appended to its safetensors file before the next is read, so
     memory stays at about one tensor whatever the model size (a 70B exports on a small VM).
@@ -42,33 +44,44 @@ def export_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = F
         plan[-1].append(item)
         size += nbytes
     weight_map, total = {}, 0
-    with Staging(out, overwrite) as stage, tqdm(total=cfg.num_params() * size_of, unit="B", unit_scale=True,
-                                                desc="export", disable=not progress) as bar:
+    with Staging(out, overwrite, sources=(ckpt,), checksums=False) as stage, tqdm(
+            total=cfg.num_params() * size_of, unit="B", unit_scale=True, desc="export", disable=not progress) as bar:
         for k, items in enumerate(plan):
             file = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
             shapes = {name: layout.torch_shape(entry, cfg) for entry, _, name in items}
-            with open(os.path.join(stage.path, file), "wb") as f:
+            with _create(os.path.join(stage.path, file), "wb") as f:
                 _safetensors_header(f, shapes, SAFETENSORS_DTYPES[dtype], size_of)
                 for entry, layer, name in items:
-                    store = leaves[entry.path]
-                    ours = (store if layer is None else store[layer]).read().result()
+                    ours = leaves[entry.path].read(layer)
                     w = layout.from_ours(entry, ours.astype(np_dtype, copy=False), cfg, "hf")
                     f.write(memoryview(w.reshape(-1).view(np.uint8)))
                     weight_map[name] = file
                     total += w.nbytes
                     bar.update(w.nbytes)
-        with open(os.path.join(stage.path, "model.safetensors.index.json"), "w") as f:
+        with _create(os.path.join(stage.path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(stage.path, "config.json"), "w") as f:
+        with _create(os.path.join(stage.path, "config.json"), "w") as f:
             json.dump(cfg.to_hf_config(torch_dtype=dtype), f, indent=2)
         tok = checkpoint_tokenizer(ckpt)
         if tok is not None:
             shutil.copyfile(tok, os.path.join(stage.path, "tokenizer.model"))
-            with open(os.path.join(stage.path, "tokenizer_config.json"), "w") as f:
+            with _create(os.path.join(stage.path, "tokenizer_config.json"), "w") as f:
                 json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                            "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
                            "model_max_length": cfg.max_seq_len}, f, indent=2)
     return cfg
+
+
+@contextlib.contextmanager
+def _create(path: str, mode: str) -> Iterator[Any]:
+    """open(path, mode) whose write errors (a full disk) name the file."""
+    try:
+        with open(path, mode) as f:
+            yield f
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, f"{path}: {e.strerror}") from None
 
 
 def _safetensors_header(f: Any, shapes: dict[str, tuple[int, ...]], dtype: str, size_of: int) -> None:

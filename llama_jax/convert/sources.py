@@ -4,7 +4,6 @@ model-parallel shards (params.json + consolidated.NN.pth) and Hugging Face folde
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from llama_jax import layout
+from llama_jax.checkpoint.files import read_json
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.torch_io import TORCH_DTYPES, load_pth, prefetch, release, to_numpy
 from llama_jax.layout import contiguous, transpose_2d
@@ -28,8 +28,7 @@ class MetaSource:
         if not os.path.isfile(params_file):
             raise FileNotFoundError(f"{src}: no params.json; expected a Meta checkpoint folder "
                                     "(params.json + consolidated.NN.pth)")
-        with open(params_file) as f:
-            params = json.load(f)
+        params = read_json(params_file, dict, "Meta's params.json (an object: dim, n_layers, n_heads, ...)")
         files = sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))
         if not files:
             raise FileNotFoundError(f"{src}: no consolidated.NN.pth files next to params.json")
@@ -52,7 +51,8 @@ class MetaSource:
         if file_vocab not in (None, -1) and int(file_vocab) != vocab:
             raise ValueError(f"{params_file}: vocab_size {file_vocab} disagrees with tok_embeddings.weight's "
                              f"{vocab} rows in {files[0]}")
-        self.cfg = LlamaConfig.from_meta_params(params, vocab_size=vocab, max_seq_len=max_seq_len)
+        self.cfg = _config(params_file, LlamaConfig.from_meta_params, params, vocab_size=vocab,
+                           max_seq_len=max_seq_len)
         self.ignored = set(layout.META_IGNORED)
         self.dtype = TORCH_DTYPES.get(self.shards[0]["tok_embeddings.weight"].dtype)
 
@@ -97,7 +97,7 @@ class MetaSource:
         so it is applied to each shard when shards hold whole heads (on an unsigned-int view: a
         plain row copy); a head split over shards (fewer kv heads than shards) merges rows first.
         """
-        pieces = [to_numpy(p) for p in self.pieces(entry, name)]
+        pieces = [to_numpy(p, f"{file}: tensor {name}") for file, p in zip(self.files, self.pieces(entry, name))]
         axis, dtype, plain = entry.meta_split_dim, pieces[0].dtype, f"u{pieces[0].itemsize}"
         if entry.kind == "copy":  # tok_embeddings (split on dim) and the norms (replicated)
             if len(pieces) == 1:
@@ -141,8 +141,8 @@ class HFSource:
         config_file = os.path.join(src, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{src}: no config.json; expected a Hugging Face model folder")
-        with open(config_file) as f:
-            self.cfg = LlamaConfig.from_hf_config(json.load(f))
+        self.cfg = _config(config_file, LlamaConfig.from_hf_config,
+                           read_json(config_file, dict, "a Hugging Face Llama config (a JSON object)"))
         self.where = self._weight_map(src)  # tensor name -> file
         for file in sorted(set(self.where.values())):
             if not os.path.isfile(file):
@@ -164,8 +164,7 @@ class HFSource:
         for index, single in (("model.safetensors.index.json", "model.safetensors"),
                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             if os.path.isfile(os.path.join(src, index)):
-                with open(os.path.join(src, index)) as f:
-                    return {k: os.path.join(src, v) for k, v in json.load(f)["weight_map"].items()}
+                return _index_files(src, index)
             if os.path.isfile(os.path.join(src, single)):
                 return {None: os.path.join(src, single)}
         raise FileNotFoundError(f"{src}: no model.safetensors, pytorch_model.bin or an .index.json of either")
@@ -173,22 +172,33 @@ class HFSource:
     @staticmethod
     def _open(file: str) -> Any:
         if file.endswith(".safetensors"):
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            return safe_open(file, framework="pt")
+            try:
+                return safe_open(file, framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
         return load_pth(file)
 
     def _read(self, name: str) -> torch.Tensor:
         reader = self.readers[self.where[name]]
-        return reader[name] if isinstance(reader, dict) else reader.get_tensor(name)
+        if isinstance(reader, dict):
+            return reader[name]
+        try:
+            return reader.get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged data
+            raise ValueError(f"{self.where[name]}: tensor {name} is unreadable ({type(e).__name__}: {e})") from None
 
     def keys(self) -> dict[str, str]:
         return dict(self.where)
 
     def ours(self, entry: layout.Entry, name: str) -> tuple[np.ndarray, bool]:
         """Tensor `name` in our layout, C-contiguous; True if it is a new array (not the source's memory)."""
-        torch_layout = to_numpy(self._read(name))
-        ours = contiguous(layout.to_ours(entry, torch_layout, self.cfg, "hf"))
+        torch_layout = to_numpy(self._read(name), f"{self.where[name]}: tensor {name}")
+        try:
+            ours = contiguous(layout.to_ours(entry, torch_layout, self.cfg, "hf"))
+        except ValueError as e:
+            raise ValueError(f"{self.where[name]}: {e}") from None
         return ours, not np.may_share_memory(ours, torch_layout)
 
     def done(self, name: str) -> None:
@@ -204,6 +214,31 @@ class HFSource:
     def tokenizer(self) -> str | None:
         path = os.path.join(self.src, "tokenizer.model")
         return path if os.path.isfile(path) else None
+
+
+def _config(path: str, parse: Any, *args: Any, **kwargs: Any) -> LlamaConfig:
+    """A LlamaConfig from a source's config file, any problem named with the file."""
+    try:
+        return parse(*args, **kwargs)
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _index_files(src: str, index: str) -> dict[str, str]:
+    """{tensor name: file} of an HF index. Every file must be a plain name inside SRC: a name that
+    is absolute or climbs out with `..` (or a link that leads out) is refused, never opened."""
+    path = os.path.join(src, index)
+    weight_map = read_json(path, dict, "an HF index (an object with a 'weight_map')").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise ValueError(f"{path}: 'weight_map' must map tensor names to file names (strings)")
+    root = os.path.realpath(src)
+    for name, file in weight_map.items():
+        target = os.path.realpath(os.path.join(src, file))
+        if os.path.isabs(file) or not target.startswith(root + os.sep):
+            raise ValueError(f"{path}: weight_map[{name!r}] = {file!r} leaves the model folder {src}; "
+                             "an index may only name files inside it")
+    return {k: os.path.join(src, v) for k, v in weight_map.items()}
 
 
 def check_names(source: MetaSource | HFSource) -> None:

@@ -11,9 +11,11 @@ from tqdm import tqdm
 
 from llama_jax import layout
 from llama_jax.checkpoint import Staging, StreamingWriter, copy_file, join, leaf_paths, write_config
+from llama_jax.checkpoint.files import check_apart
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.sources import HFSource, MetaSource, check_names
 from llama_jax.model import param_shapes
+from llama_jax.tokenizer import Tokenizer
 
 OUT_DTYPES = ("bfloat16", "float32")
 
@@ -39,13 +41,18 @@ def convert(source: MetaSource | HFSource, out: str, dtype: str | None = None, t
         raise ValueError(f"--dtype {dtype!r} is not one of {OUT_DTYPES}")
     cfg = source.cfg.replace(param_dtype=dtype)
     tokenizer = tokenizer or source.tokenizer()
-    if tokenizer is not None and not os.path.isfile(tokenizer):
-        raise FileNotFoundError(f"--tokenizer {tokenizer}: no such file")
+    if tokenizer is not None:
+        if not os.path.isfile(tokenizer):
+            problem = "not a file" if os.path.exists(tokenizer) else "no such file"
+            raise FileNotFoundError(f"--tokenizer {tokenizer}: {problem}")
+        Tokenizer(tokenizer)  # a SentencePiece model, or an error naming the file
+    check_apart(out, (source.src,))
     items = [(entry, layer, name, int(np.prod(layout.torch_shape(entry, cfg))))
              for entry, layer, name in layout.names(cfg, source.fmt)]
     source_size, out_size = itemsize(source.dtype or "float32"), itemsize(dtype)
-    with Staging(out, overwrite) as stage, tqdm(total=sum(n for *_, n in items) * out_size, unit="B",
-                                                unit_scale=True, desc="convert", disable=not progress) as bar:
+    with Staging(out, overwrite, sources=(source.src,)) as stage, tqdm(
+            total=sum(n for *_, n in items) * out_size, unit="B", unit_scale=True, desc="convert",
+            disable=not progress) as bar:
         shapes = {leaf: s.shape for leaf, s in leaf_paths(param_shapes(cfg))}
         writer = StreamingWriter(join(stage.path, "params"), shapes, dtype)
 
@@ -74,6 +81,7 @@ def convert(source: MetaSource | HFSource, out: str, dtype: str | None = None, t
         finally:  # waits: no write may still land in the folder a failure is about to remove
             pool.shutdown(cancel_futures=True)
         writer.finish()
+        stage.known.update({f"params/{name}": d for name, d in writer.digests.items()})
         if tokenizer is not None:
             copy_file(tokenizer, join(stage.path, "tokenizer.model"))
         write_config(stage.path, cfg)

@@ -7,6 +7,7 @@ import ctypes
 import os
 import pickle
 import sys
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -15,8 +16,20 @@ import torch
 TORCH_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
+
+
 def load_pth(file: str) -> dict:
     """A .pth/.bin state dict, memory-mapped, through the weights-only unpickler (never runs code)."""
+    state = _load(file)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{file}: expected a state dict (tensor names -> tensors), got {type(state).__name__}")
+    return state
+
+
+def _load(file: str) -> Any:
     try:
         try:
             return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -26,16 +39,19 @@ def load_pth(file: str) -> dict:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{file}: refused to load: it is not a plain tensor checkpoint "
-                         f"(its pickle asks for more than tensors; nothing from it was run): {e}") from None
+                         f"(its pickle asks for more than tensors; nothing from it was run): {_one_line(e)}") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as e:  # truncated or damaged
+        raise ValueError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: {_one_line(e)})") from None
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor (bfloat16 via ml_dtypes), no copy."""
+def to_numpy(t: torch.Tensor, what: str = "tensor") -> np.ndarray:
+    """A numpy view of a CPU tensor (bfloat16 via ml_dtypes), no copy; `what` names it in errors."""
     t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     if t.dtype not in TORCH_DTYPES:
-        raise ValueError(f"tensor dtype {t.dtype} is not a float type this converter reads")
+        raise ValueError(f"{what}: dtype {t.dtype} is not a float type this converter reads "
+                         f"({', '.join(TORCH_DTYPES.values())})")
     return t.numpy()
 
 

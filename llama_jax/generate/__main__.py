@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from typing import Sequence
 
 import jax
 
+from llama_jax import quant
+from llama_jax.errors import one_line, run_cli
 from llama_jax.generate.generator import Generator
 from sharding import make_mesh
 
@@ -32,6 +35,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the answer where this text appears (not printed); repeat for several")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast params (default: as saved)")
+    p.add_argument("--quantize", default=None, metavar="|".join(quant.FORMATS),
+                   help="weight-only quantised projections: int8 (per-channel, half of bf16's bytes) or nf4")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="split heads/MLP over this many devices (a (1, 1, N) data/fsdp/tensor mesh)")
     args = p.parse_args(argv)
@@ -46,11 +51,37 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse(argv)
+    status = run_cli(_run, args)
+    if status:
+        raise SystemExit(status)
+
+
+def _text(value: str | None, flag: str) -> str | None:
+    """A command-line text as UTF-8 (the shell hands undecodable bytes over as surrogates)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{flag}: not valid UTF-8 text (a byte that is not UTF-8 at character {e.start})") \
+                from None
+    return value
+
+
+def _read_line(number: int) -> str | None:
+    """One line of stdin as text (None at the end); a line that is not UTF-8 raises, naming it."""
+    if sys.stdin.isatty():
+        sys.stdout.write("> ")
+        sys.stdout.flush()
+    if not hasattr(sys.stdin, "buffer"):  # already text (e.g. io.StringIO)
+        return sys.stdin.readline().rstrip("\r\n") or None
+    raw = sys.stdin.buffer.readline()
+    if not raw:
+        return None
     try:
-        _run(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"stdin line {number}: not valid UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                         f"{e.start}); line skipped") from None
 
 
 def _fit_history(gen: Generator, history: list[dict], text: str, mode: str, input: str) -> list[int]:
@@ -65,6 +96,12 @@ def _fit_history(gen: Generator, history: list[dict], text: str, mode: str, inpu
 
 
 def _run(args: argparse.Namespace) -> None:
+    for flag in ("prompt", "input", "system"):
+        _text(getattr(args, flag), f"--{flag}")
+    if args.tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
+    if args.quantize is not None:
+        quant.check_format(args.quantize, "--quantize")
     mesh = None
     if args.tensor_parallel > 1:
         if args.tensor_parallel > jax.device_count():
@@ -72,7 +109,7 @@ def _run(args: argparse.Namespace) -> None:
             raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; only {visible} "
                              f"{'is' if visible == 1 else 'are'} visible")
         mesh = make_mesh(1, 1, args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
-    gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype)
+    gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "seed": args.seed}
     mode = "chat" if args.chat else "alpaca" if args.alpaca else "complete"
@@ -94,17 +131,14 @@ def _run(args: argparse.Namespace) -> None:
     if args.prompt is not None:
         answer(args.prompt)
     if args.interactive:
-        while True:
+        for number in itertools.count(1):
             try:
-                text = input("> " if sys.stdin.isatty() else "")
-            except EOFError:
-                break
-            if text.strip() in ("", "exit", "quit"):
-                break
-            try:
+                text = _read_line(number)
+                if text is None or text.strip() in ("", "exit", "quit"):
+                    break
                 answer(text)
-            except ValueError as e:  # e.g. a message with [INST] in it: say so, keep the session
-                print(f"error: {e}", file=sys.stderr)
+            except ValueError as e:  # e.g. a message with [INST] in it, or not UTF-8: say so, keep the session
+                print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

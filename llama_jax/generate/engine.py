@@ -62,16 +62,28 @@ def filter_probs(probs: Array, top_p: float = 1.0, top_k: int = 0) -> Array:
 
 
 def sample(keys: Array, logits: Array, temperature: Array, top_p: Array, top_k: Array) -> Array:
-    """One token per row of logits (B, V): argmax when temperature == 0, else temperature, then
-    top-k, then top-p (Meta's keep rule), then a draw with each row's key (B,)."""
+    """One token per row of logits (B, V): argmax where temperature == 0, else temperature, then
+    top-k, then top-p (Meta's keep rule), then a draw with each row's key (B,). The settings are
+    scalars (one for all rows) or (B,) arrays (one per row, as the continuous batcher's slots)."""
+    rows = logits.shape[0]
+    temperature, top_p, top_k = (jnp.broadcast_to(x, (rows,))[:, None] for x in (temperature, top_p, top_k))
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(logits):
-        probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+        # Shift so the largest logit is 0 before dividing: any finite temperature > 0 then gives
+        # values in [-inf, 0] (never inf - inf = NaN); a temperature below float32's smallest
+        # normal (which a CPU may flush to 0) is held there, which is greedy in effect. Rows at
+        # temperature 0 take the greedy token below (their draw is discarded).
+        logits = logits.astype(jnp.float32)
+        shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+        safe_t = jnp.where(temperature > 0, jnp.maximum(temperature, jnp.finfo(jnp.float32).tiny), 1.0)
+        probs = jax.nn.softmax(shifted / safe_t, axis=-1)
         p, order = _sorted_filtered(probs, top_p, top_k)
         index = jax.vmap(jax.random.categorical)(keys, jnp.log(p))
-        return jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        drawn = jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(temperature[:, 0] > 0, drawn, greedy)
 
-    return lax.cond(temperature == 0, lambda l: jnp.argmax(l, axis=-1).astype(jnp.int32), draw, logits)
+    return lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, logits)
 
 
 def _logprob(logits: Array, tokens: Array) -> Array:
@@ -175,10 +187,10 @@ def _check_request(cfg: LlamaConfig, prompts: Any, max_new_tokens: Any, temperat
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 = no top-k), got {top_k!r}")
-    if not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     if eos_id is not None and not (isinstance(eos_id, (int, np.integer)) and 0 <= eos_id < cfg.vocab_size):
         raise ValueError(f"eos_id must be None or a token id in [0, {cfg.vocab_size}), got {eos_id!r}")
     return rows
@@ -198,7 +210,7 @@ def _start(params: Any, cfg: LlamaConfig, prompts: Any, max_new_tokens: int, tem
         tokens[i, :len(row)] = row
         lengths[i] = len(row)
     sampling = {"temperature": jnp.float32(temperature), "top_p": jnp.float32(top_p),
-                "top_k": jnp.int32(top_k), "seed": jnp.int32(seed),
+                "top_k": jnp.int32(min(top_k, cfg.vocab_size)), "seed": jnp.uint32(seed),
                 "eos_id": jnp.int32(-1 if eos_id is None else eos_id)}
     active = np.arange(batch) < len(rows)
     state, prompt_logprobs = _prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(active),

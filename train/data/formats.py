@@ -81,9 +81,14 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{n}", parse_json(line, f"{path}:{n}")
 
 
-def parse_json(text: str, where: str) -> Any:
+def parse_json(text: str | bytes, where: str) -> Any:
+    """JSON of a file or line; bytes must be UTF-8 (json.loads would guess UTF-16/32 from garbage)."""
     try:
-        return json.loads(text)
+        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: not valid JSON (nested too deeply)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e})") from e
 
@@ -105,7 +110,7 @@ def text_documents(path: str, block: int = 1 << 20) -> Iterator[str]:
     `text.split("\\n\\n")` on the whole file, stripped, empty ones dropped)."""
     with storage.open_text(path) as f:
         rest = ""
-        while chunk := f.read(block):
+        while chunk := storage.read_utf8(f, block, path):
             parts = (rest + chunk).split("\n\n")
             rest = parts.pop()
             yield from (p.strip() for p in parts if p.strip())
@@ -171,8 +176,8 @@ _SCHEMA = {"alpaca": "an Alpaca record {'instruction': str, 'input': str (option
            "text": "a text record"}
 
 
-def alpaca_tokens(tokenizer: Tokenizer, record: Any, where: str = "example") -> Example:
-    """BOS + Stanford's prompt (masked) + output + EOS (targets) of one Alpaca record."""
+def alpaca_fields(record: Any, where: str) -> dict[str, str]:
+    """instruction, input ("" when absent) and output of an Alpaca record, each checked to be a string."""
     fields = {}
     for name, optional in (("instruction", False), ("input", True), ("output", False)):
         value = _field(record, name, where, "alpaca", optional)
@@ -180,6 +185,12 @@ def alpaca_tokens(tokenizer: Tokenizer, record: Any, where: str = "example") -> 
             raise ValueError(f"{where}: field {name!r}: expected a string, got {type(value).__name__} "
                              f"{str(value)[:80]!r} (an Alpaca record)")
         fields[name] = value or ""
+    return fields
+
+
+def alpaca_tokens(tokenizer: Tokenizer, record: Any, where: str = "example") -> Example:
+    """BOS + Stanford's prompt (masked) + output + EOS (targets) of one Alpaca record."""
+    fields = alpaca_fields(record, where)
     prompt_text = format_alpaca(fields["instruction"], fields["input"])
     prompt = tokenizer.encode(prompt_text, bos=True, eos=False)
     full = tokenizer.encode(prompt_text + fields["output"], bos=True, eos=True)
@@ -263,5 +274,6 @@ def chat_example(tokenizer: Tokenizer, dialog: Sequence[dict], max_len: int = 40
 
 
 def load_alpaca(path: str) -> list[dict]:
-    """The records of an Alpaca data file (any of the formats above)."""
-    return [record for _, record in iter_records(path)]
+    """The records of an Alpaca data file (any of the formats above), each checked at once (not at
+    the first evaluation, after training)."""
+    return [alpaca_fields(record, where) for where, record in iter_records(path)]

@@ -175,6 +175,19 @@ def remove(path: str) -> None:
 
 
 def iter_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a text file, streamed."""
+    """(line number, line) of a UTF-8 text file, streamed; a line that is not UTF-8 is named."""
     with open_text(path) as f:
-        yield from enumerate(f, 1)
+        raw = f.buffer
+        for n, line in enumerate(iter(raw.readline, b""), 1):
+            try:
+                yield n, line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {line[e.start]:#04x})") from None
+
+
+def read_utf8(f: io.TextIOBase, size: int, path: str) -> str:
+    """f.read(size) of a text file, naming the file when its bytes are not UTF-8."""
+    try:
+        return f.read(size)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None

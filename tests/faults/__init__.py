@@ -1,0 +1,1 @@
+"""The fault sweep (sweep.py): broken inputs against the real commands."""
