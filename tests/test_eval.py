@@ -77,7 +77,9 @@ def test_perplexity_equals_the_guide_loop_on_hf(models, tok):
         if stride != max_len:
             assert n == len(ids) - 1  # every token but BOS scored exactly once
         windows = sliding_windows(len(ids), max_len or cfg.max_seq_len, stride or cfg.max_seq_len // 2)
-        buckets |= {length_bucket(end - begin - 1, cfg.max_seq_len) for begin, end, _ in windows}
+        # Scorer's batching rule: longest first, 4 rows a batch, each batch padded to its longest row's bucket
+        lengths = sorted((end - begin - 1 for begin, end, _ in windows), reverse=True)
+        buckets |= {length_bucket(lengths[i], cfg.max_seq_len) for i in range(0, len(lengths), 4)}
     assert score_batch._cache_size() == len(buckets) < 8  # one program per length bucket, not one per window
 
 
