@@ -398,7 +398,7 @@ def _run_claimed(cfg: TrainConfig) -> dict:
             say(f"{cfg.output_dir} has already trained {start} of {setup.steps} steps: nothing to do "
                 "(raise steps= to train longer, or use a new output_dir)")
             return {"steps": setup.steps, "start_step": start, "finished": True}
-        run_folder.record(cfg, setup.model)
+        run_folder.record(cfg, setup.model, setup.tokenizer)
         log = MetricsLog(setup, start)
         summary: dict[str, Any] = {"steps": setup.steps, "start_step": start, "data": setup.data_summary}
         if setup.eval_records and start == 0:

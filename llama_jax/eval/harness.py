@@ -135,7 +135,7 @@ class LlamaJaxLM(TemplateLM):
         for i, req in enumerate(requests):
             groups[repr(sorted(req.args[1].items()))].append(i)
         out: list[str] = [""] * len(requests)
-        eos_text = self.tok.sp_model.id_to_piece(self.eot_token_id)
+        eos_text = self.tok.id_to_piece(self.eot_token_id)
         with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:
             for members in groups.values():
                 kwargs = normalize_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks)
