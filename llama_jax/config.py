@@ -82,11 +82,11 @@ class RopeScaling:
         llama3 = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         if self.rope_type == "linear":
             extra = [name for name in llama3 if getattr(self, name) is not None]
-            need(not extra, f"linear scaling takes only a factor, got {extra}")
+            need(not extra, f"takes only a factor, got {extra}")
             return
         for name in llama3:
             need(number(getattr(self, name)) and getattr(self, name) > 0,
-                 f"llama3 scaling needs {name} (a number > 0), got {getattr(self, name)!r}")
+                 f"needs {name} (a number > 0), got {getattr(self, name)!r}")
         need(float(self.original_max_position_embeddings).is_integer(),
              f"original_max_position_embeddings must be a whole number, got {self.original_max_position_embeddings!r}")
         object.__setattr__(self, "original_max_position_embeddings", int(self.original_max_position_embeddings))

@@ -134,7 +134,8 @@ def rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     inverse frequencies of `rope_frequencies`. Pairs are (i, i + head_dim/2) (HF's layout); angles
     and rotation in float32.
     """
-    angles = positions.astype(jnp.float32)[:, :, None, None] * jnp.asarray(inv_freq, jnp.float32)  # (B, T, 1, hd/2)
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # (B, T, 1, hd/2)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -62,7 +62,7 @@ def test_hf_config_old_and_new_rope_styles():
     for rope_type in ("dynamic", "yarn", "longrope"):
         with pytest.raises(ValueError, match=f"RoPE scaling '{rope_type}': not supported"):
             lj.LlamaConfig.from_hf_config({**base, "rope_scaling": {"rope_type": rope_type, "factor": 2.0}})
-    with pytest.raises(ValueError, match="llama3 scaling needs low_freq_factor"):
+    with pytest.raises(ValueError, match="'llama3': needs low_freq_factor"):
         lj.LlamaConfig.from_hf_config({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0,
                                                                    "factor": 8.0}})
     with pytest.raises(ValueError, match="partial_rotary_factor"):

@@ -42,7 +42,7 @@ class LlamaJaxLM(TemplateLM):
     """lm-eval's LM over a llama_jax model.
 
     `checkpoint` is a checkpoint directory (or training run) or a (LlamaConfig, params) pair;
-    `tokenizer` the SentencePiece model (default: the checkpoint's tokenizer.model). Once this
+    `tokenizer` its tokenizer (default: the checkpoint's). Once this
     module is imported the harness also builds it by name: lm_eval.simple_evaluate(model="llama_jax",
     model_args="checkpoint=DIR,batch_size=16,dtype=bfloat16", tasks=[...]).
     """
