@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared benchmark command for a GPU session (H100/H200): ceilings, attention, forward, training,
-# prefill (time to first token), decoding and harness scoring (eval), each with its HF/PyTorch peer in the
-# same run, and LoRA/QLoRA vs full fine-tuning; then one table of every row. JSON per bench + gpu.log go to
-# $OUT (the device tool) or a temp folder.
+# prefill (time to first token), decoding, harness scoring (eval) and serving (continuous vs static
+# batches), each with its HF/PyTorch peer in the same run, and LoRA/QLoRA vs full fine-tuning; then one
+# table of every row. JSON per bench + gpu.log go to $OUT (the device tool) or a temp folder.
 #
-#   bash bench/gpu.sh           # on the GPU: about 12.5 minutes, every step under its own time limit
+#   bash bench/gpu.sh           # on the GPU: about 16 minutes, every step under its own time limit
 #   bash bench/gpu.sh --smoke   # tiny shapes, end to end on a CPU (the check before a device run)
 #
 # Extra XLA flags to try go in XLA_FLAGS (passed through); JAX does not preallocate GPU memory
@@ -46,7 +46,8 @@ step prefill 110 bench/prefill.py --ceilings "$OUTDIR/ceilings.json"
 step decode 110 bench/decode.py
 step eval 150 bench/eval.py
 step lora 100 bench/lora.py
+step serve 180 bench/serve.py --requests 96
 
 echo "=== results in $OUTDIR" | tee -a "$LOG"
 "$PY" bench/table.py "$OUTDIR"/ceilings.json "$OUTDIR"/attention.json "$OUTDIR"/forward.json "$OUTDIR"/train.json \
-  "$OUTDIR"/prefill.json "$OUTDIR"/decode.json "$OUTDIR"/eval.json "$OUTDIR"/lora.json | tee -a "$LOG"
+  "$OUTDIR"/prefill.json "$OUTDIR"/decode.json "$OUTDIR"/eval.json "$OUTDIR"/lora.json "$OUTDIR"/serve.json | tee -a "$LOG"

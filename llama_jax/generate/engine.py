@@ -62,21 +62,28 @@ def filter_probs(probs: Array, top_p: float = 1.0, top_k: int = 0) -> Array:
 
 
 def sample(keys: Array, logits: Array, temperature: Array, top_p: Array, top_k: Array) -> Array:
-    """One token per row of logits (B, V): argmax when temperature == 0, else temperature, then
-    top-k, then top-p (Meta's keep rule), then a draw with each row's key (B,)."""
+    """One token per row of logits (B, V): argmax where temperature == 0, else temperature, then
+    top-k, then top-p (Meta's keep rule), then a draw with each row's key (B,). The settings are
+    scalars (one for all rows) or (B,) arrays (one per row, as the continuous batcher's slots)."""
+    rows = logits.shape[0]
+    temperature, top_p, top_k = (jnp.broadcast_to(x, (rows,))[:, None] for x in (temperature, top_p, top_k))
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(logits):
         # Shift so the largest logit is 0 before dividing: any finite temperature > 0 then gives
         # values in [-inf, 0] (never inf - inf = NaN); a temperature below float32's smallest
-        # normal (which a CPU may flush to 0) is held there, which is greedy in effect.
+        # normal (which a CPU may flush to 0) is held there, which is greedy in effect. Rows at
+        # temperature 0 take the greedy token below (their draw is discarded).
         logits = logits.astype(jnp.float32)
         shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
-        probs = jax.nn.softmax(shifted / jnp.maximum(temperature, jnp.finfo(jnp.float32).tiny), axis=-1)
+        safe_t = jnp.where(temperature > 0, jnp.maximum(temperature, jnp.finfo(jnp.float32).tiny), 1.0)
+        probs = jax.nn.softmax(shifted / safe_t, axis=-1)
         p, order = _sorted_filtered(probs, top_p, top_k)
         index = jax.vmap(jax.random.categorical)(keys, jnp.log(p))
-        return jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        drawn = jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(temperature[:, 0] > 0, drawn, greedy)
 
-    return lax.cond(temperature == 0, lambda l: jnp.argmax(l, axis=-1).astype(jnp.int32), draw, logits)
+    return lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, logits)
 
 
 def _logprob(logits: Array, tokens: Array) -> Array:

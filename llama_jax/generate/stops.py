@@ -1,19 +1,21 @@
 """Stop strings over one sequence's detokenised completion, checked incrementally as tokens arrive.
 
 `StopMatcher` is the one piece every text-level caller shares (Generator, the harness LM, the
-server): feed it a sequence's new tokens so far, and it says how many of them to keep once a stop
-string has been completed, where that stop starts in the text (the stop text itself is never
-returned), and which text is safe to stream (never half a UTF-8 character, never the start of
-what may become a stop string).
+server's batcher): feed it a sequence's new tokens so far, and it says how many of them to keep
+once a stop string has been completed, where that stop starts in the text (the stop text itself
+is never returned), and which text is safe to stream (never half a UTF-8 character, never the
+start of what may become a stop string).
 
-Decoding is incremental, as vLLM's detokenizer does it: the text grows by
-decode(tokens[anchor:n])[len(decode(tokens[anchor:read])):], so SentencePiece's leading-space rule
+Decoding is incremental (`TextDecoder`), as vLLM's detokenizer does it: the text grows by
+decode(tokens[start:n])[len(decode(tokens[start:mark])):], so SentencePiece's leading-space rule
 applies the same way to both strings and each token costs two short decodes, not a decode of the
-whole completion. A token that ends inside a multi-byte character (byte-fallback pieces) renders
-as U+FFFD; the text does not advance past it until the character completes. Stops are searched
-only in new text plus the last (longest stop - 1) characters, so a stop that spans token
-boundaries is found in the token that completes it, exactly where Hugging Face's `stop_strings`
-criterion stops generating.
+whole completion; where the known prefix decodes to nothing (a lone space piece, whose space
+SentencePiece drops at the start of a text) the whole sequence is decoded once instead. A token
+that ends inside a multi-byte character (byte-fallback pieces) renders as U+FFFD; trailing U+FFFDs
+are held back until a complete character follows them (or the sequence ends), so the text given
+out is always a prefix of decode(all tokens). Stops are searched only in new text plus the last
+(longest stop - 1) characters, so a stop that spans token boundaries is found in the token that
+completes it, exactly where Hugging Face's `stop_strings` criterion stops generating.
 """
 
 from __future__ import annotations
@@ -36,6 +38,47 @@ def check_stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
+class TextDecoder:
+    """One sequence's text, piece by piece, as its tokens arrive (`add`), then the rest (`finish`)."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.text = ""  # the text given out so far: always a prefix of decode(ids)
+        self._start = 0  # the window ids[_start:] is decoded for each new token;
+        self._mark = 0  # ids[:_mark] are rendered in the text up to _mark_len,
+        self._mark_len = 0
+        self._start_text = ""  # and decode(ids[_start:_mark]) is the window's known prefix
+        self._given = 0  # characters of the text of ids[_mark:] already given out
+
+    def add(self, token: int) -> str:
+        """Take one token; return the new text it completes ("" while a character is incomplete)."""
+        self.ids.append(int(token))
+        window = self.decode(self.ids[self._start:])
+        if self._start_text and window.startswith(self._start_text):
+            new = window[len(self._start_text):]  # the text of ids[_mark:]
+        else:  # the window's prefix renders empty (e.g. a lone space piece): decode it all
+            new = self.decode(self.ids)[self._mark_len:]
+        ready = new.rstrip(REPLACEMENT)  # a trailing U+FFFD may be a character still incomplete
+        piece = ready[self._given:]
+        self.text += piece
+        if ready == new:  # all complete: move the window on
+            self._start, self._mark, self._mark_len = self._mark, len(self.ids), len(self.text)
+            self._start_text = self.decode(self.ids[self._start:self._mark])
+            self._given = 0
+        else:
+            self._given = len(ready)
+        return piece
+
+    def finish(self) -> str:
+        """The sequence has ended: the text not given out yet (an incomplete character as U+FFFD)."""
+        piece = self.decode(self.ids)[len(self.text):]
+        self.text += piece
+        self._start = self._mark = len(self.ids)
+        self._mark_len, self._start_text, self._given = len(self.text), "", 0
+        return piece
+
+
 class StopMatcher:
     """One sequence's completion text as its tokens arrive, and the earliest stop string in it.
 
@@ -49,14 +92,11 @@ class StopMatcher:
     def __init__(self, stops: str | Sequence[str] | None, decode: Callable[[Sequence[int]], str]) -> None:
         self.stops = check_stops(stops)
         self.longest = max((len(s) for s in self.stops), default=0)
-        self.decode = decode
-        self.tokens: list[int] = []
+        self.tokens: list[int] = []  # the tokens taken so far (up to the one that completed a stop)
         self.kept: int | None = None  # tokens kept once stopped
         self.stop_at: int | None = None  # index in the text where the stop string starts
-        self._text = ""  # decode(tokens[:_read]), complete characters only
-        self._anchor = self._read = 0
-        self._anchor_len = 0  # len(decode(tokens[_anchor:_read]))
-        self._searched = 0  # characters of _text already searched for stops
+        self._render = TextDecoder(decode)
+        self._searched = 0  # characters of the text already searched for stops
         self._shown = 0  # characters handed out by take()
 
     @property
@@ -66,7 +106,8 @@ class StopMatcher:
     @property
     def text(self) -> str:
         """The completion so far (complete characters), cut where the stop string starts."""
-        return self._text if self.stop_at is None else self._text[:self.stop_at]
+        text = self._render.text
+        return text if self.stop_at is None else text[:self.stop_at]
 
     def update(self, tokens: Sequence[int]) -> int | None:
         """All new tokens so far -> None (go on) or the number of tokens to keep (a stop completed)."""
@@ -74,32 +115,21 @@ class StopMatcher:
             return self.kept
         if len(tokens) < len(self.tokens):
             raise ValueError(f"update() needs all new tokens so far: got {len(tokens)} after {len(self.tokens)}")
-        start = len(self.tokens)
-        self.tokens.extend(int(t) for t in tokens[start:])
-        for n in range(start + 1, len(self.tokens) + 1):
-            if self._extend(n) and self._search():
-                self.kept = n
-                return n
+        for token in tokens[len(self.tokens):]:
+            self.tokens.append(int(token))
+            if self._render.add(token) and self._search():
+                self.kept = len(self.tokens)
+                return self.kept
         return None
-
-    def _extend(self, n: int) -> bool:
-        """Render tokens[:n]; False while the last character may still be completed by the next
-        byte (a UTF-8 character is at most 4 bytes; a longer run of U+FFFD is invalid bytes)."""
-        window = self.decode(self.tokens[self._anchor:n])
-        if window.endswith(REPLACEMENT) and n - self._read < 4:
-            return False
-        self._text += window[self._anchor_len:]
-        self._anchor, self._read = self._read, n
-        self._anchor_len = len(self.decode(self.tokens[self._anchor:n]))
-        return True
 
     def _search(self) -> bool:
         """Look for the earliest stop string that ends in text added since the last search."""
         if not self.stops:
             return False
+        text = self._render.text
         begin = max(0, self._searched - self.longest + 1)
-        found = [i for i in (self._text.find(s, begin) for s in self.stops) if i >= 0]
-        self._searched = len(self._text)
+        found = [i for i in (text.find(s, begin) for s in self.stops) if i >= 0]
+        self._searched = len(text)
         if found:
             self.stop_at = min(found)
         return bool(found)
@@ -107,15 +137,16 @@ class StopMatcher:
     def take(self) -> str:
         """Text that became safe to show since the last call: complete characters, and not a tail
         that may still grow into a stop string."""
-        end = self.stop_at if self.stopped else len(self._text) - self._held()
-        piece = self._text[self._shown:end]
+        text = self._render.text
+        end = self.stop_at if self.stopped else len(text) - self._held(text)
+        piece = text[self._shown:end]
         self._shown = max(self._shown, end)
         return piece
 
-    def _held(self) -> int:
+    def _held(self, text: str) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        for k in range(min(self.longest - 1, len(self._text)), 0, -1):
-            tail = self._text[-k:]
+        for k in range(min(self.longest - 1, len(text)), 0, -1):
+            tail = text[-k:]
             if any(s.startswith(tail) for s in self.stops):
                 return k
         return 0
@@ -123,14 +154,10 @@ class StopMatcher:
     def finish(self) -> str:
         """The sequence has ended: render what was held back (a character left incomplete renders
         as U+FFFD, as decode does), search it, and return the text not yet taken."""
-        if not self.stopped and self._read < len(self.tokens):
-            self._text = self.decode(self.tokens)
-            self._read = len(self.tokens)
-            if self._search():
-                self.kept = len(self.tokens)
-        return self.take() if self.stopped else self._take_all()
-
-    def _take_all(self) -> str:
-        piece = self._text[self._shown:]
-        self._shown = len(self._text)
+        if not self.stopped and self._render.finish() and self._search():
+            self.kept = len(self.tokens)
+        if self.stopped:
+            return self.take()
+        piece = self._render.text[self._shown:]
+        self._shown = len(self._render.text)
         return piece

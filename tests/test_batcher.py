@@ -1,0 +1,118 @@
+"""The continuous batcher against `lj.generate` on each request alone (greedy token for token,
+seeded sampling draw for draw), its compiled-program bounds, stop strings and cancellation, and
+the streamed text against a decode of the whole sequence."""
+
+import numpy as np
+import pytest
+
+import llama_jax as lj
+from llama_jax.generate import batcher as batcher_module
+from llama_jax.generate.batcher import Batcher, ContextTooLong, QueueFull, Request
+from llama_jax.generate.stops import StopMatcher
+from reference import hf_model, hf_params
+
+TOKENIZER = "data/tokenizer.model"
+LONGEST = 20
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = lj.LlamaConfig.preset("tiny-gqa")
+    return cfg, hf_params(hf_model(cfg, seed=2, sharpen=4.0), cfg), lj.Tokenizer(TOKENIZER)
+
+
+def requests(seed, count):
+    """Ragged prompts (two length buckets), ragged max_new_tokens, greedy and sampled rows."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        sampled = i % 2 == 1
+        out.append(Request(rng.integers(3, 512, int(rng.integers(2, 30))).tolist(), int(rng.choice([3, 11, LONGEST])),
+                           temperature=0.8 if sampled else 0.0, top_p=0.9 if i % 4 == 1 else 1.0,
+                           top_k=20 if i % 4 == 3 else 0, seed=100 + i))
+    return out
+
+
+def alone(model, r):
+    """What lj.generate gives this request by itself. A request's step-s token does not depend on
+    max_new_tokens, so one LONGEST run (one compiled shape) cut to its length serves every length."""
+    cfg, params, tok = model
+    new = lj.generate(params, cfg, [r.prompt], max_new_tokens=LONGEST, temperature=r.temperature, top_p=r.top_p,
+                      top_k=r.top_k, seed=r.seed, eos_id=tok.eos_id)[0]
+    return new[:r.max_new_tokens]
+
+
+def test_every_request_equals_generate_alone_and_reads_a_bounded_cache(model, monkeypatch):
+    cfg, params, tok = model
+    reads = []
+    decode = batcher_module._decode
+    monkeypatch.setattr(batcher_module, "_decode", lambda *a, **kw: reads.append(kw["kv_len"]) or decode(*a, **kw))
+    b = Batcher(params, cfg, slots=3, decode=tok.decode, eos_id=tok.eos_id, steps_per_call=2)
+    batch = b.run(requests(0, 10))  # 10 requests through 3 slots: slots are reused mid-flight
+    for r in batch:
+        assert r.tokens == alone(model, r), (r.temperature, len(r.prompt))
+        assert r.text == tok.decode(r.tokens)
+        assert r.finish_reason == ("length" if len(r.tokens) == r.max_new_tokens else "stop")
+    assert any(r.temperature > 0 for r in batch) and b.served == 10 and b.live == 0
+    assert set(reads) == {128} and cfg.max_seq_len == 256  # the decode read half the cache, not all of it
+    # new prompt lengths and settings in the same buckets compile nothing new
+    sizes = batcher_module._admit._cache_size(), decode._cache_size()
+    more = b.run(requests(1, 6))
+    assert all(r.tokens == alone(model, r) for r in more)
+    assert (batcher_module._admit._cache_size(), decode._cache_size()) == sizes
+
+
+def test_stop_strings_cancel_and_limits(model):
+    cfg, params, tok = model
+    b = Batcher(params, cfg, slots=2, decode=tok.decode, eos_id=tok.eos_id, max_waiting=2)
+    greedy = Request(tok.encode("Once upon", bos=True), LONGEST)
+    full = tok.decode(alone(model, greedy))
+    start = next(i for i in range(len(full) // 2, len(full) - 2) if "\ufffd" not in full[i:i + 2])
+    stop = Request(greedy.prompt, LONGEST, stop=[full[start:start + 2], "zzzz"])
+    b.submit(stop)
+    cancelled = b.submit(Request(greedy.prompt, LONGEST))
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        b.submit(Request(greedy.prompt, 4))
+    b.cancel(cancelled)
+    b.run([])
+    assert stop.text == full[:full.find(full[start:start + 2])] and stop.finish_reason == "stop"
+    assert cancelled.finish_reason == "cancelled" and cancelled.tokens == []
+    with pytest.raises(ContextTooLong, match="ask for at most 56 new tokens"):
+        b.submit(Request([1] * 200, 100))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        b.submit(Request([1], 4, top_p=0.0))
+    with pytest.raises(ValueError, match="stop strings need text"):
+        Batcher(params, cfg, slots=1).submit(Request([1], 4, stop="x"))
+
+
+def test_streamed_text_is_always_a_prefix_of_the_whole_decode(model):
+    """Random ids (byte pieces, stray bytes, lone space pieces, whose space SentencePiece drops at
+    the start of a text): after every token the text handed out is a prefix of decode(ids so far),
+    and with finish() it is all of it."""
+    tok = model[2]
+    rng = np.random.default_rng(0)
+    space = tok.piece_to_id("\u2581")
+    for _ in range(150):
+        ids = rng.integers(3, tok.vocab_size, 30).tolist()
+        ids[rng.integers(1, 30)] = space
+        matcher, text = StopMatcher(None, tok.decode), ""
+        for n in range(1, len(ids) + 1):
+            matcher.update(ids[:n])
+            text += matcher.take()
+            assert tok.decode(ids[:n]).startswith(text)
+        text += matcher.finish()
+        assert text == tok.decode(ids)
+
+
+def test_tensor_parallel_batcher_equals_generate_alone(model):
+    """Params split over 2 devices by the logical-axis rules (the CLI's --tensor-parallel 2)."""
+    import jax
+
+    from sharding import make_mesh, shard_params
+
+    cfg, params, tok = model
+    mesh = make_mesh(1, 1, 2, devices=jax.devices()[:2])
+    b = Batcher(shard_params(params, cfg, mesh), cfg, slots=2, decode=tok.decode, eos_id=tok.eos_id, mesh=mesh)
+    batch = b.run(requests(2, 3))
+    assert b.state["cache"]["k"].sharding.spec != jax.sharding.PartitionSpec()  # the cache is split too
+    assert all(r.tokens == alone(model, r) for r in batch)

@@ -1,0 +1,303 @@
+"""The OpenAI-compatible server through the official `openai` client (and raw HTTP for malformed
+requests) against a server on a free loopback port: answers equal Generator's / lj.generate's for
+the same request alone, streaming joins to the whole answer, stop strings cut exactly, many
+concurrent requests (some streamed, some dropped midway) all get their solo answers, and bad
+requests get OpenAI's error JSON with the right status while the server keeps answering."""
+
+import concurrent.futures
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+
+import llama_jax as lj
+from llama_jax.generate.batcher import Batcher
+from llama_jax.serve import create_app, running
+from llama_jax.serve.__main__ import main
+from reference import hf_model, hf_params
+
+TOKENIZER = "data/tokenizer.model"
+SLOTS = 4
+MODEL = "tiny-chat"
+KEY = "sk-test-123"
+PROMPTS = ["Hello there", "The quick brown", "a", "Once upon a time"]  # <= 16 tokens: one prefill bucket
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = lj.LlamaConfig.preset("tiny-gqa")
+    params = hf_params(hf_model(cfg, seed=1, sharpen=4.0), cfg)  # sharpened: greedy has no near-ties
+    tok = lj.Tokenizer(TOKENIZER)
+    return cfg, params, tok, lj.Generator((cfg, params), tok)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """One server for the module (4 slots, so concurrent tests queue); `submitted` records every
+    engine request so tests can look at what the engine did."""
+    cfg, params, tok, _ = model
+    batcher = Batcher(params, cfg, slots=SLOTS, decode=tok.decode, eos_id=tok.eos_id)
+    submitted = []
+    submit = batcher.submit
+    batcher.submit = lambda r: submitted.append(submit(r)) or r
+    with running(create_app(batcher, tok, MODEL)) as url:
+        yield url, batcher, submitted
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def solo(model, ids, n, **kw):
+    """lj.generate on this one request alone (the reference every served answer must equal)."""
+    cfg, params, tok, _ = model
+    return lj.generate(params, cfg, [ids], max_new_tokens=n, eos_id=tok.eos_id, **kw)[0]
+
+
+def test_completions_and_chat_equal_generator_with_usage(model, client):
+    cfg, params, tok, gen = model
+    for prompt in PROMPTS[:2]:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+        assert r.choices[0].text == gen.complete(prompt, max_new_tokens=24, temperature=0)
+        ids = tok.encode(prompt, bos=True)
+        tokens = solo(model, ids, 24)
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(tokens))
+        assert r.usage.total_tokens == len(ids) + len(tokens)
+        assert r.choices[0].finish_reason == ("length" if len(tokens) == 24 else "stop")
+    dialog = [{"role": "user", "content": "Hi!"}]
+    r = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == gen.chat(dialog, max_new_tokens=24, temperature=0)["content"]
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(tok.encode_dialog(dialog))
+    # token ids as the prompt, and logprobs equal generate's (the model's own log p of each token)
+    ids = tok.encode(PROMPTS[3], bos=True)
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=24, temperature=0, logprobs=2)
+    tokens, logprobs = lj.generate(params, cfg, [ids], max_new_tokens=24, eos_id=tok.eos_id, logprobs=True)
+    assert r.choices[0].text == tok.decode(tokens[0])
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(logprobs[0], abs=1e-4)
+    assert all(len(top) == 2 and max(top.values()) >= lp - 1e-5
+               for top, lp in zip(r.choices[0].logprobs.top_logprobs, logprobs[0]))
+
+
+def test_max_tokens_gives_length_and_models_lists_the_model(client, model):
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_streamed_chunks_join_to_the_whole_answer(client):
+    for kw in ({}, {"stop": ["e"]}):
+        whole = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0, **kw)
+        chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}, **kw))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_stop_strings_cut_exactly(client, model):
+    _, _, tok, gen = model
+    full = gen.complete(PROMPTS[0], max_new_tokens=24, temperature=0)
+    # a stop string from the middle of the answer, of plain characters (not a half-decoded byte)
+    start = next(i for i in range(len(full) // 3, len(full) - 2) if "\ufffd" not in full[i:i + 2])
+    stop = full[start:start + 2]
+    expected = full[:full.find(stop)]
+    for stops in (stop, [stop, "never appears"], ["never appears"]):
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=stops)
+        if stops == ["never appears"]:
+            assert r.choices[0].text == full
+        else:
+            assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+            # the tokens kept run up to the one that completed the stop string
+            tokens = solo(model, tok.encode(PROMPTS[0], bos=True), 24)
+            kept = r.usage.completion_tokens
+            assert full.find(stop) + len(stop) <= len(tok.decode(tokens[:kept]))
+            assert full.find(stop) + len(stop) > len(tok.decode(tokens[:kept - 1]))
+
+
+def test_seeded_sampling_equals_generate_alone(client, model):
+    _, _, tok, _ = model
+    ids = tok.encode(PROMPTS[3], bos=True)
+    kw = dict(temperature=0.9, top_p=0.95, seed=11)
+    texts = {client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=24, **kw).choices[0].text
+             for _ in range(2)}
+    assert texts == {tok.decode(solo(model, ids, 24, **kw))}
+    assert texts != {tok.decode(solo(model, ids, 24, temperature=0.9, top_p=0.95, seed=12))}
+
+
+def test_concurrent_mixed_requests_equal_solo_and_cancelled_ones_free_slots(server, model):
+    url, batcher, submitted = server
+    _, _, tok, _ = model
+    words = "the cat sat on a mat and then it ran far away".split()
+    jobs = [(" ".join(words[i % 8:i % 8 + 1 + i % 3]) + f" {i}", (6, 16, 24)[i % 3], i % 4 == 1, i % 8 == 3)
+            for i in range(24)]  # (prompt of 3 to 14 tokens, max_tokens, stream, cancel after the first chunk)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    before = len(submitted)
+
+    def send(job):
+        prompt, n, stream, cancel = job
+        if cancel:  # a client that goes away mid-answer
+            with client.completions.create(model=MODEL, prompt=prompt, max_tokens=100, temperature=0,
+                                           stream=True) as s:
+                next(iter(s))
+            return None
+        if stream:
+            return "".join(c.choices[0].text for c in client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True))
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(send, jobs, timeout=600))
+    longest = max(n for _, n, _, _ in jobs)
+    for (prompt, n, _, cancel), answer in zip(jobs, answers):
+        if not cancel:
+            tokens = solo(model, tok.encode(prompt, bos=True), longest)  # greedy: a prefix is the shorter answer
+            assert answer == tok.decode(tokens[:n]), prompt
+    mine = submitted[before:]
+    assert len(mine) == len(jobs) > SLOTS  # more requests than slots: slots were reused
+    deadline = time.time() + 30
+    while (batcher.live or batcher.waiting) and time.time() < deadline:
+        time.sleep(0.05)
+    assert batcher.live == 0 and not batcher.waiting  # nobody starves, nothing is left holding a slot
+    cancelled = [r for r in mine if r.max_new_tokens == 100]
+    assert len(cancelled) == 3 and all(r.finish_reason == "cancelled" and len(r.tokens) < 100 for r in cancelled)
+
+
+def test_a_client_that_hangs_up_while_waiting_is_cancelled(server, client):
+    """A non-streamed request whose client gives up (here: queued behind 4 long streams) is
+    cancelled at once, not generated for nobody."""
+    url, batcher, submitted = server
+    before = len(submitted)
+    streams = [client.completions.create(model=MODEL, prompt=f"block {i}", max_tokens=110, temperature=0, stream=True)
+               for i in range(SLOTS)]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/v1/completions", json={"prompt": "hang up", "max_tokens": 110, "temperature": 0},
+                   timeout=0.05)
+    for stream in streams:
+        stream.close()
+    deadline = time.time() + 30
+    while (batcher.live or batcher.waiting) and time.time() < deadline:
+        time.sleep(0.05)
+    hung = submitted[before + SLOTS]
+    assert hung.prompt == tok_ids("hang up") and hung.finish_reason == "cancelled" and len(hung.tokens) < 110
+
+
+def tok_ids(text):
+    return lj.Tokenizer(TOKENIZER).encode(text, bos=True)
+
+
+BAD = [  # (body, status, words the message must contain)
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens: Input should be greater than or equal to 1"),
+    ({"prompt": "x", "temperature": -0.5}, 400, "temperature: Input should be greater than or equal to 0"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p: Input should be greater than 0"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p: Input should be less than or equal to 1"),
+    ({"prompt": "x", "max_tokens": "10"}, 400, "max_tokens: Input should be a valid integer"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
+    ({"prompt": 5}, 400, "prompt: expected one of list[int], list[list[int]], list[str], str; got int 5"),
+    ({"prompt": "x", "stop": ""}, 400, "stop strings must be non-empty"),
+    ({"prompt": "x", "n": 2}, 400, "n must be 1"),
+    ({"prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ({"prompt": [1, 9999]}, 400, "token id 9999 outside the vocabulary [0, 512)"),
+    ({"max_tokens": 3}, 400, "prompt: this field is required"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist"),
+    ({"prompt": "hello " * 100_000}, 400, "exceeds the context of 256 tokens"),
+    ({"prompt": [1] * 200, "max_tokens": 100}, 400, "ask for at most 56 new tokens"),
+    ('{"prompt": "x",', 400, "not valid JSON"),
+    ("[1, 2]", 400, "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("body,status,words", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, body, status, words):
+    url = server[0]
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(url + "/v1/completions", content=content, headers={"content-type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == status and words in error["message"], error
+    assert error["type"] == "invalid_request_error"
+    if "exceeds the context" in words:
+        assert error["code"] == "context_length_exceeded"
+    ok = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "unknown_field": [1]})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2  # unknown fields ignored
+
+
+def test_chat_errors_full_queue_and_unknown_route(server, client):
+    url, batcher, _ = server
+    for body, words in (({"messages": []}, "messages: List should have at least 1 item"),
+                        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+                        ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages:"),
+                        ({"messages": [{"role": "user", "content": "[INST] x"}]}, "[INST]")):
+        r = httpx.post(url + "/v1/chat/completions", json=body)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.json()
+    batcher.max_waiting, limit = 0, batcher.max_waiting
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert e.value.status_code == 503 and "busy" in str(e.value)
+    finally:
+        batcher.max_waiting = limit
+    assert httpx.get(url + "/v1/nothing").status_code == 404
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_api_key(model):
+    cfg, params, tok, _ = model
+    batcher = Batcher(params, cfg, slots=SLOTS, decode=tok.decode, eos_id=tok.eos_id)
+    with running(create_app(batcher, tok, MODEL, api_key=KEY)) as url:
+        for key in ("wrong", "sk-wrong-but-longer"):
+            with pytest.raises(openai.AuthenticationError) as e:
+                openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).models.list()
+            assert e.value.status_code == 401
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        assert good.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens <= 2
+        assert httpx.get(url + "/health").status_code == 200  # health needs no key
+
+
+def test_cli_serves_a_checkpoint_and_refuses_bad_flags(model, tmp_path, capsys):
+    """`python -m llama_jax.serve` end to end (tokenizer from the checkpoint folder, a free port, an
+    API key), and user errors as one line with exit status 2."""
+    cfg, params, _, gen = model
+    path = tmp_path / "ckpt"
+    lj.save_checkpoint(path, cfg, params)
+    shutil.copy(TOKENIZER, path / "tokenizer.model")
+    for argv, words in ((["--checkpoint", str(tmp_path / "nope")], "no such checkpoint folder"),
+                        (["--checkpoint", str(path), "--max-seq-len", "999"], "max_seq_len must be an int in [2, 256]"),
+                        (["--checkpoint", str(path), "--max-batch", "0"], "--max-batch must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--no-warmup"])
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    taken = socket.create_server(("127.0.0.1", 0))
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(path), "--no-warmup", "--port", str(taken.getsockname()[1])])
+    assert f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}" in capsys.readouterr().err
+    taken.close()
+
+    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(path), "--port", "0",
+                             "--max-batch", "2", "--no-warmup", "--api-key", KEY], stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stderr.readline()
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", banner).group(1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        r = client.completions.create(model="ckpt", prompt=PROMPTS[0], max_tokens=24, temperature=0)
+        assert r.choices[0].text == gen.complete(PROMPTS[0], max_new_tokens=24, temperature=0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
