@@ -136,6 +136,12 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self.backend.id_to_piece(self._check_id(token_id))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (logprobs' "bytes"): a SentencePiece byte-fallback piece <0xNN> is that byte
+        and "\u2581" a space; a byte-level BPE piece (Llama 3) maps back through GPT-2's byte alphabet;
+        a special token is its text."""
+        return self.backend.token_bytes(self._check_id(token_id))
+
     def piece_to_id(self, piece: str) -> int:
         """The id of a piece (a token string); unk_id if the vocabulary has no such piece."""
         found = self.backend.token_id(piece)
@@ -260,6 +266,9 @@ class _SentencePiece:
     def id_to_piece(self, token_id: int) -> str:
         return self.sp_model.id_to_piece(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return _piece_bytes(self.sp_model.id_to_piece(token_id))
+
     def token_id(self, piece: str) -> int | None:
         i = self.sp_model.piece_to_id(piece)
         return None if i == self.unk_id and piece != self.sp_model.id_to_piece(i) else i
@@ -283,7 +292,11 @@ class _HFTokenizer:
         self.pad_id = -1
         unk = getattr(self.tokenizer.model, "unk_token", None)
         self.unk_id = -1 if unk is None or self.token_id(unk) is None else self.token_id(unk)
-        self.special = tuple(t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special)
+        added = self.tokenizer.get_added_tokens_decoder()
+        self.special = tuple(t.content for t in added.values() if t.special)
+        self.added = set(added)  # ids whose piece is their text, not byte-level characters
+        decoder = self.tokenizer.decoder
+        self.byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
 
     def _special_id(self, kind: str, configs: list[tuple[str, dict]], name: str) -> int:
         """BOS/EOS: the token tokenizer_config.json (or special_tokens_map.json) names, else
@@ -315,8 +328,32 @@ class _HFTokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self.tokenizer.id_to_token(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.id_to_token(token_id)
+        if token_id in self.added or not self.byte_level:
+            return _piece_bytes(piece)
+        return bytes(BYTE_LEVEL[c] for c in piece)
+
     def token_id(self, piece: str) -> int | None:
         return self.tokenizer.token_to_id(piece)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's table (bytes_to_unicode) that byte-level BPE writes its pieces in: character -> byte. The
+    printable Latin-1 bytes stand for themselves; the other 68 are shifted to chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(shifted)}}
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """A SentencePiece-style piece's bytes: <0xNN> is that byte, "\u2581" a space, else its UTF-8."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
 
 
 def _json_file(files: Mapping[str, bytes], file: str, name: str) -> dict:

@@ -296,6 +296,9 @@ def test_hf_tokenizer_ids_equal_transformers(llama3, text):
     assert ours.encode(text, bos=False, eos=True)[-1] == ours.eos_id
     if "<|" not in text:
         assert ours.decode(ours.encode(text, bos=True, eos=True)) == text
+        # Each token's own bytes (the server's logprobs) join to the text's UTF-8, emoji split over tokens too.
+        assert b"".join(ours.token_bytes(i) for i in ours.encode(text, bos=False)) == text.encode()
+    assert ours.token_bytes(ours.eos_id) == b"<|eot_id|>"
 
 
 def test_hf_tokenizer_special_ids_and_backend_choice(llama3, tmp_path):
