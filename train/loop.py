@@ -47,7 +47,8 @@ from train.evaluate import exact_match, make_validation_loss, validation_loss
 
 
 # what fixes the params' shapes: an init_from checkpoint's own values win over model.overrides
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "multiple_of", "ffn_dim_multiplier")
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "multiple_of", "ffn_dim_multiplier",
+                "tie_word_embeddings")
 
 
 class TrainingDiverged(RuntimeError):
