@@ -91,11 +91,9 @@ class Tokenizer:
             self.backend: _SentencePiece | _HFTokenizer = _SentencePiece(files["tokenizer.model"], path)
             self.fingerprint = hashlib.sha256(files["tokenizer.model"]).hexdigest()[:16]  # tokenized shards record it
         else:
-            self.backend = _HFTokenizer(files, path)
-            digest = hashlib.sha256()
-            for name in sorted(files):
-                digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-            self.fingerprint = digest.hexdigest()[:16]
+            self.backend = _HFTokenizer(files, path)  # the ids depend on tokenizer.json and which ids BOS/EOS are
+            ends = f"\0{self.backend.bos_id},{self.backend.eos_id}".encode()
+            self.fingerprint = hashlib.sha256(files["tokenizer.json"] + ends).hexdigest()[:16]
         has_headers = all(self.backend.token_id(t) is not None for t in L3_CHAT_TOKENS)
         self.chat_format = "llama3" if has_headers else "llama2"
 
