@@ -1,6 +1,6 @@
 """The README's LoRA/QLoRA fit table: train.planner's compiled LoRA step for each model x base x TPU slice x seq.
 
-    python bench/lora_plans.py [--out lora_plans.jsonl] [--only llama2-7b]   # libtpu, no TPU needed
+    python bench/lora_plans.py [--out lora_plans.jsonl] [--only llama2-7b] [--seqs 512]   # libtpu, no TPU needed
 
 Each plan (fsdp over all chips, remat full, splash attention as the TPU recipes use, LoRA rank 16 on all
 seven projections) compiles the real sharded LoRA step twice (the requested batch and the smallest one) and
@@ -87,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="lora_plans.jsonl")
     parser.add_argument("--only", default=None, help="only this model (e.g. llama2-7b)")
+    parser.add_argument("--seqs", type=int, nargs="+", default=list(SEQS), help="sequence lengths (512 2048)")
     args = parser.parse_args()
     done = []
     if os.path.exists(args.out):
@@ -94,7 +95,7 @@ def main() -> None:
             done = [json.loads(line) for line in f if line.strip()]
     seen = {(r["model"], r["base"], r["topology"], r["seq"]) for r in done}
     for model, base, topology in PLANS:
-        for seq in SEQS:
+        for seq in args.seqs:
             if (model, base, topology, seq) in seen or (args.only and model != args.only):
                 continue
             row = one(model, base, topology, seq)

@@ -169,7 +169,7 @@ def tokenize(tokenizer: str, fmt: str, inputs: list[str], output: str, text_key:
         pending: collections.deque = collections.deque()
 
         def drain(limit: int) -> None:
-            nonlocal record, skipped
+            nonlocal skipped
             while len(pending) > limit:
                 first_record, job = pending.popleft()
                 ids, lengths, mask, (pid, cpu, peak) = job.get()
