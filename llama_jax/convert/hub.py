@@ -14,7 +14,7 @@ KINDS = {  # what each kind of source needs from a repo's top folder (subfolders
               *TOKENIZER_FILES),
     "tokenizer": TOKENIZER_FILES,
 }
-LOGIN = ("`hf auth login` (or `huggingface-cli login`, or the HF_TOKEN environment variable)")
+LOGIN = "`hf auth login` (huggingface_hub before 1.0: `huggingface-cli login`) or the HF_TOKEN environment variable"
 
 
 class HubError(OSError):
