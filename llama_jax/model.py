@@ -104,37 +104,34 @@ class RMSNorm(nn.Module):
         return normed.astype(self.cfg.compute_dtype) * weight.astype(self.cfg.compute_dtype)
 
 
-def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
+def rope_frequencies(cfg: LlamaConfig) -> Array:
     """RoPE's inverse frequencies (head_dim/2,) in float32, as transformers computes them
-    (modeling_rope_utils: default, `linear`, `llama3`), on the host: the same constants on every backend.
-
-    theta^(-2i/hd) with pow correctly rounded to float32 (torch's own vectorised pow is within 1 ulp
-    of it), then float32 steps in transformers' order (torch's `c / t` is reciprocal(t) * c).
+    (modeling_rope_utils: default, `linear`, `llama3`): the same float32 operations in the same order
+    (torch's `c / t` is reciprocal(t) * c), so they agree bit for bit but for pow's own rounding
+    (at most 1 ulp apart from torch's on CPU).
     """
     hd, scaling = cfg.head_dim, cfg.rope_scaling
-    exponent = np.arange(0, hd, 2).astype(np.float32) / np.float32(hd)
-    inv_freq = np.reciprocal((np.float64(np.float32(cfg.rope_theta)) ** exponent).astype(np.float32))
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
     if scaling is None:
         return inv_freq
-    factor = np.float32(scaling.factor)
-    if scaling.rope_type == "linear":  # position interpolation: angles of position p / factor
-        return inv_freq / factor
+    if scaling.rope_type == "linear":  # position interpolation: the angles of position p / factor
+        return inv_freq / scaling.factor
     # llama3: long wavelengths (low frequencies) slowed by `factor`, short ones kept, a smooth blend between
-    context, low, high = scaling.original_max_position_embeddings, scaling.low_freq_factor, scaling.high_freq_factor
-    wavelen = np.reciprocal(inv_freq) * np.float32(2 * math.pi)
-    slowed = np.where(wavelen > np.float32(context / low), inv_freq / factor, inv_freq)
-    smooth = (np.reciprocal(wavelen) * np.float32(context) - np.float32(low)) / np.float32(high - low)
-    blended = (np.float32(1) - smooth) * slowed / factor + smooth * slowed
-    between = ~(wavelen < np.float32(context / high)) & ~(wavelen > np.float32(context / low))
-    return np.where(between, blended, slowed).astype(np.float32)
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    context = scaling.original_max_position_embeddings
+    wavelen = (1.0 / inv_freq) * (2 * math.pi)
+    slowed = jnp.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = ((1.0 / wavelen) * context - low) / (high - low)
+    blended = (1 - smooth) * slowed / factor + smooth * slowed
+    between = ~(wavelen < context / high) & ~(wavelen > context / low)
+    return jnp.where(between, blended, slowed)
 
 
-def rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     """Rotary embedding on (batch, seq, heads, head_dim) at integer `positions` (batch, seq), with the
     inverse frequencies of `rope_frequencies`. Pairs are (i, i + head_dim/2) (HF's layout); angles
     and rotation in float32.
     """
-    inv_freq = jnp.asarray(inv_freq, jnp.float32)
     angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # (B, T, 1, hd/2)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
