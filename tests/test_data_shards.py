@@ -319,7 +319,7 @@ def test_held_out_batches_read_tokenized_shards(corpus):
 
 
 def test_llama3_tokenizer_json_shards_equal_transformers(tmp_path):
-    """A Hugging Face tokenizer.json in the offline tokenizer: 2 worker processes (the tokenizer travels as
+    """A Hugging Face tokenizer.json in the offline tokenizer: worker processes (the tokenizer travels as
     its files' bytes) write text shards equal to transformers' encoding of each document + EOS, and chat
     shards equal to its Llama 3 chat template, only the answers and their <|eot_id|> as targets."""
     import transformers
@@ -337,7 +337,7 @@ def test_llama3_tokenizer_json_shards_equal_transformers(tmp_path):
     dialogs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Add {i} and 5."},
                 {"role": "assistant", "content": f" {i + 5} "}] for i in range(30)]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
-    tokenize(folder, "chat", [str(tmp_path / "chat.jsonl")], str(tmp_path / "chat"), workers=2, shard_tokens=1024,
+    tokenize(folder, "chat", [str(tmp_path / "chat.jsonl")], str(tmp_path / "chat"), workers=1, shard_tokens=1024,
              progress=False)
     got, mask, _ = _read_docs(str(tmp_path / "chat"))
     assert got == [hf.apply_chat_template(d, tokenize=True)["input_ids"] for d in dialogs]
