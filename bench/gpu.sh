@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared benchmark command for a GPU session (H100/H200): ceilings, attention, forward, training,
-# prefill (time to first token), decoding, harness scoring (eval) and serving (continuous vs static
-# batches), each with its HF/PyTorch peer in the same run, and LoRA/QLoRA vs full fine-tuning; then one
-# table of every row. JSON per bench + gpu.log go to $OUT (the device tool) or a temp folder.
+# prefill (time to first token), decoding (and int8 weights vs bf16 at batch 1), harness scoring (eval) and
+# serving (continuous vs static batches), each with its HF/PyTorch peer in the same run, and LoRA/QLoRA vs
+# full fine-tuning; then one table of every row. JSON per bench + gpu.log go to $OUT (the device tool) or a
+# temp folder.
 #
 #   bash bench/gpu.sh           # on the GPU: about 16 minutes, every step under its own time limit
 #   bash bench/gpu.sh --smoke   # tiny shapes, end to end on a CPU (the check before a device run)
@@ -44,10 +45,11 @@ step forward 60 bench/forward.py --dtype bfloat16 --batch 4 --seq 2048
 step train 200 bench/train.py
 step prefill 110 bench/prefill.py --ceilings "$OUTDIR/ceilings.json"
 step decode 110 bench/decode.py
+step decode-int8 150 bench/decode.py --quantize int8 --batch 1
 step eval 150 bench/eval.py
 step lora 100 bench/lora.py
 step serve 180 bench/serve.py --requests 96
 
 echo "=== results in $OUTDIR" | tee -a "$LOG"
 "$PY" bench/table.py "$OUTDIR"/ceilings.json "$OUTDIR"/attention.json "$OUTDIR"/forward.json "$OUTDIR"/train.json \
-  "$OUTDIR"/prefill.json "$OUTDIR"/decode.json "$OUTDIR"/eval.json "$OUTDIR"/lora.json "$OUTDIR"/serve.json | tee -a "$LOG"
+  "$OUTDIR"/prefill.json "$OUTDIR"/decode.json "$OUTDIR"/decode-int8.json "$OUTDIR"/eval.json "$OUTDIR"/lora.json "$OUTDIR"/serve.json | tee -a "$LOG"

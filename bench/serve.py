@@ -4,6 +4,7 @@
     python bench/serve.py                        # CPU: demo preset, 96 requests, concurrency 32, 16 slots
     python bench/serve.py --preset llama-1b --requests 32 --max-seq-len 512 --new 8 96
     python bench/serve.py --preset llama2-7b --dtype bfloat16 --requests 256 --max-seq-len 512   # a GPU (its default)
+    python bench/serve.py --quantize int8 --modes continuous     # the same, int8 weights (llama_jax/quant.py)
 
 Closed-loop clients: `--concurrency` clients (a child process: asyncio + httpx, SSE, so they do
 not share the server's interpreter lock) each send a request, read its streamed answer to the end
@@ -217,6 +218,7 @@ def main() -> None:
 
     import llama_jax as lj
     from bench.common import device_name, row, write_result
+    from llama_jax import quant
 
     gpu = jax.default_backend() == "gpu"
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -229,6 +231,7 @@ def main() -> None:
                    help="cache positions per slot (default: 512 on a GPU, else the model's context)")
     p.add_argument("--prompt-len", type=int, nargs=2, default=(8, 200) if gpu else (4, 100), metavar=("MIN", "MAX"))
     p.add_argument("--new", type=int, nargs=2, default=(16, 256) if gpu else (4, 128), metavar=("MIN", "MAX"))
+    p.add_argument("--quantize", choices=quant.FORMATS, help="serve the weights quantised (both modes)")
     p.add_argument("--steps-per-call", type=int, default=1, help="continuous: decode steps per device call")
     p.add_argument("--static-chunk", type=int, default=8, help="static: decode steps per generate_stream call")
     p.add_argument("--seconds", type=float, default=600, help="no new request starts after this long (each mode)")
@@ -247,6 +250,8 @@ def main() -> None:
                 f"{args.max_seq_len}")
     tokenizer = lj.Tokenizer(TOKENIZER) if cfg.vocab_size == 512 else IdsAsText(cfg.vocab_size)
     params = lj.init_params(cfg, 0)
+    if args.quantize:
+        params = quant.quantize_params(params, cfg, args.quantize)
     requests = make_requests(args.requests, cfg.vocab_size, args.prompt_len, args.new)
     from llama_jax.generate.batcher import Batcher
 
@@ -271,7 +276,7 @@ def main() -> None:
         same = sum(measured["static"]["results"][i]["text"] == measured["continuous"]["results"][i]["text"]
                    for i in both) / max(len(both), 1)
 
-    config = (f"{args.preset} {args.dtype} {args.requests} req, conc {args.concurrency}, batch {args.max_batch}, "
+    config = (f"{args.preset} {args.dtype}{' ' + args.quantize if args.quantize else ''} {args.requests} req, conc {args.concurrency}, batch {args.max_batch}, "
               f"prompt {args.prompt_len[0]}-{args.prompt_len[1]}, new {args.new[0]}-{args.new[1]}")
     print(f"# {config}, device {device_name()}")
     print(f"{'mode':12} {'requests':>8} {'tokens':>7} {'wall s':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "

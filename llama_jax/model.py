@@ -15,7 +15,7 @@ Layout decisions that matter for checkpoints and sharding:
 - The layers are one `nn.scan` over a stacked "layers" axis, so compile time does not grow
   with depth; `scan_layers=False` unrolls the same loop (same parameters).
 - Every projection goes through `project`: its weight is a float array or an int8/nf4 one
-  (llama_jax/quant.py, dequantised right there), and with `cfg.lora_rank > 0` the targeted ones
+  (llama_jax/quant.py, multiplied by `quant.matmul` right there), and with `cfg.lora_rank > 0` the targeted ones
   add a LoRA update from their adapters `{name}_lora_a` / `{name}_lora_b` (llama_jax/lora.py).
 """
 
@@ -65,7 +65,7 @@ def project(module: nn.Module, name: str, x: Array, ins: dict, outs: dict) -> Ar
     """x (batch, seq, *ins) @ the module's weight `name` (*ins, *outs) -> (batch, seq, *outs).
 
     `ins`/`outs` map logical axis names to sizes. The weight is a float param or a quantised one
-    (llama_jax/quant.py) stored in its place, dequantised here in the compute dtype. For LoRA
+    (llama_jax/quant.py) stored in its place, multiplied in the compute dtype (`quant.matmul`). For LoRA
     targets the adapters A (*ins, rank) and B (rank, *outs) add (alpha / rank) * dropout(x) A B;
     A is sharded like the weight's input axes, B like its output axes, rank never. B starts at
     zero, so a new adapter leaves the output exactly unchanged. Dropout runs only when the caller
@@ -75,11 +75,10 @@ def project(module: nn.Module, name: str, x: Array, ins: dict, outs: dict) -> Ar
     in_axes, out_axes = tuple(ins), tuple(outs)
     stored = module.get_variable("params", name) if module.has_variable("params", name) else None
     if quant.is_quantized(stored):  # (flax's `param` would check it against a float array's shape)
-        w = quant.dequantize(stored, dt)
+        y = quant.matmul(x, stored, len(ins), dt)
     else:
         w = _param(module, name, (*ins.values(), *outs.values()), in_axes + out_axes)
-        w = _as_stored(w) if w.dtype == dt else w.astype(dt)
-    y = jnp.tensordot(x, w, len(ins))
+        y = jnp.tensordot(x, _as_stored(w) if w.dtype == dt else w.astype(dt), len(ins))
     if cfg.lora_rank and name in cfg.lora_targets:
         a = _param(module, f"{name}_lora_a", (*ins.values(), cfg.lora_rank), (*in_axes, "lora_rank"), lora_a_init)
         b = _param(module, f"{name}_lora_b", (cfg.lora_rank, *outs.values()), ("lora_rank", *out_axes),

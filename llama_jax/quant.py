@@ -1,9 +1,10 @@
 """Weight-only quantised projections: int8 (per-output-channel absmax) and nf4 (QLoRA's 4-bit NormalFloat).
 
 A quantised weight takes the place of a projection's float array in the params tree (same path,
-same name), so `forward`, `generate` and the train step take such params unchanged: the model
-dequantises each weight inside its projection (`project` in llama_jax/model.py), one layer at a
-time under the layer scan, so no full-precision copy of the model is ever made.
+same name), so `forward`, `generate`, the continuous batcher and the train step take such params
+unchanged: the model multiplies by each weight inside its projection (`matmul`, called by `project`
+in llama_jax/model.py), one layer at a time under the layer scan, so no full-precision copy of the
+model is ever made.
 
     params = quantize_params(params, cfg, "nf4")        # or "int8"; embeddings, norms, output stay float
     logits = lj.forward(params, tokens, cfg)
@@ -36,6 +37,7 @@ import numpy as np
 
 from llama_jax import layout
 from llama_jax.config import PROJECTIONS, LlamaConfig
+from sharding import param_layout, tree_shardings
 
 Array = jax.Array
 FORMATS = ("int8", "nf4")
@@ -90,6 +92,12 @@ class NF4Weight:
 QUANTIZED = (Int8Weight, NF4Weight)
 
 
+def check_format(fmt: Any, what: str = "quantize") -> None:
+    """Raise ValueError naming `what` (a keyword or a flag) unless `fmt` is one of FORMATS."""
+    if fmt not in FORMATS:
+        raise ValueError(f"{what} {fmt!r} is not one of {', '.join(FORMATS)}")
+
+
 def quantize(w: Array, n_in: int, fmt: str, double_quant: bool = False) -> Int8Weight | NF4Weight:
     """Quantise one weight (*in, *out) whose first `n_in` axes are the matmul's input."""
     w = jnp.asarray(w, jnp.float32)
@@ -97,8 +105,7 @@ def quantize(w: Array, n_in: int, fmt: str, double_quant: bool = False) -> Int8W
         absmax = jnp.max(jnp.abs(w), axis=tuple(range(n_in)), keepdims=True)
         scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
         return Int8Weight(jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale)
-    if fmt != "nf4":
-        raise ValueError(f"quantisation format {fmt!r} is not one of {FORMATS}")
+    check_format(fmt)
     in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
     n = math.prod(in_shape)
     if n % NF4_BLOCK:
@@ -129,6 +136,20 @@ def dequantize(w: Int8Weight | NF4Weight, dtype: Any = jnp.float32) -> Array:
     values = _nf4_value(index) * absmax
     out_shape = w.codes.shape[2:]
     return values.reshape(*w.in_shape, *out_shape).astype(dtype)
+
+
+def matmul(x: Array, w: Int8Weight | NF4Weight, n_in: int, dtype: Any) -> Array:
+    """x (..., *in) @ the weight w (*in, *out) stands for, computed in `dtype`.
+
+    int8: the int8 values themselves are the matmul's operand (exact in bf16: integers up to 256)
+    and the per-output-channel scale multiplies the product (x @ (v * s) = (x @ v) * s), as
+    gpt-fast's int8 decoding does: the weight is read once as int8 and no scaled float copy of it is
+    made. nf4: its scales vary along the input axis, so the weight is dequantised first.
+    """
+    if isinstance(w, Int8Weight):
+        y = jnp.tensordot(x, w.values.astype(dtype), n_in)
+        return (y.astype(jnp.float32) * w.scale.reshape(w.scale.shape[n_in:])).astype(dtype)
+    return jnp.tensordot(x, dequantize(w, dtype), n_in)
 
 
 def _nf4_value(index: Array) -> Array:
@@ -166,12 +187,23 @@ def quantize_layers(w: Array, n_in: int, fmt: str, double_quant: bool = False) -
     return jax.vmap(quantize, in_axes=(0, None, None, None))(w, n_in, fmt, double_quant)
 
 
-def quantize_params(params: Any, cfg: LlamaConfig, fmt: str, double_quant: bool = False) -> Any:
-    """`params` with the seven projections quantised; embeddings, norms, output and adapters unchanged."""
-    if fmt not in FORMATS:
-        raise ValueError(f"quantisation format {fmt!r} is not one of {FORMATS}")
-    del cfg  # the projections are found by path; cfg is kept for a uniform params API
-    return _map_projections(lambda w, n_in: quantize_layers(w, n_in, fmt, double_quant), params)
+def quantize_params(params: Any, cfg: LlamaConfig, fmt: str, double_quant: bool = False,
+                    mesh: jax.sharding.Mesh | None = None) -> Any:
+    """`params` with the seven projections quantised; embeddings, norms, output and adapters unchanged.
+
+    Each weight is quantised where it lives (sharded params: shard by shard). With `mesh`, every
+    leaf is then placed by the logical-axis rules of the quantised layout (`layout_of`)."""
+    check_format(fmt)
+
+    def one(w: Any, n_in: int) -> Any:
+        if is_quantized(w):
+            raise ValueError(f"the params are already quantised ({type(w).__name__}); pass float params")
+        return quantize_layers(w, n_in, fmt, double_quant)
+
+    out = _map_projections(one, params)
+    if mesh is not None:
+        out = jax.device_put(out, tree_shardings(*layout_of(*param_layout(cfg), fmt, double_quant), mesh))
+    return out
 
 
 def layout_of(axes: Any, shapes: Any, fmt: str, double_quant: bool = False) -> tuple[Any, Any]:

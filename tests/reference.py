@@ -3,6 +3,7 @@ the references for our numerics and token ids."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -48,6 +49,22 @@ def _randomize(model, sharpen: float):
                 p.copy_(0.08 * torch.randn_like(p))
         model.lm_head.weight.mul_(sharpen)
     return model
+
+
+HF_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def hf_int8_rounded(model) -> transformers.LlamaForCausalLM:
+    """A copy of `model` whose seven projections hold their int8 round trip, written in numpy on HF's
+    (out, in) layout: per output row s = max|w| / 127, w -> clip(round(w / s), -127, 127) * s."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if name.split(".")[-2] in HF_PROJECTIONS:
+                w = p.detach().numpy()
+                s = np.abs(w).max(axis=1, keepdims=True) / np.float32(127)
+                p.copy_(torch.from_numpy(np.clip(np.round(w / s), -127, 127) * s))
+    return rounded
 
 
 def hf_state_dict(model) -> dict:

@@ -205,7 +205,7 @@ def test_harness_equals_lm_eval_hf_request_by_request(models, harness_env, tmp_p
     assert any(s["resps"][0][0] for s in theirs["samples"]["lj_gen"])  # some generations are not empty
 
     # The command line: the harness's table, and its results JSON in the harness's own shape.
-    out = tmp_path / "results.json"
+    out = tmp_path / "new-folder" / "results.json"  # its folder is created
     main(["harness", "--checkpoint", ckpt, "--tokenizer", TOKENIZER, "--tasks", "lj_mc", "--include-path", TASKS,
           "--limit", "4", "--batch-size", "4", "--output", str(out)])
     table = capsys.readouterr().out

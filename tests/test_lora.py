@@ -20,9 +20,10 @@ import torch
 from jax.sharding import Mesh
 
 import llama_jax as lj
-from llama_jax import lora, quant
+from llama_jax import layout, lora, quant
 from llama_jax.checkpoint import leaf_paths
 from llama_jax.checkpoint.orbax_glue import stored_arrays
+from llama_jax.config import PROJECTIONS
 from reference import hf_logits, hf_model, hf_params
 from sharding import batch_sharding, tree_shardings
 from train import data as data_lib
@@ -394,6 +395,34 @@ def test_lora_run_loads_merged_and_exports_to_hf_and_peft(tmp_path, lora_run, hf
     result = peft.set_peft_model_state_dict(model, saved)
     assert not [k for k in result.missing_keys if "lora_" in k] and not result.unexpected_keys
     assert rel(peft_logits(model.eval()), ours) <= 1e-5
+
+
+def test_lora_run_loads_int8_on_a_tensor_mesh_and_decodes(lora_run):
+    """quantize="int8" on a LoRA run folder, on a tensor=2 mesh: merged, then quantised (the int8 values
+    are numpy's per-output-channel rounding of the merged float weights), placed by the quantised layout;
+    greedy decoding under the mesh equals one device's on the float model holding those rounded weights."""
+    run = lora_run["run"]
+    cfg, merged = lj.load_checkpoint(run)
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 1, 2), ("data", "fsdp", "tensor"))
+    qcfg, q = lj.load_checkpoint(run, mesh=mesh, quantize="int8")
+    assert qcfg == cfg
+    rounded = jax.tree.map(np.asarray, merged)
+    for name in PROJECTIONS:
+        entry = layout.projection(name)
+        group, got = entry.path[-2], q["layers"][entry.path[-2]][name]
+        w = rounded["layers"][group][name]  # (layers, *in, *out)
+        scale = np.abs(w).max(axis=tuple(range(1, 1 + entry.n_in)), keepdims=True) / np.float32(127)
+        values = np.clip(np.round(w / scale), -127, 127)
+        np.testing.assert_array_equal(np.asarray(got.values), values.astype(np.int8))
+        rounded["layers"][group][name] = values * scale
+    axes, shapes = quant.layout_of(lj.param_axes(cfg), lj.param_shapes(cfg), "int8")
+    for a, sh in zip(jax.tree.leaves(q), jax.tree.leaves(tree_shardings(axes, shapes, mesh))):
+        assert a.sharding.is_equivalent_to(sh, a.ndim)
+    assert q["layers"]["attention"]["wq"].values.sharding.spec[2] == "tensor"
+    prompts = TOKENS[:, :8].tolist()
+    want = lj.generate(rounded, cfg, prompts, max_new_tokens=12, eos_id=None)
+    with jax.set_mesh(mesh):
+        assert lj.generate(q, cfg, prompts, max_new_tokens=12, eos_id=None) == want
 
 
 # --- recipe keys and the planner ----------------------------------------------------------------------

@@ -21,8 +21,8 @@ import pytest
 import llama_jax as lj
 from llama_jax.generate.batcher import Batcher
 from llama_jax.serve import create_app, running
-from llama_jax.serve.__main__ import main
-from reference import hf_model, hf_params
+from llama_jax.serve.__main__ import _build, _parse, main
+from reference import hf_greedy, hf_int8_rounded, hf_model, hf_params
 
 TOKENIZER = "data/tokenizer.model"
 SLOTS = 4
@@ -280,7 +280,8 @@ def test_cli_serves_a_checkpoint_and_refuses_bad_flags(model, tmp_path, capsys):
     shutil.copy(TOKENIZER, path / "tokenizer.model")
     for argv, words in ((["--checkpoint", str(tmp_path / "nope")], "no such checkpoint folder"),
                         (["--checkpoint", str(path), "--max-seq-len", "999"], "max_seq_len must be an int in [2, 256]"),
-                        (["--checkpoint", str(path), "--max-batch", "0"], "--max-batch must be >= 1")):
+                        (["--checkpoint", str(path), "--max-batch", "0"], "--max-batch must be >= 1"),
+                        (["--checkpoint", str(path), "--quantize", "int4"], "--quantize 'int4' is not one of int8, nf4")):
         with pytest.raises(SystemExit) as e:
             main(argv + ["--no-warmup"])
         assert e.value.code == 2 and words in capsys.readouterr().err
@@ -301,3 +302,23 @@ def test_cli_serves_a_checkpoint_and_refuses_bad_flags(model, tmp_path, capsys):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+
+
+def test_cli_quantize_int8_serves_the_int8_model(model, tmp_path):
+    """`--quantize int8` (the CLI's own parsing and loading, served in-process): a completion at
+    temperature 0 through the official client is HF's greedy text of the model whose projections hold
+    the numpy int8 round trip, and the banner says int8. (A bad value: test_cli_serves_a_checkpoint...)"""
+    cfg, params, tok, _ = model
+    path = tmp_path / "ckpt"
+    lj.save_checkpoint(path, cfg, params)
+    shutil.copy(TOKENIZER, path / "tokenizer.model")
+    app, sock, banner = _build(_parse(["--checkpoint", str(path), "--quantize", "int8", "--max-batch", "2",
+                                       "--no-warmup", "--port", "0"]))
+    sock.close()
+    assert re.search(r"\(weights \d+\.\d\d GB int8, KV cache", banner), banner
+    ids = tok.encode(PROMPTS[3], bos=True)
+    want = tok.decode(hf_greedy(hf_int8_rounded(hf_model(cfg, seed=1, sharpen=4.0)), ids, 24, eos_id=tok.eos_id))
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = client.completions.create(model="ckpt", prompt=PROMPTS[3], max_tokens=24, temperature=0)
+    assert r.choices[0].text == want and r.usage.prompt_tokens == len(ids)

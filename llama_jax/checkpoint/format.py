@@ -146,15 +146,16 @@ def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str
     host reads only its shards). dtype: "bfloat16"/"float32" casts the params (and cfg.param_dtype).
     quantize: "int8"/"nf4" quantises the seven projections (llama_jax/quant.py) one layer at a
     time as they are read, so the float model never exists whole. A LoRA run folder loads merged:
-    its base (lora.json) plus the newest adapters, folded in (lora.merge).
+    its base (lora.json) plus the newest adapters, folded in (lora.merge), then quantised (there
+    the merged float model exists once, placed on `mesh`).
     """
     path = _absolute(path)
     folder = params_dir(path)  # names a missing folder before anything else
     cfg = read_config(path)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    if quantize is not None and quantize not in quant.FORMATS:
-        raise ValueError(f"quantize {quantize!r} is not one of {quant.FORMATS}")
+    if quantize is not None:
+        quant.check_format(quantize)
     run_base = read_lora_base(path) if cfg.lora_rank else None
     if run_base is not None:
         return _load_lora_run(path, cfg, run_base, mesh, dtype, quantize)
@@ -203,7 +204,7 @@ def _load_lora_run(path: str, cfg: LlamaConfig, run_base: dict, mesh: jax.shardi
     adapters = load_adapters(path, cfg, mesh)
     cfg, params = lora.merge(lora.combine(base, adapters), cfg.replace(param_dtype=base_cfg.param_dtype))
     if quantize is not None:
-        params = quant.quantize_params(params, cfg, quantize)
+        params = quant.quantize_params(params, cfg, quantize, mesh=mesh)
     return cfg, params
 
 

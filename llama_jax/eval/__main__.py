@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
-from llama_jax.checkpoint import write_text
+from llama_jax.checkpoint import is_remote, write_text
 from llama_jax.eval.loading import eval_mesh, load_for_eval, tokenizer_path
 from llama_jax.eval.perplexity import perplexity, read_texts
 from llama_jax.eval.scoring import Scorer
@@ -93,6 +94,8 @@ def _harness(args: argparse.Namespace) -> None:
     if results.get("groups"):
         print(make_table(results, "groups"))
     if args.output:
+        if not is_remote(args.output):  # like mkdir -p, as the other commands' outputs
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         write_text(args.output, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
 
 

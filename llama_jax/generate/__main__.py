@@ -9,6 +9,7 @@ from typing import Sequence
 
 import jax
 
+from llama_jax import quant
 from llama_jax.errors import one_line, run_cli
 from llama_jax.generate.generator import Generator
 from sharding import make_mesh
@@ -35,6 +36,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the answer where this text appears (not printed); repeat for several")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast params (default: as saved)")
+    p.add_argument("--quantize", default=None, metavar="|".join(quant.FORMATS),
+                   help="weight-only quantised projections: int8 (per-channel, half of bf16's bytes) or nf4")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="split heads/MLP over this many devices (a (1, 1, N) data/fsdp/tensor mesh)")
     args = p.parse_args(argv)
@@ -98,6 +101,8 @@ def _run(args: argparse.Namespace) -> None:
         _text(getattr(args, flag), f"--{flag}")
     if args.tensor_parallel < 1:
         raise ValueError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
+    if args.quantize is not None:
+        quant.check_format(args.quantize, "--quantize")
     mesh = None
     if args.tensor_parallel > 1:
         if args.tensor_parallel > jax.device_count():
@@ -105,7 +110,7 @@ def _run(args: argparse.Namespace) -> None:
             raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; only {visible} "
                              f"{'is' if visible == 1 else 'are'} visible")
         mesh = make_mesh(1, 1, args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
-    gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype)
+    gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "seed": args.seed}
     mode = "chat" if args.chat else "alpaca" if args.alpaca else "complete"

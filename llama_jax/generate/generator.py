@@ -9,6 +9,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 
+from llama_jax import quant
 from llama_jax.checkpoint import checkpoint_tokenizer, load_checkpoint
 from llama_jax.config import LlamaConfig
 from llama_jax.generate.engine import generate, generate_stream
@@ -26,15 +27,20 @@ class Generator:
     `stop`: a string or a list of them; a completion ends where the first of them appears (checked
     on the text as tokens arrive, generate/stops.py) and the stop text is not returned. With
     `mesh`, params are placed on it by the logical-axis rules and every call decodes under it.
+    `dtype` casts the params; `quantize` ("int8", or QLoRA's "nf4") holds the seven projections
+    quantised (llama_jax/quant.py; a checkpoint is quantised layer by layer while it loads).
     """
 
     defaults = {"max_new_tokens": None, "temperature": 0.6, "top_p": 0.9, "top_k": 0, "seed": 0}
 
     def __init__(self, checkpoint_or_params: str | os.PathLike | tuple[LlamaConfig, Any],
                  tokenizer: Tokenizer | str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, quantize: str | None = None) -> None:
+        if quantize is not None:
+            quant.check_format(quantize)
         if isinstance(checkpoint_or_params, (str, os.PathLike)):
-            self.cfg, self.params = load_checkpoint(os.fspath(checkpoint_or_params), mesh=mesh, dtype=dtype)
+            self.cfg, self.params = load_checkpoint(os.fspath(checkpoint_or_params), mesh=mesh, dtype=dtype,
+                                                    quantize=quantize)
         elif isinstance(checkpoint_or_params, tuple) and len(checkpoint_or_params) == 2:
             self.cfg, self.params = checkpoint_or_params
             if not isinstance(self.cfg, LlamaConfig):
@@ -43,6 +49,8 @@ class Generator:
                 self.params = jax.tree.map(lambda x: x.astype(dtype), self.params)
             if mesh is not None:
                 self.params = shard_params(self.params, self.cfg, mesh)
+            if quantize is not None:  # after placing: each weight is quantised shard by shard
+                self.params = quant.quantize_params(self.params, self.cfg, quantize, mesh=mesh)
         else:
             raise TypeError("checkpoint_or_params must be a checkpoint directory or a (cfg, params) tuple, "
                             f"got {type(checkpoint_or_params).__name__}")

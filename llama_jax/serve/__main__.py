@@ -11,6 +11,7 @@ from typing import Sequence
 
 import jax
 
+from llama_jax import quant
 from llama_jax.checkpoint import checkpoint_tokenizer, load_checkpoint
 from llama_jax.generate.batcher import Batcher
 from llama_jax.serve.app import create_app, listen, serve
@@ -38,6 +39,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="compile lazily: the first request of each new length bucket waits for a compile")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="cast params and compute to this dtype (default: as saved)")
+    p.add_argument("--quantize", default=None, metavar="|".join(quant.FORMATS),
+                   help="weight-only quantised projections: int8 (per-channel, half of bf16's bytes) or nf4")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="split heads/MLP over this many devices (a (1, 1, N) data/fsdp/tensor mesh)")
     p.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
@@ -74,6 +77,8 @@ def _warm(batcher: Batcher) -> None:
 
 
 def _build(args: argparse.Namespace):
+    if args.quantize is not None:
+        quant.check_format(args.quantize, "--quantize")
     mesh = None
     if args.tensor_parallel > 1:
         if args.tensor_parallel > jax.device_count():
@@ -81,7 +86,7 @@ def _build(args: argparse.Namespace):
             raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; only {visible} "
                              f"{'is' if visible == 1 else 'are'} visible")
         mesh = make_mesh(1, 1, args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
-    cfg, params = load_checkpoint(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    cfg, params = load_checkpoint(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     tokenizer_path = args.tokenizer or checkpoint_tokenizer(args.checkpoint)
     if tokenizer_path is None:
         raise ValueError(f"--tokenizer not given and {args.checkpoint} carries no tokenizer (tokenizer.model or "
@@ -100,9 +105,11 @@ def _build(args: argparse.Namespace):
         _warm(batcher)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     cache_gb = sum(x.nbytes for x in jax.tree.leaves(batcher.state["cache"])) / 1e9
+    weights_gb = sum(x.nbytes for x in jax.tree.leaves(params)) / 1e9
     host, port = sock.getsockname()[:2]
     banner = (f"serving {name!r} on http://{host}:{port}/v1: {args.max_batch} slots x {batcher.max_seq_len} "
-              f"positions (KV cache {cache_gb:.2f} GB), {'API key required' if args.api_key else 'no API key'}")
+              f"positions (weights {weights_gb:.2f} GB{' ' + args.quantize if args.quantize else ''}, KV cache "
+              f"{cache_gb:.2f} GB), {'API key required' if args.api_key else 'no API key'}")
     if not ipaddress.ip_address(host).is_loopback and not args.api_key:
         banner += f"\nwarning: listening on {host} without --api-key: anyone who can reach it can use the model"
     return create_app(batcher, tokenizer, name, args.api_key), sock, banner

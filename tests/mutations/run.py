@@ -215,7 +215,7 @@ MUTATIONS = [
     # --- generate CLI, evaluation, MFU
     M("cli-system-ignored", "generate CLI", CLI, '[{"role": "system", "content": args.system}] if', "[] if",
       T_GEN + "test_cli_alpaca_input_and_chat_system_prompts_equal_hf"),
-    M("cli-dtype-ignored", "generate CLI", CLI, "mesh=mesh, dtype=args.dtype)", "mesh=mesh, dtype=None)",
+    M("cli-dtype-ignored", "generate CLI", CLI, "mesh=mesh, dtype=args.dtype, quantize=", "mesh=mesh, dtype=None, quantize=",
       T_GEN + "test_cli_tensor_parallel_dtype_and_generator_mesh"),
     M("exact-match-without-strip", "evaluation", "train/evaluate.py", 'row["got"].strip() == row["expected"].strip()',
       'row["got"] == row["expected"]', T_RUN + "test_exact_match_scores_greedy_answers_after_strip"),
