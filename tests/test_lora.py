@@ -413,8 +413,14 @@ def test_lora_run_loads_int8_on_a_tensor_mesh_and_decodes(lora_run):
         w = rounded["layers"][group][name]  # (layers, *in, *out)
         scale = np.abs(w).max(axis=tuple(range(1, 1 + entry.n_in)), keepdims=True) / np.float32(127)
         values = np.clip(np.round(w / scale), -127, 127)
-        np.testing.assert_array_equal(np.asarray(got.values), values.astype(np.int8))
-        rounded["layers"][group][name] = values * scale
+        # Equal, except where w / scale is a tie (x.5) to float32 rounding: the merged weights reach the
+        # quantiser through another float path, and a tie may round either way (a wrong scale or
+        # rounding rule moves thousands of values; these differ by 1 at a handful).
+        differ = np.asarray(got.values) != values.astype(np.int8)
+        tie = np.abs(np.abs(w / scale - np.trunc(w / scale)) - 0.5) < 1e-4
+        assert not (differ & ~tie).any() and np.abs(np.asarray(got.values)[differ] - values[differ]).max(initial=0) <= 1
+        assert differ.sum() <= 4, (name, differ.sum())
+        rounded["layers"][group][name] = np.asarray(got.values, np.float32) * scale  # = values but at ties
     axes, shapes = quant.layout_of(lj.param_axes(cfg), lj.param_shapes(cfg), "int8")
     for a, sh in zip(jax.tree.leaves(q), jax.tree.leaves(tree_shardings(axes, shapes, mesh))):
         assert a.sharding.is_equivalent_to(sh, a.ndim)

@@ -156,20 +156,20 @@ def test_build_rows_pack_places_whole_examples_greedily(tmp_path):
     path = tmp_path / "a.json"
     with open("data/demo_alpaca_train.json") as f:
         path.write_text(json.dumps(json.load(f)[:20]))
-    padded, padded_summary = data_lib.build_rows("alpaca", [str(path)], TOK, max_len=127, pack=False, seed=2)
-    packed, packed_summary = data_lib.build_rows("alpaca", [str(path)], TOK, max_len=127, pack=True, seed=2)
+    padded, padded_summary = data_lib.build_rows("alpaca", [str(path)], TOK, max_len=255, pack=False, seed=2)
+    packed, packed_summary = data_lib.build_rows("alpaca", [str(path)], TOK, max_len=255, pack=True, seed=2)
     examples = []  # in shuffled order, from the one-example-per-row table
     for r in range(20):
         n = int(padded["segment_ids"][r].sum())
         examples.append((padded["tokens"][r, :n].tolist(), padded["loss_mask"][r, :n].tolist()))
     rows, used = [[]], 0  # the greedy rule, by hand
     for ex in examples:
-        if used + len(ex[0]) > 128:
+        if used + len(ex[0]) > 256:
             rows.append([])
             used = 0
         rows[-1].append(ex)
         used += len(ex[0])
-    assert 1 < len(rows) < 20 and packed["tokens"].shape == (len(rows), 128)
+    assert 1 < len(rows) < 20 and packed["tokens"].shape == (len(rows), 256)
     for r, group in enumerate(rows):
         start = 0
         for seg, (tokens, mask) in enumerate(group, 1):
@@ -180,3 +180,32 @@ def test_build_rows_pack_places_whole_examples_greedily(tmp_path):
             start = end
         assert (packed["segment_ids"][r, start:] == 0).all() and (packed["loss_mask"][r, start:] == 0).all()
     assert packed_summary["targets"] == padded_summary["targets"] == sum(sum(m[1:]) for _, m in examples)
+
+
+def test_demo_data_regenerates_exactly_and_holds_out_the_eval_inputs(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "scripts/make_demo_data.py", "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    for name in ("demo_alpaca_train.json", "demo_alpaca_eval.json", "demo_pretrain.txt"):
+        assert (tmp_path / name).read_bytes() == open(f"data/{name}", "rb").read(), name
+    train = data_lib.load_alpaca("data/demo_alpaca_train.json")
+    evaluation = data_lib.load_alpaca("data/demo_alpaca_eval.json")
+    assert not {r["input"] for r in evaluation} & {r["input"] for r in train}  # under any instruction
+    assert {r["instruction"] for r in evaluation} == {r["instruction"] for r in train}
+    cfg = load_config("configs/demo.yaml")
+    assert max(len(data_lib.alpaca_example(TOK, r, 10_000)[0]) for r in train + evaluation) <= cfg.data.max_len
+
+
+def test_exact_match_report_groups_by_instruction():
+    from train.evaluate import examples, per_task, report
+
+    rows = [{"instruction": ins, "input": x, "expected": want, "got": got, "correct": want == got}
+            for ins, x, want, got in [("Copy.", "12", "12", "12"), ("Copy.", "34", "34", "34"),
+                                      ("Sort.", "21", "12", "21"), ("Sort.", "31", "13", "13")]]
+    assert per_task(rows) == {"Copy.": 1.0, "Sort.": 0.5}
+    assert [r["instruction"] for r in examples(rows, 3)] == ["Copy.", "Sort.", "Copy."]
+    lines = report(rows, "after", n_examples=2)
+    assert lines[0] == "exact match on 4 held-out examples (after): 75.0%"
+    assert "2/2" in lines[1] and "1/2" in lines[2] and "BAD Sort. input '21': expected '12', got '21'" in lines[4]

@@ -1,5 +1,6 @@
 """Evaluation during training: validation loss on held-out rows, and exact match of greedy answers
-on held-out Alpaca records (the demo's proof of learning)."""
+on held-out Alpaca records (the demo's proof of learning), overall and per task (records grouped by
+their instruction), with a short printable report."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ def exact_match(params: Any, cfg: LlamaConfig, tokenizer: Tokenizer, records: Se
                 max_new_tokens: int = 32) -> tuple[float, list[dict]]:
     """Fraction of records whose greedy answer (up to EOS, stripped) equals the output exactly.
 
-    Returns (accuracy, [{"instruction", "input", "expected", "got"}, ...]). Call it under the
-    training mesh when params are sharded.
+    Returns (accuracy, [{"instruction", "input", "expected", "got", "correct"}, ...]). Call it under
+    the training mesh when params are sharded.
     """
     if not records:
         raise ValueError("exact_match: no evaluation records")
@@ -47,5 +48,43 @@ def exact_match(params: Any, cfg: LlamaConfig, tokenizer: Tokenizer, records: Se
                        eos_id=tokenizer.eos_id)
     rows = [{"instruction": r["instruction"], "input": r.get("input", ""), "expected": r["output"],
              "got": tokenizer.decode(a)} for r, a in zip(records, answers)]
-    hits = sum(row["got"].strip() == row["expected"].strip() for row in rows)
-    return hits / len(rows), rows
+    for row in rows:
+        row["correct"] = row["got"].strip() == row["expected"].strip()
+    return sum(row["correct"] for row in rows) / len(rows), rows
+
+
+def _by_task(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by instruction, in the order the instructions first occur."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["instruction"], []).append(row)
+    return groups
+
+
+def per_task(rows: Sequence[dict]) -> dict[str, float]:
+    """Accuracy per instruction, in the order the instructions first occur in rows."""
+    return {task: sum(r["correct"] for r in g) / len(g) for task, g in _by_task(rows).items()}
+
+
+def examples(rows: Sequence[dict], n: int) -> list[dict]:
+    """Up to n rows, taken round-robin over the instructions (so every task shows up)."""
+    groups = list(_by_task(rows).values())
+    picked: list[dict] = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        picked += [g[i] for g in groups if i < len(g)]
+    return picked[:n]
+
+
+def report(rows: Sequence[dict], name: str, n_examples: int = 4) -> list[str]:
+    """Printable lines: the overall accuracy, one line per task, then n_examples answers to check by eye."""
+    hits = sum(row["correct"] for row in rows)
+    lines = [f"exact match on {len(rows)} held-out examples ({name}): {hits / len(rows):.1%}"]
+    groups = _by_task(rows)
+    width = max(len(task) for task in groups)
+    for task, g in groups.items():
+        h = sum(r["correct"] for r in g)
+        lines.append(f"  {task:<{width}}  {h:>3}/{len(g):<3} {h / len(g):6.1%}")
+    for row in examples(rows, n_examples):
+        lines.append(f"  {'ok ' if row['correct'] else 'BAD'} {row['instruction']} input {row['input']!r}: "
+                     f"expected {row['expected']!r}, got {row['got']!r}")
+    return lines

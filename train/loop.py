@@ -19,6 +19,7 @@ lj.load_checkpoint(output_dir) returns the merged model.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -43,7 +44,7 @@ from train import data as data_lib
 from train import run_folder
 from train import step as step_lib
 from train.config import TrainConfig
-from train.evaluate import exact_match, make_validation_loss, validation_loss
+from train.evaluate import exact_match, make_validation_loss, per_task, report, validation_loss
 
 
 # what fixes the params' shapes: an init_from checkpoint's own values win over model.overrides
@@ -225,6 +226,7 @@ class MetricsLog:
         self.first_step_s: float | None = None
         self.first_loss: float | None = None
         self.loss: float | None = None
+        self.recent: collections.deque = collections.deque(maxlen=50)  # loss_last50: less noisy than one step
         self.eval_loss: float | None = None  # the latest validation loss
         self.tb = None
         if not self.main:
@@ -264,6 +266,7 @@ class MetricsLog:
                               mfu=flops.mfu(tokens_per_s, self.model, self.seq, jax.device_count(), self.peak))
             self.write(record)
             self.loss = m["loss"]
+            self.recent.append(m["loss"])
             self.first_loss = m["loss"] if self.first_loss is None else self.first_loss
         self.pending.clear()
 
@@ -360,15 +363,15 @@ def train(run: Setup, state: dict, rng: jax.Array, start: int, ckpts: RunCheckpo
     return state, None
 
 
-def evaluate(run: Setup, params: Any, step: int, name: str, log: MetricsLog) -> float:
-    """Exact match of greedy answers on the held-out records; logged and printed with a few examples."""
+def evaluate(run: Setup, params: Any, step: int, name: str, log: MetricsLog) -> tuple[float, dict[str, float]]:
+    """Exact match of greedy answers on the held-out records, overall and per task; logged, and printed
+    with a few answers to check by eye (more after training)."""
     with jax.set_mesh(run.mesh):
         acc, rows = exact_match(params, run.model, run.tokenizer, run.eval_records, run.cfg.eval.max_new_tokens)
     log.write({"step": step, "eval_exact_match": acc})
-    say(f"exact match on {len(rows)} held-out examples ({name}): {acc:.1%}")
-    for r in rows[:3]:
-        say(f"  {r['instruction']} {r['input']!r} -> {r['got']!r} (expected {r['expected']!r})")
-    return acc
+    for line in report(rows, name, n_examples=3 if name == "before" else 8):
+        say(line)
+    return acc, per_task(rows)
 
 
 def validate(run: Setup, params: Any, step: int, log: MetricsLog) -> float:
@@ -403,7 +406,8 @@ def _run_claimed(cfg: TrainConfig) -> dict:
         log = MetricsLog(setup, start)
         summary: dict[str, Any] = {"steps": setup.steps, "start_step": start, "data": setup.data_summary}
         if setup.eval_records and start == 0:
-            summary["eval_before"] = evaluate(setup, model_params(setup, state), 0, "before", log)
+            summary["eval_before"], summary["eval_before_per_task"] = evaluate(
+                setup, model_params(setup, state), 0, "before", log)
         if setup.validation and start == 0:
             summary["eval_loss_before"] = validate(setup, model_params(setup, state), 0, log)
         t_loop = time.time()
@@ -411,12 +415,14 @@ def _run_claimed(cfg: TrainConfig) -> dict:
     finally:
         ckpts.close()
     summary.update(train_s=time.time() - t_loop, first_step_s=log.first_step_s, first_loss=log.first_loss,
-                   loss=log.loss, eval_loss=log.eval_loss)
+                   loss=log.loss, loss_last50=sum(log.recent) / len(log.recent) if log.recent else None,
+                   eval_loss=log.eval_loss)
     if preempted_at is not None:
         say(f"\nSIGTERM: saved step {preempted_at} to {cfg.output_dir}; run the same command to resume")
         summary["preempted_at"] = preempted_at
     elif setup.eval_records:
-        summary["eval_after"] = evaluate(setup, model_params(setup, state), setup.steps, "after", log)
+        summary["eval_after"], summary["eval_after_per_task"] = evaluate(
+            setup, model_params(setup, state), setup.steps, "after", log)
     log.close()
     summary["total_s"] = time.time() - t_start
     return summary
