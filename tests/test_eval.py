@@ -78,7 +78,9 @@ def test_perplexity_equals_the_guide_loop_on_hf(models, tok):
             assert n == len(ids) - 1  # every token but BOS scored exactly once
         windows = sliding_windows(len(ids), max_len or cfg.max_seq_len, stride or cfg.max_seq_len // 2)
         buckets |= {length_bucket(end - begin - 1, cfg.max_seq_len) for begin, end, _ in windows}
-    assert score_batch._cache_size() == len(buckets) < 8  # one program per length bucket, not one per window
+    # One program per length bucket used, not one per window (the (48, 5) pass alone has 20+ windows); a batch
+    # pads to its longest row's bucket, so short windows batched with long ones add no program of their own.
+    assert score_batch._cache_size() <= len(buckets) < 8
 
 
 def test_requests_differing_in_the_last_token_share_a_row(models, monkeypatch):
