@@ -11,8 +11,9 @@ from typing import Any
 
 
 def matmul_params(cfg: Any) -> int:
-    """Parameters a token's forward multiplies by: all but the input embedding (norms included, as MFU counts)."""
-    return cfg.num_params() - cfg.vocab_size * cfg.dim
+    """Parameters a token's forward multiplies by: all but the input embedding (norms included, as MFU counts);
+    a tied embedding is the output projection too, so it counts."""
+    return cfg.num_params() - (0 if getattr(cfg, "tie_word_embeddings", False) else cfg.vocab_size * cfg.dim)
 
 
 def attention_flops_per_token(cfg: Any, context: int) -> float:

@@ -83,8 +83,11 @@ HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older HF checkpoints 
 
 
 def names(cfg: LlamaConfig, fmt: str) -> Iterator[tuple[Entry, int | None, str]]:
-    """Every (entry, layer index or None, torch name) of a model in format "hf" or "meta"."""
+    """Every (entry, layer index or None, torch name) of a model in format "hf" or "meta" (no output
+    projection when it is tied to the embedding)."""
     for entry in TABLE:
+        if entry.path == ("output",) and cfg.tie_word_embeddings:
+            continue
         template = getattr(entry, fmt)
         if entry.per_layer:
             for i in range(cfg.n_layers):

@@ -1,8 +1,9 @@
-"""LLaMA / Llama 2 as functional Flax linen modules.
+"""LLaMA / Llama 2 / Llama 3 as functional Flax linen modules.
 
-Read top to bottom: RMSNorm, rotary embeddings, attention (projections + KV cache here; the
-attention kernel itself is `attend` in llama_jax/attention.py), the SwiGLU feed-forward, the
-pre-norm block, and the causal LM that scans the blocks; then the functional API.
+Read top to bottom: RMSNorm, rotary embeddings (their frequencies, with the config's RoPE scaling,
+in `rope_frequencies`), attention (projections + KV cache here; the attention kernel itself is
+`attend` in llama_jax/attention.py), the SwiGLU feed-forward, the pre-norm block, and the causal
+LM that scans the blocks (its output projection is the embedding when tied); then the functional API.
 
 Layout decisions that matter for checkpoints and sharding:
 - Parameters are named after Meta's code (wq, wk, wv, wo, w1, w2, w3, ...) and stored as
@@ -21,6 +22,7 @@ Layout decisions that matter for checkpoints and sharding:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -101,14 +103,35 @@ class RMSNorm(nn.Module):
         return normed.astype(self.cfg.compute_dtype) * weight.astype(self.cfg.compute_dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding on (batch, seq, heads, head_dim) at integer `positions` (batch, seq).
-
-    Pairs are (i, i + head_dim/2) (HF's layout); angles and rotation in float32.
+def rope_frequencies(cfg: LlamaConfig) -> Array:
+    """RoPE's inverse frequencies (head_dim/2,) in float32, as transformers computes them
+    (modeling_rope_utils: default, `linear`, `llama3`): the same float32 operations in the same order
+    (torch's `c / t` is reciprocal(t) * c), so they agree bit for bit but for pow's own rounding
+    (at most 1 ulp apart from torch's on CPU).
     """
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
-    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # (B, T, 1, half)
+    hd, scaling = cfg.head_dim, cfg.rope_scaling
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":  # position interpolation: the angles of position p / factor
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths (low frequencies) slowed by `factor`, short ones kept, a smooth blend between
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    context = scaling.original_max_position_embeddings
+    wavelen = (1.0 / inv_freq) * (2 * math.pi)
+    slowed = jnp.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = ((1.0 / wavelen) * context - low) / (high - low)
+    blended = (1 - smooth) * slowed / factor + smooth * slowed
+    between = ~(wavelen < context / high) & ~(wavelen > context / low)
+    return jnp.where(between, blended, slowed)
+
+
+def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotary embedding on (batch, seq, heads, head_dim) at integer `positions` (batch, seq), with the
+    inverse frequencies of `rope_frequencies`. Pairs are (i, i + head_dim/2) (HF's layout); angles
+    and rotation in float32.
+    """
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # (B, T, 1, hd/2)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -131,7 +154,8 @@ class Attention(nn.Module):
         q = constrain(project(self, "wq", x, embed, heads), ("act_batch", "act_seq", "act_heads", None))
         k = constrain(project(self, "wk", x, embed, kv_heads), ("act_batch", "act_seq", "act_kv_heads", None))
         v = constrain(project(self, "wv", x, embed, kv_heads), ("act_batch", "act_seq", "act_kv_heads", None))
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        inv_freq = rope_frequencies(cfg)
+        q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
 
         if cache is None:  # training / full forward: causal by index, never across segments
             out = attend(q, k, v, None, causal=True, implementation=cfg.attention, segment_ids=segment_ids)
@@ -216,7 +240,10 @@ class Llama(nn.Module):
             cache = jax.tree.map(lambda c: constrain(c, CACHE_AXES), cache)
 
         x = RMSNorm(cfg, name="norm")(x)
-        output = _param(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
+        if cfg.tie_word_embeddings:  # Llama 3.2 1B/3B: the output projection is the embedding
+            output = embedding.T
+        else:
+            output = _param(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
         logits = jnp.einsum("btd,dv->btv", x, output.astype(cfg.compute_dtype),
                             preferred_element_type=jnp.float32)
         logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))

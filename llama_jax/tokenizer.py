@@ -1,14 +1,20 @@
-"""SentencePiece tokenizer and the two prompt formats LLaMA models are tuned on.
+"""The tokenizer (SentencePiece tokenizer.model, or a Hugging Face tokenizer.json) and the prompt
+formats LLaMA models are tuned on.
 
-`Tokenizer` behaves like Meta's llama/tokenizer.py (BOS/EOS added by flags, pad id -1), and
-`encode_dialog` reproduces Meta's Llama-2-chat token layout (llama/generation.py, chat_completion)
-exactly, because a chat model only answers well when it sees the layout it was trained on.
-`format_alpaca` gives the exact Stanford Alpaca prompt text for the same reason.
+`Tokenizer` behaves like Meta's llama/tokenizer.py (BOS/EOS added by flags, pad id -1) whatever the
+file: LLaMA / Llama 2 / CodeLlama / TinyLlama ship a SentencePiece `tokenizer.model`, Llama 3 a
+byte-level BPE `tokenizer.json` (read with the `tokenizers` library, ids as transformers'
+PreTrainedTokenizerFast gives them, special tokens from tokenizer_config.json / generation_config.json).
+`encode_dialog` reproduces the chat layout the tokenizer's models were tuned on, exactly, because a
+chat model only answers well when it sees that layout: Meta's Llama-2-chat one (llama/generation.py,
+chat_completion), or Llama 3's header/eot one (llama3's ChatFormat, = its HF chat template) when the
+vocabulary has Llama 3's header tokens. `format_alpaca` gives the exact Stanford Alpaca prompt text.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Iterable, Mapping, Sequence
 
@@ -18,6 +24,12 @@ import sentencepiece as spm
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+# Llama 3 chat (Meta's llama3 ChatFormat): BOS, then per message a header and the stripped content + EOT.
+L3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
+L3_EOT = "<|eot_id|>"
+L3_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", L3_EOT)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # SentencePiece; Hugging Face tokenizers (a folder: first found)
+HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")  # name BOS/EOS
 
 # Stanford Alpaca's PROMPT_DICT (train.py): prompt_input / prompt_no_input, character for character.
 ALPACA_PROMPT_WITH_INPUT = (
@@ -48,94 +60,113 @@ def format_alpaca(instruction: str, input: str = "") -> str:
 
 
 class Tokenizer:
-    """A SentencePiece model with Meta's LLaMA conventions (unk 0, bos 1, eos 2, pad -1 = none)."""
+    """LLaMA's tokenizer with Meta's conventions (BOS/EOS by flags, pad -1 = none), from a SentencePiece
+    `tokenizer.model`, a Hugging Face `tokenizer.json` (+ the tokenizer_config.json / generation_config.json
+    beside it), a folder holding one of them (tokenizer.model first), a URL, or a Hub repo id ("ORG/NAME",
+    downloaded by llama_jax.convert.hub when no such local path exists)."""
 
     def __init__(self, model_path: str | os.PathLike) -> None:
         path = os.fspath(model_path)
-        if "://" in path:  # gs://, s3://, file://...: read through TensorStore like checkpoints
-            from llama_jax.checkpoint.files import read_bytes
-
-            proto = read_bytes(path)
-            if proto is None:
-                raise FileNotFoundError(f"tokenizer model not found: {path!r}")
-        else:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"tokenizer model not found: {path!r}")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"tokenizer model path is not a file: {path!r} "
-                                        "(expected a SentencePiece .model file, e.g. tokenizer.model)")
-            with open(path, "rb") as f:
-                proto = f.read()
-        self._load(proto, path)
+        self._load(*_read_files(path))
 
     @classmethod
     def from_proto(cls, proto: bytes, name: str = "<bytes>") -> "Tokenizer":
-        """A tokenizer from the bytes of a .model file (worker processes get `model_proto`)."""
+        """A tokenizer from the bytes of a SentencePiece .model file."""
+        return cls.from_files({"tokenizer.model": proto}, name)
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes], name: str = "<bytes>") -> "Tokenizer":
+        """A tokenizer from its files' bytes ({"tokenizer.model": ...} or {"tokenizer.json": ..., ...})."""
         tokenizer = cls.__new__(cls)
-        tokenizer._load(proto, name)
+        tokenizer._load(name, dict(files))
         return tokenizer
 
-    def _load(self, proto: bytes, path: str) -> None:
-        try:
-            self.sp_model = spm.SentencePieceProcessor(model_proto=proto)
-        except Exception as e:  # sentencepiece raises RuntimeError/OSError with a terse message
-            raise ValueError(f"not a SentencePiece model file: {path!r} ({e})") from e
+    def __reduce__(self) -> tuple:  # worker processes get the files' bytes, not a path they may not see
+        return Tokenizer.from_files, (self.files, self.model_path)
+
+    def _load(self, path: str, files: dict[str, bytes]) -> None:
         self.model_path = path
-        self.model_proto = proto
-        self.fingerprint = hashlib.sha256(proto).hexdigest()[:16]  # tokenized shards record it
+        self.files = files  # what defines it: copied into checkpoints and run folders (`save`)
+        if "tokenizer.model" in files:
+            self.backend: _SentencePiece | _HFTokenizer = _SentencePiece(files["tokenizer.model"], path)
+            self.fingerprint = hashlib.sha256(files["tokenizer.model"]).hexdigest()[:16]  # tokenized shards record it
+        else:
+            self.backend = _HFTokenizer(files, path)  # the ids depend on tokenizer.json and which ids BOS/EOS are
+            ends = f"\0{self.backend.bos_id},{self.backend.eos_id}".encode()
+            self.fingerprint = hashlib.sha256(files["tokenizer.json"] + ends).hexdigest()[:16]
+        has_headers = all(self.backend.token_id(t) is not None for t in L3_CHAT_TOKENS)
+        self.chat_format = "llama3" if has_headers else "llama2"
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
 
+    def save(self, folder: str) -> str:
+        """Write this tokenizer's files into `folder` (local or URL); returns the main file's path there."""
+        from llama_jax.checkpoint.files import join, write_bytes
+
+        for name, data in self.files.items():
+            write_bytes(join(folder, name), data)
+        return join(folder, "tokenizer.model" if "tokenizer.model" in self.files else "tokenizer.json")
+
     # ------------------------------------------------------------------ ids
     @property
     def vocab_size(self) -> int:
-        return self.sp_model.vocab_size()
+        return self.backend.vocab_size
 
     @property
     def bos_id(self) -> int:
-        return self.sp_model.bos_id()
+        return self.backend.bos_id
 
     @property
     def eos_id(self) -> int:
-        return self.sp_model.eos_id()
+        return self.backend.eos_id
 
     @property
     def pad_id(self) -> int:
-        """-1 for LLaMA's tokenizer: there is no pad piece; batches pad with it and mask it out."""
-        return self.sp_model.pad_id()
+        """-1 for LLaMA's tokenizers: there is no pad piece; batches pad with it and mask it out."""
+        return self.backend.pad_id
 
     @property
     def unk_id(self) -> int:
-        return self.sp_model.unk_id()
+        """The unknown piece (0 in LLaMA's SentencePiece model); -1 for byte-level BPE (Llama 3), which has none."""
+        return self.backend.unk_id
 
     def id_to_piece(self, token_id: int) -> str:
-        return self.sp_model.id_to_piece(self._check_id(token_id))
+        return self.backend.id_to_piece(self._check_id(token_id))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (logprobs' "bytes"): a SentencePiece byte-fallback piece <0xNN> is that byte
+        and "\u2581" a space; a byte-level BPE piece (Llama 3) maps back through GPT-2's byte alphabet;
+        a special token is its text."""
+        return self.backend.token_bytes(self._check_id(token_id))
 
     def piece_to_id(self, piece: str) -> int:
-        return self.sp_model.piece_to_id(piece)
+        """The id of a piece (a token string); unk_id if the vocabulary has no such piece."""
+        found = self.backend.token_id(piece)
+        return self.unk_id if found is None else found
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`, with BOS first / EOS last when asked (Meta's Tokenizer.encode)."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode expects str, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # lone surrogates, e.g. undecodable bytes from a command line
-            raise ValueError(f"text is not valid UTF-8 (character {e.start}: {text[e.start]!r})") from None
-        ids: list[int] = self.sp_model.encode(text)
-        if bos:
-            ids = [self.bos_id] + ids
-        if eos:
-            ids = ids + [self.eos_id]
-        return ids
+        return self.encode_batch([text], bos, eos)[0]
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+        """`encode` of each text, in one call to the backend (one thread: callers run processes)."""
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"encode expects str, got {type(text).__name__}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates, e.g. undecodable bytes from a command line
+                raise ValueError(f"text is not valid UTF-8 (character {e.start}: {text[e.start]!r})") from None
+        head, tail = [self.bos_id] if bos else [], [self.eos_id] if eos else []
+        return [head + ids + tail for ids in self.backend.encode(list(texts))]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`. Pad ids (-1) are skipped so padded rows decode; BOS/EOS decode to nothing
-        and nothing is cut at EOS (callers that want that cut before decoding)."""
+        """Text of `ids`. Pad ids (-1) are skipped so padded rows decode; BOS/EOS (special tokens)
+        decode to nothing and nothing is cut at EOS (callers that want that cut before decoding)."""
         kept = [self._check_id(i) for i in ids if int(i) != self.pad_id]
-        return self.sp_model.decode(kept)
+        return self.backend.decode(kept)
 
     def _check_id(self, token_id: int) -> int:
         i = int(token_id)
@@ -143,11 +174,15 @@ class Tokenizer:
             raise ValueError(f"token id {i} out of range for vocabulary of size {self.vocab_size}")
         return i
 
-    # ------------------------------------------------------------------ Llama-2 chat
+    # ------------------------------------------------------------------ chat
     def encode_dialog(self, dialog: Sequence[Message]) -> list[int]:
-        """Llama-2-chat prompt ids for a dialog ending with a user turn, exactly as Meta builds them:
-        BOS "[INST] {user} [/INST] {answer} " EOS per finished pair, then BOS "[INST] {user} [/INST]".
+        """Chat prompt ids for a dialog ending with a user turn, exactly as Meta builds them, in the
+        tokenizer's chat format. Llama 2: BOS "[INST] {user} [/INST] {answer} " EOS per finished pair,
+        then BOS "[INST] {user} [/INST]". Llama 3: BOS, "<|start_header_id|>{role}<|end_header_id|>\\n\\n"
+        + content.strip() + "<|eot_id|>" per message, then the assistant's header.
         """
+        if self.chat_format == "llama3":
+            return self.encode_dialog_turns(_check_dialog(dialog, True, self.backend.special))[0]
         messages = _fold_system(dialog, need_last_user=True)
         ids: list[int] = []
         for user, answer in zip(messages[0:-1:2], messages[1::2]):
@@ -156,7 +191,8 @@ class Tokenizer:
         return ids
 
     def encode_dialog_turns(self, dialog: Sequence[Message]) -> tuple[list[int], list[int]]:
-        """(ids, loss_mask) of a chat training example; mask is 1 on each answer's tokens and its EOS.
+        """(ids, loss_mask) of a chat training example; mask is 1 on each answer's tokens and its EOS
+        (Llama 3: its content and <|eot_id|>, not its header).
 
         The dialog may end with an assistant turn (a finished example) or a user turn (its prompt is
         appended with mask 0). When the dialog ends with a user turn, `ids` equals encode_dialog(dialog).
@@ -166,8 +202,11 @@ class Tokenizer:
         LLaMA's options (split by whitespace, "▁" only at the start of pieces) no piece can span the
         "]" + " answer" boundary, so the prompt is always a prefix. If a tokenizer ever merges across
         it, we keep the prompt's own ids and append encode(f"{answer} ") (the dummy prefix supplies the
-        space), so the model trains on exactly the prompt ids it sees at inference.
+        space), so the model trains on exactly the prompt ids it sees at inference. Llama 3 the same
+        way per message: header + content + EOT in one piece, the header alone as its prefix.
         """
+        if self.chat_format == "llama3":
+            return self._llama3_turns(_check_dialog(dialog, False, self.backend.special))
         messages = _fold_system(dialog, need_last_user=False)
         ids: list[int] = []
         mask: list[int] = []
@@ -184,6 +223,215 @@ class Tokenizer:
             mask += [0] * len(prompt)
         return ids, mask
 
+    def _llama3_turns(self, messages: list[Message]) -> tuple[list[int], list[int]]:
+        ids, mask = [self.bos_id], [0]
+        for message in messages:
+            header = L3_HEADER.format(role=message["role"])
+            head = self.encode(header, bos=False)
+            body = message["content"].strip() + L3_EOT
+            turn = self.encode(header + body, bos=False)
+            if turn[: len(head)] != head:  # a piece spanning "\n\n" + content (not with Llama 3's own regex)
+                turn = head + self.encode(body, bos=False)
+            ids += turn
+            mask += [0] * len(head) + [int(message["role"] == "assistant")] * (len(turn) - len(head))
+        if messages[-1]["role"] != "assistant":
+            head = self.encode(L3_HEADER.format(role="assistant"), bos=False)
+            ids += head
+            mask += [0] * len(head)
+        return ids, mask
+
+
+class _SentencePiece:
+    """A SentencePiece model (LLaMA, Llama 2, CodeLlama, TinyLlama): unk 0, bos 1, eos 2, no pad."""
+
+    special: tuple[str, ...] = ()  # control pieces are never read from text: "<s>" in text is plain text
+
+    def __init__(self, proto: bytes, name: str) -> None:
+        try:
+            self.sp_model = spm.SentencePieceProcessor(model_proto=proto)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError with a terse message
+            raise ValueError(f"not a SentencePiece model file: {name!r} ({e})") from e
+        sp = self.sp_model
+        self.vocab_size, self.bos_id, self.eos_id = sp.vocab_size(), sp.bos_id(), sp.eos_id()
+        self.pad_id, self.unk_id = sp.pad_id(), sp.unk_id()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.sp_model.encode(texts, num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp_model.decode(ids)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.sp_model.id_to_piece(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return _piece_bytes(self.sp_model.id_to_piece(token_id))
+
+    def token_id(self, piece: str) -> int | None:
+        i = self.sp_model.piece_to_id(piece)
+        return None if i == self.unk_id and piece != self.sp_model.id_to_piece(i) else i
+
+
+class _HFTokenizer:
+    """A Hugging Face tokenizer.json (Llama 3's byte-level BPE): ids as PreTrainedTokenizerFast gives them
+    with add_special_tokens=False (special tokens written in the text are read as those tokens), BOS/EOS
+    named by tokenizer_config.json (else special_tokens_map.json, else generation_config.json's ids)."""
+
+    def __init__(self, files: dict[str, bytes], name: str) -> None:
+        from tokenizers import Tokenizer as Backend
+
+        try:
+            self.tokenizer = Backend.from_str(files["tokenizer.json"].decode("utf-8"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
+            raise ValueError(f"not a Hugging Face tokenizer.json file: {name!r} ({' '.join(str(e).split())})") from None
+        configs = [(file, _json_file(files, file, name)) for file in HF_SIDE_FILES]
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id = self._special_id("bos", configs, name), self._special_id("eos", configs, name)
+        self.pad_id = -1
+        unk = getattr(self.tokenizer.model, "unk_token", None)
+        self.unk_id = -1 if unk is None or self.token_id(unk) is None else self.token_id(unk)
+        added = self.tokenizer.get_added_tokens_decoder()
+        self.special = tuple(t.content for t in added.values() if t.special)
+        self.added = set(added)  # ids whose piece is their text, not byte-level characters
+        decoder = self.tokenizer.decoder
+        self.byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
+
+    def _special_id(self, kind: str, configs: list[tuple[str, dict]], name: str) -> int:
+        """BOS/EOS: the token tokenizer_config.json (or special_tokens_map.json) names, else
+        generation_config.json's id (the first of a list: Llama 3.1 lists every end token)."""
+        for file, config in configs:
+            token = config.get(f"{kind}_token")
+            if isinstance(token, dict):  # an AddedToken written out: {"content": "<s>", ...}
+                token = token.get("content")
+            if isinstance(token, str):
+                found = self.token_id(token)
+                if found is None:
+                    raise ValueError(f"{name}: {file} names {kind}_token {token!r}, which tokenizer.json does not have")
+                return found
+            ids = config.get(f"{kind}_token_id")
+            ids = ids[0] if isinstance(ids, list) and ids else ids
+            if isinstance(ids, int) and not isinstance(ids, bool):
+                if not 0 <= ids < self.vocab_size:
+                    raise ValueError(f"{name}: {file} {kind}_token_id {ids} is outside the vocabulary ({self.vocab_size})")
+                return ids
+        raise ValueError(f"{name}: no {kind.upper()} token: tokenizer_config.json ({kind}_token) or "
+                         f"generation_config.json ({kind}_token_id) beside tokenizer.json must name it")
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.tokenizer.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.id_to_token(token_id)
+        if token_id in self.added or not self.byte_level:
+            return _piece_bytes(piece)
+        return bytes(BYTE_LEVEL[c] for c in piece)
+
+    def token_id(self, piece: str) -> int | None:
+        return self.tokenizer.token_to_id(piece)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's table (bytes_to_unicode) that byte-level BPE writes its pieces in: character -> byte. The
+    printable Latin-1 bytes stand for themselves; the other 68 are shifted to chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(shifted)}}
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """A SentencePiece-style piece's bytes: <0xNN> is that byte, "\u2581" a space, else its UTF-8."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
+
+
+def _json_file(files: Mapping[str, bytes], file: str, name: str) -> dict:
+    """One of tokenizer.json's side files as a dict ({} when absent)."""
+    if file not in files:
+        return {}
+    try:
+        config = json.loads(files[file].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{name}: {file} beside it is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{name}: {file} beside it must be a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _read_files(path: str) -> tuple[str, dict[str, bytes]]:
+    """(the tokenizer's main file, {file name: bytes}) of a tokenizer file or folder (local or URL), or a
+    Hub repo id when no such local path exists."""
+    from llama_jax.checkpoint.files import is_remote, join, read_bytes
+
+    if not is_remote(path) and not os.path.exists(path):
+        from llama_jax.convert.hub import is_repo_id, resolve
+
+        if not is_repo_id(path):
+            raise FileNotFoundError(f"tokenizer model not found: {path!r}")
+        path = resolve(path, "tokenizer")
+    main = path if (os.path.isfile(path) if not is_remote(path) else read_bytes(path) is not None) else None
+    if main is None:  # a folder: its tokenizer.model, else its tokenizer.json
+        if not is_remote(path) and not os.path.isdir(path):
+            raise FileNotFoundError(f"tokenizer path is not a file or folder: {path!r}")
+        main = next((join(path, n) for n in TOKENIZER_FILES if read_bytes(join(path, n)) is not None), None)
+        if main is None:
+            raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json there (expected a SentencePiece "
+                                    "tokenizer.model, a Hugging Face tokenizer.json, or a folder holding one)")
+    data = read_bytes(main)
+    if data is None:
+        raise FileNotFoundError(f"tokenizer model not found: {main!r}")
+    if not main.endswith(".json"):
+        return main, {"tokenizer.model": data}
+    folder = main.rsplit("/", 1)[0] if is_remote(main) else os.path.dirname(main)
+    files = {"tokenizer.json": data}
+    for name in HF_SIDE_FILES:
+        side = read_bytes(join(folder, name))
+        if side is not None:
+            files[name] = side
+    return main, files
+
+
+def _check_dialog(dialog: Sequence[Message], need_last_user: bool, tags: Sequence[str]) -> list[Message]:
+    """Check a dialog: dicts with str role and content, none holding a special tag; roles an optional
+    'system' first, then 'user' and 'assistant' alternating (ending with 'user' if `need_last_user`)."""
+    if isinstance(dialog, (str, bytes)) or not isinstance(dialog, Sequence):
+        raise TypeError(f"dialog must be a list of {{'role': ..., 'content': ...}} dicts, got {type(dialog).__name__}")
+    if len(dialog) == 0:
+        raise ValueError("dialog is empty: expected at least one user message")
+    for i, msg in enumerate(dialog):
+        if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
+            raise ValueError(f"dialog[{i}] must be a dict with 'role' and 'content', got {msg!r}")
+        if not isinstance(msg["content"], str):
+            raise TypeError(f"dialog[{i}]['content'] must be str, got {type(msg['content']).__name__}")
+        for tag in tags:
+            if tag in msg["content"]:
+                shown = list(tags) if len(tags) <= 8 else f"the tokenizer's {len(tags)} special tokens"
+                raise ValueError(f"dialog[{i}] ({msg['role']}) contains the special tag {tag!r}; "
+                                 f"tags {shown} are not allowed in messages")
+    messages = list(dialog)
+    system = messages[0]["role"] == "system"
+    if system and len(messages) < 2:
+        raise ValueError("dialog has a system message but no user message after it")
+    if system and messages[1]["role"] != "user":
+        raise ValueError(f"dialog[1] must have role 'user' after the system message, got {messages[1]['role']!r}")
+    for j, msg in enumerate(messages[int(system):], start=int(system)):
+        expected = "user" if (j - system) % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            raise ValueError(f"dialog[{j}] has role {msg['role']!r}, expected {expected!r}: roles must be "
+                             "an optional 'system' first, then 'user' and 'assistant' alternating")
+    if need_last_user and messages[-1]["role"] != "user":
+        raise ValueError(f"the last message must be from 'user', got {messages[-1]['role']!r}")
+    return messages
+
 
 def _prompt_text(user: Message) -> str:
     return f"{B_INST} {user['content'].strip()} {E_INST}"
@@ -194,39 +442,9 @@ def _pair_text(user: Message, answer: Message) -> str:
 
 
 def _fold_system(dialog: Sequence[Message], need_last_user: bool) -> list[Message]:
-    """Check a dialog and fold an optional leading system message into the first user turn."""
-    if isinstance(dialog, (str, bytes)) or not isinstance(dialog, Sequence):
-        raise TypeError(f"dialog must be a list of {{'role': ..., 'content': ...}} dicts, got {type(dialog).__name__}")
-    if len(dialog) == 0:
-        raise ValueError("dialog is empty: expected at least one user message")
-    for i, msg in enumerate(dialog):
-        if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
-            raise ValueError(f"dialog[{i}] must be a dict with 'role' and 'content', got {msg!r}")
-        if not isinstance(msg["content"], str):
-            raise TypeError(f"dialog[{i}]['content'] must be str, got {type(msg['content']).__name__}")
-        for tag in SPECIAL_TAGS:
-            if tag in msg["content"]:
-                raise ValueError(f"dialog[{i}] ({msg['role']}) contains the special tag {tag!r}; "
-                                 f"tags {list(SPECIAL_TAGS)} are not allowed in messages")
-
-    messages = list(dialog)
+    """Check a Llama-2 dialog and fold an optional leading system message into the first user turn."""
+    messages = _check_dialog(dialog, need_last_user, SPECIAL_TAGS)
     if messages[0]["role"] == "system":
-        if len(messages) < 2:
-            raise ValueError("dialog has a system message but no user message after it")
-        if messages[1]["role"] != "user":
-            raise ValueError(f"dialog[1] must have role 'user' after the system message, got {messages[1]['role']!r}")
         first = {"role": "user", "content": B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]}
         messages = [first] + messages[2:]
-        offset = 1  # index shift for error messages
-    else:
-        offset = 0
-
-    for j, msg in enumerate(messages):
-        expected = "user" if j % 2 == 0 else "assistant"
-        if msg["role"] != expected:
-            where = offset + j if j > 0 else 0
-            raise ValueError(f"dialog[{where}] has role {msg['role']!r}, expected {expected!r}: roles must be "
-                             "an optional 'system' first, then 'user' and 'assistant' alternating")
-    if need_last_user and messages[-1]["role"] != "user":
-        raise ValueError(f"the last message must be from 'user', got {messages[-1]['role']!r}")
     return messages

@@ -316,3 +316,32 @@ def test_held_out_batches_read_tokenized_shards(corpus):
     for b, b2 in zip(batches, again):
         np.testing.assert_array_equal(b["tokens"], b2["tokens"])
         assert b["tokens"].shape == (8, 96) and all(tuple(r) in all_rows for r in b["tokens"])
+
+
+def test_llama3_tokenizer_json_shards_equal_transformers(tmp_path):
+    """A Hugging Face tokenizer.json in the offline tokenizer: worker processes (the tokenizer travels as
+    its files' bytes) write text shards equal to transformers' encoding of each document + EOS, and chat
+    shards equal to its Llama 3 chat template, only the answers and their <|eot_id|> as targets."""
+    import transformers
+
+    from reference import llama3_tokenizer
+
+    folder = llama3_tokenizer(str(tmp_path / "tok"))
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    docs = _docs(40, seed=3) + ["Café, 日本語 🙂 <|eot_id|> inside"]
+    tokenize(folder, "jsonl", [_jsonl(tmp_path / "docs.jsonl", docs)], str(tmp_path / "text"), text_key="body",
+             workers=2, shard_tokens=1024, progress=False)
+    got, _, tokens = _read_docs(str(tmp_path / "text"))
+    assert got == [hf.encode(d, add_special_tokens=True) + [hf.eos_token_id] for d in docs]
+    assert tokens.fingerprint == lj.Tokenizer(folder).fingerprint != TOK.fingerprint
+    dialogs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Add {i} and 5."},
+                {"role": "assistant", "content": f" {i + 5} "}] for i in range(30)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
+    tokenize(folder, "chat", [str(tmp_path / "chat.jsonl")], str(tmp_path / "chat"), workers=1, shard_tokens=1024,
+             progress=False)
+    got, mask, _ = _read_docs(str(tmp_path / "chat"))
+    assert got == [hf.apply_chat_template(d, tokenize=True)["input_ids"] for d in dialogs]
+    masks = np.split(mask, np.cumsum([len(g) for g in got])[:-1])
+    for dialog, ids, m in zip(dialogs, got, masks):
+        assert [i for i, keep in zip(ids, m) if keep] == hf.encode(dialog[2]["content"].strip() + "<|eot_id|>",
+                                                                   add_special_tokens=False)

@@ -41,7 +41,7 @@ def test_generate_without_any_tokenizer_says_what_to_pass(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         generate_main(["--checkpoint", str(tmp_path / "bare"), "--prompt", "hi"])
     assert exit_info.value.code == 2
-    assert "carries no tokenizer.model" in capsys.readouterr().err
+    assert "the checkpoint carries none (tokenizer.model or tokenizer.json)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, needed", [(["--input", "47"], "--alpaca"), (["--system", "Be brief."], "--chat")])

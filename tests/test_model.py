@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax.model import rope
+from llama_jax.model import rope, rope_frequencies
 from reference import hf_logits, hf_model, hf_params
+
+
+def freqs(head_dim, theta):
+    """Plain RoPE's inverse frequencies for one head size (a 2-head config of that head_dim)."""
+    return rope_frequencies(lj.LlamaConfig(dim=2 * head_dim, n_heads=2, rope_theta=theta, vocab_size=8, n_layers=1))
 
 
 def rel_err(a, b):
@@ -63,7 +68,7 @@ def test_rope_matches_independent_formula():
     b, t, h, hd, theta = 2, 5, 3, 8, 500.0
     x = np.random.RandomState(1).randn(b, t, h, hd).astype(np.float32)
     pos = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 100, 1000]])
-    ours = np.asarray(rope(jnp.asarray(x), jnp.asarray(pos), theta))
+    ours = np.asarray(rope(jnp.asarray(x), jnp.asarray(pos), freqs(hd, theta)))
     expected = np.empty_like(x)
     for bi in range(b):
         for ti in range(t):
@@ -88,7 +93,7 @@ def test_rope_on_bf16_inputs_rotates_in_float32():
     b, hd, theta = 2, 64, 10000.0
     pos = np.array([[0, 1, 2, 5, 17, 36, 100, 255, 1000, 2047, 4095]] * b)
     x = jnp.asarray(np.random.RandomState(4).randn(b, pos.shape[1], 4, hd), jnp.bfloat16)
-    out = rope(x, jnp.asarray(pos), theta)
+    out = rope(x, jnp.asarray(pos), freqs(hd, theta))
     assert out.dtype == jnp.bfloat16
     x64, half = np.asarray(x, np.float64), hd // 2
     angle = pos[:, :, None, None] * theta ** (-2.0 * np.arange(half) / hd)
@@ -122,7 +127,7 @@ def test_rope_scores_depend_only_on_relative_position():
     q = jnp.asarray(np.random.RandomState(2).randn(1, 1, 1, 16), jnp.float32)
     k = jnp.asarray(np.random.RandomState(3).randn(1, 1, 1, 16), jnp.float32)
     def score(m, n):
-        return float(jnp.sum(rope(q, jnp.array([[m]]), 1e4) * rope(k, jnp.array([[n]]), 1e4)))
+        return float(jnp.sum(rope(q, jnp.array([[m]]), freqs(16, 1e4)) * rope(k, jnp.array([[n]]), freqs(16, 1e4))))
     assert score(5, 2) == pytest.approx(score(103, 100), rel=1e-4)
     assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
 

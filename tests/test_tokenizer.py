@@ -92,7 +92,7 @@ def test_missing_model_path(tmp_path):
     missing = tmp_path / "nope" / "tokenizer.model"
     with pytest.raises(FileNotFoundError, match="nope"):
         Tokenizer(str(missing))
-    with pytest.raises(FileNotFoundError, match="not a file"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json there"):
         Tokenizer(str(tmp_path))
 
 
@@ -248,3 +248,129 @@ def test_alpaca_constants_and_braces():
 def test_alpaca_prompt_round_trips_through_tokenizer(tok):
     text = format_alpaca("Reverse the letters of the word.", "apple")
     assert tok.decode(tok.encode(text)) == text
+
+
+# ----------------------------------------------------------------------------- Hugging Face tokenizer.json (Llama 3)
+
+HF_TEXTS = [
+    "Hello world!",
+    "  leading spaces, trailing spaces   ",
+    "line one\nline two\n\n\ttabbed",
+    "I'm sure they'll say we've done it, didn't we? 12345678",
+    "Café, naïve, déjà vu; 日本語のテキスト, Ελληνικά, русский",
+    "emoji 🙂🚀 and ∑ symbols",
+    "<|begin_of_text|>special<|eot_id|> tokens <|start_header_id|>user<|end_header_id|>\n\nin text",
+    "<|eot_id|><|eot_id|>",
+    "",
+]
+L3_DIALOGS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": " Add 3 and 5. "}],
+    [{"role": "system", "content": "Reply politely."}, {"role": "user", "content": "Hello!"},
+     {"role": "assistant", "content": " Hello, how are you? "}, {"role": "user", "content": "日本語のテキスト 🙂"}],
+]
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    """(our Tokenizer, transformers' PreTrainedTokenizerFast) of one tiny Llama-3-style folder."""
+    import transformers
+
+    from reference import llama3_tokenizer
+
+    folder = llama3_tokenizer(str(tmp_path_factory.mktemp("llama3_tok")))
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    assert isinstance(theirs, transformers.PreTrainedTokenizerFast)
+    return Tokenizer(folder), theirs
+
+
+@pytest.mark.parametrize("text", HF_TEXTS)
+def test_hf_tokenizer_ids_equal_transformers(llama3, text):
+    """Ids as transformers gives them (special tokens written in the text read as those tokens), with and
+    without BOS; decode skips special tokens as transformers' skip_special_tokens=True does."""
+    ours, theirs = llama3
+    for bos in (False, True):
+        ids = ours.encode(text, bos=bos)
+        assert ids == theirs.encode(text, add_special_tokens=bos)
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    assert ours.encode(text, bos=False, eos=True)[-1] == ours.eos_id
+    if "<|" not in text:
+        assert ours.decode(ours.encode(text, bos=True, eos=True)) == text
+        # Each token's own bytes (the server's logprobs) join to the text's UTF-8, emoji split over tokens too.
+        assert b"".join(ours.token_bytes(i) for i in ours.encode(text, bos=False)) == text.encode()
+    assert ours.token_bytes(ours.eos_id) == b"<|eot_id|>"
+
+
+def test_hf_tokenizer_special_ids_and_backend_choice(llama3, tmp_path):
+    from reference import llama3_tokenizer
+
+    ours, theirs = llama3
+    assert ours.vocab_size == len(theirs) == 428 and ours.pad_id == -1 and ours.unk_id == -1
+    assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id)
+    assert ours.id_to_piece(ours.bos_id) == "<|begin_of_text|>" and ours.id_to_piece(ours.eos_id) == "<|eot_id|>"
+    assert ours.chat_format == "llama3" and Tokenizer(MODEL).chat_format == "llama2"
+    assert Tokenizer(f"{ours.model_path}").fingerprint == ours.fingerprint != Tokenizer(MODEL).fingerprint
+    # No eos_token in tokenizer_config.json: generation_config.json's first eos_token_id (<|end_of_text|>).
+    base = Tokenizer(llama3_tokenizer(str(tmp_path / "base"), eos=None))
+    assert base.id_to_piece(base.eos_id) == "<|end_of_text|>" and base.fingerprint != ours.fingerprint
+    # A folder holding both files (Llama 2's HF folders): the SentencePiece model, as Meta's code reads it.
+    both = tmp_path / "both"
+    both.mkdir()
+    (both / "tokenizer.model").write_bytes(MODEL.read_bytes())
+    (both / "tokenizer.json").write_bytes((tmp_path / "base" / "tokenizer.json").read_bytes())
+    assert Tokenizer(both).vocab_size == 512
+    # Worker processes get the files' bytes (pickle), not the path.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(ours))
+    assert again.encode(HF_TEXTS[6]) == ours.encode(HF_TEXTS[6]) and again.fingerprint == ours.fingerprint
+    assert ours.encode_batch(HF_TEXTS[:3], bos=True, eos=True) == [ours.encode(t, True, True) for t in HF_TEXTS[:3]]
+
+
+@pytest.mark.parametrize("dialog", L3_DIALOGS, ids=["user", "system", "multi-turn"])
+def test_llama3_dialog_equals_transformers_chat_template(llama3, dialog):
+    """Meta's Llama 3 chat layout = transformers' apply_chat_template with Llama-3-8B-Instruct's template."""
+    ours, theirs = llama3
+    expected = theirs.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert ours.encode_dialog(dialog) == expected
+    assert ours.encode_dialog_turns(dialog)[0] == expected
+
+
+def test_llama3_dialog_turns_mask_answers_and_eot(llama3):
+    ours, theirs = llama3
+    dialog = L3_DIALOGS[2][:3] + [{"role": "user", "content": "And?"}, {"role": "assistant", "content": "Fine. "}]
+    ids, mask = ours.encode_dialog_turns(dialog)
+    assert ids == theirs.apply_chat_template(dialog, tokenize=True)["input_ids"]
+    answers = [ours.encode(m["content"].strip() + "<|eot_id|>", bos=False) for m in dialog if m["role"] == "assistant"]
+    assert [i for i, m in zip(ids, mask) if m] == answers[0] + answers[1]
+    header = ours.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", bos=False)
+    starts = [i for i in range(1, len(mask)) if mask[i] and not mask[i - 1]]  # each answer: one run after its header
+    assert len(starts) == 2 and all(ids[s - len(header):s] == header for s in starts)
+
+
+@pytest.mark.parametrize("tag", ["<|eot_id|>", "<|start_header_id|>", "<|begin_of_text|>", "<|reserved_special_token_2|>"])
+def test_llama3_special_tokens_refused_in_messages(llama3, tag):
+    ours, _ = llama3
+    dialog = [{"role": "user", "content": f"please {tag} ignore"}]
+    with pytest.raises(ValueError, match="special tag"):
+        ours.encode_dialog(dialog)
+    with pytest.raises(ValueError, match="expected 'assistant'"):
+        ours.encode_dialog([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+def test_hf_tokenizer_errors_name_the_file(tmp_path, llama3):
+    import json
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        Tokenizer(bad)
+    folder = tmp_path / "no_bos"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(llama3[0].files["tokenizer.json"].decode())
+    with pytest.raises(ValueError, match="no BOS token"):
+        Tokenizer(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "<|eot_id|>"}))
+    with pytest.raises(ValueError, match="tokenizer_config.json names bos_token '<s>'"):
+        Tokenizer(folder)

@@ -48,7 +48,8 @@ from train.evaluate import exact_match, make_validation_loss, per_task, report, 
 
 
 # what fixes the params' shapes: an init_from checkpoint's own values win over model.overrides
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "multiple_of", "ffn_dim_multiplier")
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "multiple_of", "ffn_dim_multiplier",
+                "tie_word_embeddings")
 
 
 class TrainingDiverged(RuntimeError):
@@ -401,7 +402,7 @@ def _run_claimed(cfg: TrainConfig) -> dict:
             say(f"{cfg.output_dir} has already trained {start} of {setup.steps} steps: nothing to do "
                 "(raise steps= to train longer, or use a new output_dir)")
             return {"steps": setup.steps, "start_step": start, "finished": True}
-        run_folder.record(cfg, setup.model)
+        run_folder.record(cfg, setup.model, setup.tokenizer)
         log = MetricsLog(setup, start)
         summary: dict[str, Any] = {"steps": setup.steps, "start_step": start, "data": setup.data_summary}
         if setup.eval_records and start == 0:

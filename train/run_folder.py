@@ -6,8 +6,9 @@
 - `check_resume(cfg, model)`: a run folder's saved recipe (train_config.yaml) and model
   (config.json) against the new ones. Only the keys in CHANGEABLE_ON_RESUME may differ; every
   other difference is refused, naming the key with its old and new value.
-- `record(cfg, model)`: writes config.json (and a LoRA run's lora.json) and train_config.yaml, called only once the resume
-  was accepted (or the run starts fresh), so a refused resume leaves the folder as it was.
+- `record(cfg, model, tokenizer)`: writes config.json (and a LoRA run's lora.json), train_config.yaml and the
+  tokenizer's files, called only once the resume was accepted (or the run starts fresh), so a refused
+  resume leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 import yaml
 
 import llama_jax as lj
-from llama_jax.checkpoint import copy_file, is_remote, read_config, write_config, write_lora_base, write_text
+from llama_jax.checkpoint import read_config, write_config, write_lora_base, write_text
 from llama_jax.checkpoint.locks import FolderLock, clean_run_leftovers
 from sharding import is_main_process
 from train.config import TrainConfig
@@ -144,16 +145,14 @@ def check_resume(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
                          f"({os.path.join(output_dir, RECIPE)}) or use a new output_dir")
 
 
-def record(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
+def record(cfg: TrainConfig, model: lj.LlamaConfig, tokenizer: lj.Tokenizer) -> None:
     """Write the run's model (config.json, for load_checkpoint), a LoRA run's base (lora.json),
-    recipe (train_config.yaml) and tokenizer (tokenizer.model, which generate and export-hf find there)."""
+    recipe (train_config.yaml) and tokenizer (tokenizer.model or tokenizer.json + its side files,
+    which generate and export-hf find there)."""
     if not is_main_process():
         return
     write_config(cfg.output_dir, model.replace(dtype="float32"))
     if model.lora_rank:
         write_lora_base(cfg.output_dir, cfg.init_from, cfg.lora.base_dtype)
     write_text(os.path.join(cfg.output_dir, RECIPE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tokenizer_copy = os.path.join(cfg.output_dir, "tokenizer.model")
-    if not os.path.exists(tokenizer_copy) or is_remote(cfg.tokenizer) or not os.path.samefile(cfg.tokenizer,
-                                                                                               tokenizer_copy):
-        copy_file(cfg.tokenizer, tokenizer_copy)
+    tokenizer.save(cfg.output_dir)  # its bytes are in memory: safe when it was read from there

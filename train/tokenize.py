@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.tokenize", description=__doc__)
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="files, globs or URLs (gs://...); hf:NAME for a Hub data set (alpaca/chat)")
-    parser.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model (path or URL)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.model, tokenizer.json or a folder (path or URL), or a Hub repo id")
     parser.add_argument("--format", required=True, choices=sorted(FORMATS),
                         help="text: blank-line separated documents; jsonl/parquet: documents in --text-key; "
                              "alpaca/chat: instruction records (.json, .jsonl, .parquet, save_to_disk folders, hf:)")

@@ -32,14 +32,19 @@ def kvstore(path: str) -> dict | str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a small text file, locally via a temporary sibling and a rename (atomic), or to a URL."""
+    """Write a small text file (UTF-8), locally via a temporary sibling and a rename (atomic), or to a URL."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a small file, locally via a temporary sibling and a rename (atomic), or to a URL."""
     if is_remote(path):
         folder, name = str(path).rsplit("/", 1)
-        ts.KvStore.open(kvstore(folder)).result().write(name, text.encode()).result()
+        ts.KvStore.open(kvstore(folder)).result().write(name, data).result()
     else:  # a temporary sibling, then rename: a reader never sees half a file
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import layout, lora, quant
-from llama_jax.checkpoint.files import Staging, is_remote, join, parse_json, read_text, write_text
+from llama_jax.checkpoint.files import Staging, is_remote, join, parse_json, read_bytes, read_text, write_text
 from llama_jax.checkpoint.integrity import verify
 from llama_jax.checkpoint.orbax_glue import leaf_paths, open_leaves, restore_pytree, save_pytree, stored_arrays
 from llama_jax.checkpoint.runs import complete_steps
@@ -50,15 +50,12 @@ def read_config(folder: str) -> LlamaConfig:
 
 
 def checkpoint_tokenizer(path: str) -> str | None:
-    """The tokenizer.model a checkpoint or run folder carries (the converter and the trainer copy it
-    there), else a LoRA run's base's."""
-    candidate = join(str(path), "tokenizer.model")
-    if is_remote(candidate):
-        found = read_text(candidate) is not None
-    else:
-        found = os.path.isfile(candidate)
-    if found:
-        return candidate
+    """The tokenizer a checkpoint or run folder carries (the converter and the trainer write it there:
+    tokenizer.model, or tokenizer.json with its side files), else a LoRA run's base's."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        candidate = join(str(path), name)
+        if read_bytes(candidate) is not None if is_remote(candidate) else os.path.isfile(candidate):
+            return candidate
     base = read_lora_base(str(path))
     return None if base is None else checkpoint_tokenizer(base["base"])
 

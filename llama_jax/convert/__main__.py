@@ -1,7 +1,7 @@
 """`python -m llama_jax.convert`: PyTorch LLaMA weights (Meta or Hugging Face) -> llama_jax, and back to HF.
 
     python -m llama_jax.convert meta SRC OUT [--dtype bfloat16|float32] [--tokenizer PATH] [--verify]
-    python -m llama_jax.convert hf SRC OUT [--dtype ...] [--verify]
+    python -m llama_jax.convert hf SRC OUT [--dtype ...] [--verify] [--revision REV]  # SRC: a folder or ORG/NAME on the Hub
     python -m llama_jax.convert export-hf CKPT OUT [--dtype ...] [--verify]     # a LoRA run exports merged
     python -m llama_jax.convert export-peft RUN OUT                             # LoRA run -> PEFT adapter folder
     python -m llama_jax.convert peft ADAPTER --base CKPT OUT [--dtype ...]      # PEFT adapter -> merged checkpoint
@@ -14,6 +14,7 @@ import sys
 
 from llama_jax.checkpoint import OutputExists, is_remote
 from llama_jax.config import LlamaConfig
+from llama_jax.convert import hub
 from llama_jax.convert.export_hf import export_hf
 from llama_jax.convert.peft import export_peft, import_peft
 from llama_jax.convert.reference import verify
@@ -26,7 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llama_jax.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("meta", "Meta params.json + consolidated.NN.pth -> llama_jax checkpoint"),
-                            ("hf", "Hugging Face folder (safetensors or .bin) -> llama_jax checkpoint"),
+                            ("hf", "Hugging Face folder (safetensors or .bin) or Hub repo id (safetensors) -> llama_jax checkpoint"),
                             ("export-hf", "llama_jax checkpoint (converted or trained) -> Hugging Face folder")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("src", help="source folder" if name != "export-hf" else "llama_jax checkpoint or run folder")
@@ -37,7 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--verify-layers", type=int, default=None, help="verify with only the first N layers")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name != "export-hf":
-            p.add_argument("--tokenizer", default=None, help="tokenizer.model to copy (default: found next to SRC)")
+            p.add_argument("--tokenizer", default=None,
+                           help="tokenizer to copy: tokenizer.model, tokenizer.json, a folder or a Hub repo id "
+                                "(default: found next to SRC)")
+        if name == "hf":
+            p.add_argument("--revision", default=None,
+                           help="when SRC is a Hub repo id (ORG/NAME): the branch, tag or commit (default: main)")
         if name == "meta":  # params.json does not say the context length
             p.add_argument("--max-seq-len", type=int, default=4096,
                            help="context length to record: 4096 for Llama 2 (default), 2048 for LLaMA-1")
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> LlamaConfig:
             raise ValueError(f"{args.out}: export-hf writes a local folder")
         cfg = export_hf(args.src, args.out, args.dtype, args.overwrite, progress=progress)
     else:
+        if args.command == "hf":  # a local folder as it is; a Hub repo id -> its snapshot in the HF cache
+            args.src = hub.resolve(args.src, "model", args.revision)
         source = MetaSource(args.src, args.max_seq_len) if args.command == "meta" else HFSource(args.src)
         cfg = convert(source, args.out, args.dtype, args.tokenizer, args.overwrite, progress)
     print(f"wrote {args.out} ({cfg.n_layers} layers, dim {cfg.dim}, {cfg.num_params():,} params, {cfg.param_dtype})")

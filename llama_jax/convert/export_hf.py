@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from typing import Any, Iterator
 
 import numpy as np
@@ -15,6 +14,7 @@ from llama_jax import layout
 from llama_jax.checkpoint import Staging, checkpoint_tokenizer, open_checkpoint
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.convert.streaming import OUT_DTYPES, itemsize
+from llama_jax.tokenizer import Tokenizer
 
 
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}
@@ -60,15 +60,18 @@ def export_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = F
                     bar.update(w.nbytes)
         with _create(os.path.join(stage.path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        found = checkpoint_tokenizer(ckpt)
+        tok = None if found is None else Tokenizer(found)
         with _create(os.path.join(stage.path, "config.json"), "w") as f:
-            json.dump(cfg.to_hf_config(torch_dtype=dtype), f, indent=2)
-        tok = checkpoint_tokenizer(ckpt)
+            ids = {} if tok is None else {"bos_id": tok.bos_id, "eos_id": tok.eos_id}
+            json.dump(cfg.to_hf_config(torch_dtype=dtype, **ids), f, indent=2)
         if tok is not None:
-            shutil.copyfile(tok, os.path.join(stage.path, "tokenizer.model"))
-            with _create(os.path.join(stage.path, "tokenizer_config.json"), "w") as f:
-                json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-                           "model_max_length": cfg.max_seq_len}, f, indent=2)
+            tok.save(stage.path)  # a tokenizer.json comes with its own tokenizer_config.json
+            if "tokenizer.model" in tok.files:
+                with _create(os.path.join(stage.path, "tokenizer_config.json"), "w") as f:
+                    json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                               "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                               "model_max_length": cfg.max_seq_len}, f, indent=2)
     return cfg
 
 

@@ -10,11 +10,12 @@ from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from llama_jax import layout, lora
-from llama_jax.checkpoint import (Staging, StreamingWriter, copy_file, join, leaf_paths, load_adapters, open_checkpoint,
-                                  read_config, read_lora_base, write_config)
+from llama_jax.checkpoint import (Staging, StreamingWriter, checkpoint_tokenizer, join, leaf_paths, load_adapters,
+                                  open_checkpoint, read_config, read_lora_base, write_config)
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.streaming import OUT_DTYPES
 from llama_jax.convert.torch_io import load_pth, to_numpy
+from llama_jax.tokenizer import Tokenizer
 from llama_jax.model import param_shapes
 
 
@@ -77,8 +78,8 @@ def import_peft(adapter_dir: str, base: str, out: str, dtype: str | None = None,
                 w = leaves[leaf].read(i).astype(np.float32)
                 writer.write(leaf, i, w + lora.delta(w.shape, a[i], b[i], lora_cfg.lora_scale))
         writer.finish()
-        tokenizer = os.path.join(base, "tokenizer.model")
-        if os.path.isfile(tokenizer):
-            copy_file(tokenizer, join(stage.path, "tokenizer.model"))
+        tokenizer = checkpoint_tokenizer(base)
+        if tokenizer is not None:
+            Tokenizer(tokenizer).save(stage.path)
         write_config(stage.path, cfg)
     return cfg

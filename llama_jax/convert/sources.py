@@ -158,6 +158,12 @@ class HFSource:
         self.dtype = None
         if "model.embed_tokens.weight" in self.where:
             self.dtype = TORCH_DTYPES.get(self._read("model.embed_tokens.weight").dtype)
+        if self.cfg.tie_word_embeddings and {"lm_head.weight", "model.embed_tokens.weight"} <= set(self.where):
+            # saved although tied (older exports): it must be the embedding, or dropping it would lose a weight
+            if not torch.equal(self._read("lm_head.weight"), self._read("model.embed_tokens.weight")):
+                raise ValueError(f"{self.where['lm_head.weight']}: tensor lm_head.weight differs from "
+                                 "model.embed_tokens.weight although config.json ties them (tie_word_embeddings)")
+            self.ignored.add("lm_head.weight")
 
     @staticmethod
     def _weight_map(src: str) -> dict:
@@ -212,8 +218,9 @@ class HFSource:
             prefetch(reader[name])
 
     def tokenizer(self) -> str | None:
-        path = os.path.join(self.src, "tokenizer.model")
-        return path if os.path.isfile(path) else None
+        """The folder when it holds a tokenizer (tokenizer.model, else tokenizer.json + its side files)."""
+        found = any(os.path.isfile(os.path.join(self.src, name)) for name in ("tokenizer.model", "tokenizer.json"))
+        return self.src if found else None
 
 
 def _config(path: str, parse: Any, *args: Any, **kwargs: Any) -> LlamaConfig:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import collections
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from tqdm import tqdm
 
 from llama_jax import layout
-from llama_jax.checkpoint import Staging, StreamingWriter, copy_file, join, leaf_paths, write_config
+from llama_jax.checkpoint import Staging, StreamingWriter, join, leaf_paths, write_config
 from llama_jax.checkpoint.files import check_apart
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.sources import HFSource, MetaSource, check_names
@@ -42,10 +41,10 @@ def convert(source: MetaSource | HFSource, out: str, dtype: str | None = None, t
     cfg = source.cfg.replace(param_dtype=dtype)
     tokenizer = tokenizer or source.tokenizer()
     if tokenizer is not None:
-        if not os.path.isfile(tokenizer):
-            problem = "not a file" if os.path.exists(tokenizer) else "no such file"
-            raise FileNotFoundError(f"--tokenizer {tokenizer}: {problem}")
-        Tokenizer(tokenizer)  # a SentencePiece model, or an error naming the file
+        try:  # a tokenizer file or folder (or Hub repo id), or an error naming it
+            tokenizer = Tokenizer(tokenizer)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--tokenizer {tokenizer}: {e}") from None
     check_apart(out, (source.src,))
     items = [(entry, layer, name, int(np.prod(layout.torch_shape(entry, cfg))))
              for entry, layer, name in layout.names(cfg, source.fmt)]
@@ -83,7 +82,7 @@ def convert(source: MetaSource | HFSource, out: str, dtype: str | None = None, t
         writer.finish()
         stage.known.update({f"params/{name}": d for name, d in writer.digests.items()})
         if tokenizer is not None:
-            copy_file(tokenizer, join(stage.path, "tokenizer.model"))
+            tokenizer.save(stage.path)
         write_config(stage.path, cfg)
     return cfg
 

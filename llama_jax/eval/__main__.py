@@ -21,7 +21,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="a llama_jax checkpoint directory (or a training run)")
     common.add_argument("--tokenizer", default=None,
-                        help="the SentencePiece tokenizer.model (default: the checkpoint's or run folder's)")
+                        help="tokenizer.model, tokenizer.json, a folder or a Hub repo id (default: the "
+                             "checkpoint's or run folder's)")
     common.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (a multiple of --fsdp)")
     common.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="params and compute dtype (default: as saved); logits are float32")

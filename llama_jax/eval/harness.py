@@ -42,7 +42,7 @@ class LlamaJaxLM(TemplateLM):
     """lm-eval's LM over a llama_jax model.
 
     `checkpoint` is a checkpoint directory (or training run) or a (LlamaConfig, params) pair;
-    `tokenizer` the SentencePiece model (default: the checkpoint's tokenizer.model). Once this
+    `tokenizer` its tokenizer (default: the checkpoint's). Once this
     module is imported the harness also builds it by name: lm_eval.simple_evaluate(model="llama_jax",
     model_args="checkpoint=DIR,batch_size=16,dtype=bfloat16", tasks=[...]).
     """
@@ -135,7 +135,7 @@ class LlamaJaxLM(TemplateLM):
         for i, req in enumerate(requests):
             groups[repr(sorted(req.args[1].items()))].append(i)
         out: list[str] = [""] * len(requests)
-        eos_text = self.tok.sp_model.id_to_piece(self.eot_token_id)
+        eos_text = self.tok.id_to_piece(self.eot_token_id)
         with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:
             for members in groups.values():
                 kwargs = normalize_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks)

@@ -35,11 +35,11 @@ def load_for_eval(checkpoint: str, dtype: str | None = None,
 
 
 def tokenizer_path(checkpoint: Any, tokenizer: str | None) -> Any:
-    """`tokenizer` if given, else the tokenizer.model a checkpoint or run folder carries."""
+    """`tokenizer` if given, else the tokenizer a checkpoint or run folder carries."""
     if tokenizer is not None:
         return tokenizer
     found = checkpoint_tokenizer(str(checkpoint)) if isinstance(checkpoint, str) else None
     if found is None:
-        raise ValueError("no tokenizer given and the checkpoint carries no tokenizer.model; pass --tokenizer "
-                         "(e.g. Meta's tokenizer.model)")
+        raise ValueError("no tokenizer given and the checkpoint carries none (tokenizer.model or tokenizer.json); "
+                         "pass --tokenizer (e.g. Meta's tokenizer.model, or the Hub repo id)")
     return found

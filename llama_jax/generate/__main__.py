@@ -19,10 +19,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llama_jax.generate", description="Generate text from a llama_jax checkpoint: one prompt, or an interactive chat.")
     p.add_argument("--checkpoint", required=True, help="a llama_jax checkpoint directory (or a training run)")
     p.add_argument("--tokenizer", default=None,
-                   help="the SentencePiece tokenizer.model (default: the one the checkpoint or run folder carries)")
+                   help="tokenizer.model, tokenizer.json, a folder or a Hub repo id (default: the one the "
+                        "checkpoint or run folder carries)")
     p.add_argument("--prompt", help="the prompt text (chat: the user message; alpaca: the instruction)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chat", action="store_true", help="Llama-2-chat format")
+    mode.add_argument("--chat", action="store_true", help="the tokenizer's chat format (Llama-2-chat, or Llama 3's headers)")
     mode.add_argument("--alpaca", action="store_true", help="Stanford Alpaca prompt format")
     p.add_argument("--input", default="", help="alpaca: the optional input that goes with the instruction")
     p.add_argument("--system", default=None, help="chat: an optional system message")
@@ -45,7 +46,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.input and not args.alpaca:
         p.error("--input is the Alpaca input that goes with an instruction: add --alpaca")
     if args.system is not None and not args.chat:
-        p.error("--system is a Llama-2-chat system message: add --chat")
+        p.error("--system is a chat system message: add --chat")
     return args
 
 

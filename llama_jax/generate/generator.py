@@ -20,7 +20,7 @@ from sharding import shard_params
 
 class Generator:
     """Text in, text out: a model (a checkpoint directory, or (cfg, params)) plus a tokenizer
-    (default: the tokenizer.model the checkpoint or training run folder carries).
+    (default: the tokenizer the checkpoint or training run folder carries).
 
     Sampling keywords of every method (defaults as in Meta's examples): max_new_tokens=None (up to
     the model's context), temperature=0.6, top_p=0.9, top_k=0, seed=0. Every method also takes
@@ -58,8 +58,8 @@ class Generator:
             found = checkpoint_tokenizer(os.fspath(checkpoint_or_params)) \
                 if isinstance(checkpoint_or_params, (str, os.PathLike)) else None
             if found is None:
-                raise ValueError("no tokenizer given and the checkpoint carries no tokenizer.model; pass the "
-                                 "tokenizer (e.g. Meta's tokenizer.model)")
+                raise ValueError("no tokenizer given and the checkpoint carries none (tokenizer.model or "
+                                 "tokenizer.json); pass the tokenizer (e.g. Meta's tokenizer.model)")
             tokenizer = found
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         if self.tokenizer.vocab_size != self.cfg.vocab_size:
@@ -130,7 +130,7 @@ class Generator:
 
     def chat(self, dialogs: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
              stop: str | Sequence[str] | None = None, **sampling: Any) -> dict | list[dict]:
-        """Llama-2-chat answers: one dialog ([{"role", "content"}, ...] ending with a user turn) or a
+        """Chat answers (the tokenizer's chat format: Llama 2 or Llama 3): one dialog ([{"role", "content"}, ...] ending with a user turn) or a
         list of them -> {"role": "assistant", "content": ...} each."""
         single = len(dialogs) > 0 and isinstance(dialogs[0], Mapping)
         prompts = [self.tokenizer.encode_dialog(d) for d in ([dialogs] if single else dialogs)]

@@ -25,7 +25,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "/v1/chat/completions, /v1/models, /health) with continuous batching.")
     p.add_argument("--checkpoint", required=True, help="a llama_jax checkpoint directory (or a training run)")
     p.add_argument("--tokenizer", default=None,
-                   help="the SentencePiece tokenizer.model (default: the one the checkpoint or run folder carries)")
+                   help="tokenizer.model, tokenizer.json, a folder or a Hub repo id (default: the one the "
+                        "checkpoint or run folder carries)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="decode slots: requests decoded together")
@@ -88,7 +89,8 @@ def _build(args: argparse.Namespace):
     cfg, params = load_checkpoint(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     tokenizer_path = args.tokenizer or checkpoint_tokenizer(args.checkpoint)
     if tokenizer_path is None:
-        raise ValueError(f"--tokenizer not given and {args.checkpoint} carries no tokenizer.model; pass --tokenizer")
+        raise ValueError(f"--tokenizer not given and {args.checkpoint} carries no tokenizer (tokenizer.model or "
+                         "tokenizer.json); pass --tokenizer")
     tokenizer = Tokenizer(tokenizer_path)
     if args.dtype is not None:
         cfg = cfg.replace(dtype=args.dtype)

@@ -176,17 +176,9 @@ def usage(request: Request) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
-    """A token's own bytes: a byte-fallback piece <0xNN> is that byte; "\u2581" is a space."""
-    piece = tokenizer.id_to_piece(token)
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        return bytes([int(piece[3:5], 16)])
-    return piece.replace("\u2581", " ").encode()
-
-
 def token_text(tokenizer: Tokenizer, token: int) -> str:
     """A token as text for logprobs (a lone byte of a longer character as a \\xNN escape)."""
-    return token_bytes(tokenizer, token).decode(errors="backslashreplace")
+    return tokenizer.token_bytes(token).decode(errors="backslashreplace")
 
 
 def completion_logprobs(tokenizer: Tokenizer, tokens: list[int], logprobs: list[float], top: list[list],
@@ -200,7 +192,7 @@ def completion_logprobs(tokenizer: Tokenizer, tokens: list[int], logprobs: list[
 def chat_logprobs(tokenizer: Tokenizer, tokens: list[int], logprobs: list[float], top: list[list]) -> dict:
     """The chat API's logprobs object ({"content": [...]}) for some tokens."""
     def entry(token: int, lp: float) -> dict:
-        return {"token": token_text(tokenizer, token), "logprob": lp, "bytes": list(token_bytes(tokenizer, token))}
+        return {"token": token_text(tokenizer, token), "logprob": lp, "bytes": list(tokenizer.token_bytes(token))}
 
     return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, alt) for i, alt in alternatives]}
                         for t, lp, alternatives in zip(tokens, logprobs, top)]}

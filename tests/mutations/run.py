@@ -58,6 +58,7 @@ STEP, DATA, TOK = "train/step.py", "train/data/rows.py", "llama_jax/tokenizer.py
 T_MODEL, T_GEN, T_CONV = "tests/test_model.py::", "tests/test_generate.py::", "tests/test_convert.py::"
 T_STEP, T_DATA, T_SHARD = "tests/test_train_step.py::", "tests/test_train_data.py::", "tests/test_sharding.py::"
 T_RUN, T_TOK = "tests/test_train_run.py::", "tests/test_tokenizer.py::"
+T_FAM = "tests/test_family.py::"
 HF_GQA = T_MODEL + "test_logits_match_hf_transformers[tiny-gqa-10000.0]"
 LAYOUTS = T_SHARD + "test_every_parameter_kind_gets_the_hand_written_layout"
 TRAIN_RUN = T_RUN + "test_train_cli_alpaca_eval_epochs_warmup_keep_mfu_and_init_from"
@@ -115,10 +116,22 @@ MUTATIONS = [
     M("rope-interleaved-pairs", "RoPE/precision", MODEL, "x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)",
       "x1, x2 = x.astype(jnp.float32)[..., ::2], x.astype(jnp.float32)[..., 1::2]",
       T_MODEL + "test_rope_matches_independent_formula"),
-    M("rope-frequency-exponent", "RoPE/precision", MODEL, "* 2.0 / x.shape[-1]))", "* 1.0 / x.shape[-1]))",
-      T_MODEL + "test_rope_matches_independent_formula"),
-    M("rope-theta-ignored", "RoPE/precision", MODEL, "rope(k, positions, cfg.rope_theta)", "rope(k, positions, 10000.0)",
-      T_MODEL + "test_logits_match_hf_transformers[tiny-gqa-1000000.0]"),
+    M("rope-frequency-exponent", "RoPE/precision", MODEL, "jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)",
+      "jnp.arange(0, hd, 2, dtype=jnp.float32) / (2 * hd))", T_MODEL + "test_rope_matches_independent_formula"),
+    M("rope-theta-ignored", "RoPE/precision", MODEL, "inv_freq = 1.0 / (cfg.rope_theta **",
+      "inv_freq = 1.0 / (10000.0 **", T_MODEL + "test_logits_match_hf_transformers[tiny-gqa-1000000.0]"),
+    M("rope-linear-scaling-ignored", "RoPE/precision", MODEL, "return inv_freq / scaling.factor", "return inv_freq",
+      T_FAM + "test_logits_and_greedy_tokens_equal_transformers[llama2-linear]"),
+    M("rope-llama3-band-edge", "RoPE/precision", MODEL, "slowed = jnp.where(wavelen > context / low,",
+      "slowed = jnp.where(wavelen > context / high,",
+      T_FAM + "test_logits_and_greedy_tokens_equal_transformers[llama3.1]"),
+    M("rope-llama3-blend-inverted", "RoPE/precision", MODEL,
+      "blended = (1 - smooth) * slowed / factor + smooth * slowed",
+      "blended = smooth * slowed / factor + (1 - smooth) * slowed",
+      T_FAM + "test_rope_frequencies_equal_transformers"),
+    M("tied-output-transposed-wrong", "model", MODEL, "output = embedding.T",
+      "output = embedding.reshape(cfg.dim, cfg.vocab_size)",
+      T_FAM + "test_logits_and_greedy_tokens_equal_transformers[llama3.2-tied]"),
     # --- conversion layouts
     M("meta-wk-permuted-with-n-heads", "conversion layout", LAYOUT, '"heads_out", 0, "n_kv_heads")',
       '"heads_out", 0, "n_heads")', T_CONV + "test_meta_shards_match_hf[2-tiny-gqa-dtype1]"),
@@ -194,6 +207,11 @@ MUTATIONS = [
       "{E_INST} {answer['content'].strip()}\"", T_TOK + "test_encode_dialog_layout"),
     M("system-block-one-newline", "tokenizer formats", TOK, 'E_SYS = "<<SYS>>\\n", "\\n<</SYS>>\\n\\n"',
       'E_SYS = "<<SYS>>\\n", "\\n<</SYS>>\\n"', T_TOK + "test_encode_dialog_layout"),
+    M("llama3-chat-content-not-stripped", "tokenizer formats", TOK, 'body = message["content"].strip() + L3_EOT',
+      'body = message["content"] + L3_EOT', T_TOK + "test_llama3_dialog_equals_transformers_chat_template[system]"),
+    M("hf-tokenizer-bos-from-eos", "tokenizer formats", TOK, 'self._special_id("bos", configs, name), self._special_id("eos"',
+      'self._special_id("eos", configs, name), self._special_id("eos"',
+      T_TOK + "test_hf_tokenizer_ids_equal_transformers[Hello world!]"),
     # --- generate CLI, evaluation, MFU
     M("cli-system-ignored", "generate CLI", CLI, '[{"role": "system", "content": args.system}] if', "[] if",
       T_GEN + "test_cli_alpaca_input_and_chat_system_prompts_equal_hf"),

@@ -9,8 +9,8 @@ and URLs (gs://, s3://, file://) both work; Parquet URLs go through pyarrow's ow
 Record kinds:
 - alpaca: {"instruction", "input" (optional), "output"}: BOS + Stanford's prompt masked, output + EOS targets;
 - chat: OpenAI-style {"messages": [{"role": system|user|assistant, "content"}]} (or "dialog"), or
-  ShareGPT {"conversations": [{"from": system|human|gpt, "value"}]}: Llama-2-chat layout, only
-  the assistant answers (and their EOS) are targets;
+  ShareGPT {"conversations": [{"from": system|human|gpt, "value"}]}: the tokenizer's chat layout
+  (Llama-2-chat, or Llama 3's), only the assistant answers (and their EOS / <|eot_id|>) are targets;
 - text: {text_key: "..."} (or a plain-text document): BOS + text + EOS, all targets but BOS.
 A bad record stops with its file, line (or row) and field named.
 """
@@ -269,7 +269,8 @@ def alpaca_example(tokenizer: Tokenizer, example: dict, max_len: int = 512) -> E
 
 
 def chat_example(tokenizer: Tokenizer, dialog: Sequence[dict], max_len: int = 4096) -> Example:
-    """(tokens, loss_mask) of a Llama-2-chat dialog: only assistant answers and their EOS are targets."""
+    """(tokens, loss_mask) of a dialog in the tokenizer's chat layout: only assistant answers and their EOS
+    are targets."""
     return truncate(tokenizer.encode_dialog_turns(dialog), max_len)[0]
 
 

@@ -60,9 +60,9 @@ def _raw_records(path: str, reader: str | None, text_key: str) -> Iterator[tuple
 _TOKENIZER: Tokenizer | None = None
 
 
-def _start_worker(proto: bytes) -> None:
+def _start_worker(tokenizer: Tokenizer) -> None:  # pickled as its files' bytes
     global _TOKENIZER
-    _TOKENIZER = Tokenizer.from_proto(proto)
+    _TOKENIZER = tokenizer
 
 
 def _worker_stats() -> tuple[int, float, int]:
@@ -83,7 +83,7 @@ def _encode(kind: str, text_key: str, dtype: str, items: list[tuple[str, Any]]) 
     records = [(where, formats.parse_json(raw, where) if isinstance(raw, str) else raw) for where, raw in items]
     if kind == "text":  # one batched call (one thread: the processes are the parallelism)
         texts = [formats.text_of(record, where, text_key) for where, record in records]
-        encoded = tok.sp_model.encode(texts, add_bos=True, add_eos=True, num_threads=1)
+        encoded = tok.encode_batch(texts, bos=True, eos=True)
         lengths = np.asarray([len(e) for e in encoded], np.int64)
         return np.fromiter(itertools.chain.from_iterable(encoded), dtype, int(lengths.sum())), lengths, None
     ids, lengths, masks = [], [], []
@@ -163,7 +163,7 @@ def tokenize(tokenizer: str, fmt: str, inputs: list[str], output: str, text_key:
     record, skipped = 0, resume["skipped"]
     bar = tqdm(unit="tok", unit_scale=True, disable=not progress, desc=f"tokenize ({workers} workers)",
                initial=totals[0], dynamic_ncols=True)
-    pool = ctx.Pool(workers, initializer=_start_worker, initargs=(tok.model_proto,))
+    pool = ctx.Pool(workers, initializer=_start_worker, initargs=(tok,))
     worker_stats: dict[int, tuple[float, int]] = {}  # pid -> (CPU seconds, peak RSS kB)
     try:
         pending: collections.deque = collections.deque()
