@@ -76,6 +76,22 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     return mesh
 
 
+def inference_mesh(tensor_parallel: int = 1, fsdp: int = 1) -> Mesh | None:
+    """A (1, fsdp, tensor_parallel) mesh over the first fsdp x tensor_parallel devices, or None for one
+    device: how generate, serve and eval place a model (`--tensor-parallel`, `--fsdp`)."""
+    for flag, n in (("--tensor-parallel", tensor_parallel), ("--fsdp", fsdp)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{flag} must be an int >= 1, got {n!r}")
+    n = tensor_parallel * fsdp
+    if n == 1:
+        return None
+    visible = jax.device_count()
+    if n > visible:
+        asked = " x ".join(f"{flag} {k}" for flag, k in (("--fsdp", fsdp), ("--tensor-parallel", tensor_parallel)) if k > 1)
+        raise ValueError(f"{asked} needs {n} devices; only {visible} {'is' if visible == 1 else 'are'} visible")
+    return make_mesh(1, fsdp, tensor_parallel, devices=jax.devices()[:n])
+
+
 def _num_slices(devices: Sequence[Any]) -> int:
     return len({getattr(d, "slice_index", 0) or 0 for d in devices})
 

@@ -8,22 +8,13 @@ import jax
 
 from llama_jax.checkpoint import checkpoint_tokenizer, load_checkpoint
 from llama_jax.config import LlamaConfig
-from sharding import make_mesh
+from sharding import inference_mesh
 
 
 def eval_mesh(tensor_parallel: int = 1, fsdp: int = 1) -> jax.sharding.Mesh | None:
     """A (1, fsdp, tensor_parallel) mesh over the first fsdp x tensor_parallel devices, or None for
     one device. fsdp splits the parameters and the batch rows; tensor parallel splits heads/MLP."""
-    for name, n in (("tensor_parallel", tensor_parallel), ("fsdp", fsdp)):
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {n!r}")
-    n = tensor_parallel * fsdp
-    if n == 1:
-        return None
-    if n > jax.device_count():
-        raise ValueError(f"fsdp {fsdp} x tensor_parallel {tensor_parallel} needs {n} devices; "
-                         f"{jax.device_count()} are visible")
-    return make_mesh(1, fsdp, tensor_parallel, devices=jax.devices()[:n])
+    return inference_mesh(tensor_parallel, fsdp)
 
 
 def load_for_eval(checkpoint: str, dtype: str | None = None,

@@ -7,12 +7,11 @@ import itertools
 import sys
 from typing import Sequence
 
-import jax
 
 from llama_jax import quant
 from llama_jax.errors import one_line, run_cli
 from llama_jax.generate.generator import Generator
-from sharding import make_mesh
+from sharding import inference_mesh
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -99,17 +98,9 @@ def _fit_history(gen: Generator, history: list[dict], text: str, mode: str, inpu
 def _run(args: argparse.Namespace) -> None:
     for flag in ("prompt", "input", "system"):
         _text(getattr(args, flag), f"--{flag}")
-    if args.tensor_parallel < 1:
-        raise ValueError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
     if args.quantize is not None:
         quant.check_format(args.quantize, "--quantize")
-    mesh = None
-    if args.tensor_parallel > 1:
-        if args.tensor_parallel > jax.device_count():
-            visible = jax.device_count()
-            raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; only {visible} "
-                             f"{'is' if visible == 1 else 'are'} visible")
-        mesh = make_mesh(1, 1, args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
+    mesh = inference_mesh(args.tensor_parallel)
     gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "seed": args.seed}

@@ -16,7 +16,7 @@ from llama_jax.checkpoint import checkpoint_tokenizer, load_checkpoint
 from llama_jax.generate.batcher import Batcher
 from llama_jax.serve.app import create_app, listen, serve
 from llama_jax.tokenizer import Tokenizer
-from sharding import make_mesh
+from sharding import inference_mesh
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -79,13 +79,7 @@ def _warm(batcher: Batcher) -> None:
 def _build(args: argparse.Namespace):
     if args.quantize is not None:
         quant.check_format(args.quantize, "--quantize")
-    mesh = None
-    if args.tensor_parallel > 1:
-        if args.tensor_parallel > jax.device_count():
-            visible = jax.device_count()
-            raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs that many devices; only {visible} "
-                             f"{'is' if visible == 1 else 'are'} visible")
-        mesh = make_mesh(1, 1, args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
+    mesh = inference_mesh(args.tensor_parallel)
     cfg, params = load_checkpoint(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     tokenizer_path = args.tokenizer or checkpoint_tokenizer(args.checkpoint)
     if tokenizer_path is None:
