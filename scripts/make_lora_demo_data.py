@@ -9,23 +9,16 @@ teaches it to the model configs/demo.yaml trains, with LoRA adapters only.
 
 from __future__ import annotations
 
-import json
 import os
 import random
+
+from make_demo_data import write_json  # same folder: `python scripts/...` puts it on sys.path
 
 INSTRUCTION = "Repeat each digit twice."
 
 
 def record(x: str) -> dict:
     return {"instruction": INSTRUCTION, "input": x, "output": "".join(d + d for d in x)}
-
-
-def write_json(path: str, obj: object) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main() -> None:

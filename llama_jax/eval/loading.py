@@ -11,10 +11,8 @@ from llama_jax.config import LlamaConfig
 from sharding import inference_mesh
 
 
-def eval_mesh(tensor_parallel: int = 1, fsdp: int = 1) -> jax.sharding.Mesh | None:
-    """A (1, fsdp, tensor_parallel) mesh over the first fsdp x tensor_parallel devices, or None for
-    one device. fsdp splits the parameters and the batch rows; tensor parallel splits heads/MLP."""
-    return inference_mesh(tensor_parallel, fsdp)
+# (1, fsdp, tensor_parallel) over the first devices, or None for one: generate's and serve's mesh too.
+eval_mesh = inference_mesh
 
 
 def load_for_eval(checkpoint: str, dtype: str | None = None,
