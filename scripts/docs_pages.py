@@ -8,7 +8,8 @@ Nothing here is written by hand, so nothing can drift: a new `python -m` command
 module with `if __name__ == "__main__":` under llama_jax/, train/, sharding/) appears by itself once it
 exposes `build_parser()`, a new flag with its help text, a new recipe key with its trailing `# comment`
 in train/config.py. `undocumented()` lists what lacks its line (tests/test_docs.py fails on any).
-The hook also appends every docs/guides/*.md page that mkdocs.yml's nav does not list to the Guides section.
+The hook also appends every docs/guides/*.md page that mkdocs.yml's nav does not list to the Guides
+section, and turns a link to a repo file outside docs/ into that file's path (the site does not hold it).
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ def _flags_table(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def _usage(parser: argparse.ArgumentParser) -> list[str]:
-    return ["```", " ".join(parser.format_usage().split()).removeprefix("usage: "), "```"]
+    """The usage lines, wrapped at 100 columns whatever the terminal (the page must not depend on it)."""
+    formatter = argparse.HelpFormatter(parser.prog, width=100)
+    formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups, prefix="")
+    return ["```", formatter.format_help().strip("\n"), "```"]
 
 
 def cli_reference() -> str:
@@ -192,6 +196,13 @@ def recipe_keys() -> list[RecipeKey]:
     return list(walk(TrainConfig, ""))
 
 
+def _yaml(value: Any) -> str:
+    """A default as a recipe writes it (null, true, [a, b], 3.0e-4)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
 def recipe_reference() -> str:
     """Markdown: every recipe key with its type, default, allowed range and meaning."""
     from train.config import OVERRIDABLE
@@ -209,10 +220,9 @@ def recipe_reference() -> str:
         if head != section:
             section = head
             out += ["", f"## {section or 'top level'} {{#{section or 'top-level'}}}", "",
-                    "| key | type | default | range | on resume | meaning |", "|---|---|---|---|---|---|"]
-        default = "" if k.type == "section" else f"`{k.default!r}`"
-        kind = f"[section](#{k.key})" if k.type == "section" else f"`{k.type}`"
-        out.append(f"| `{k.key}` | {kind} | {_cell(default)} | {k.range or ''} | "
+                    "| key | type = default | range | on resume | meaning |", "|---|---|---|---|---|"]
+        kind = f"[section](#{k.key})" if k.type == "section" else f"`{k.type} = {_yaml(k.default)}`"
+        out.append(f"| `{k.key}` | {_cell(kind)} | {k.range or ''} | "
                    f"{'may change' if k.resumable else 'fixed'} | {_cell(k.doc)} |")
     out += ["", f"`model.overrides` may set any of these `LlamaConfig` fields: "
                 f"{', '.join(f'`{name}`' for name in OVERRIDABLE)}.", ""]
@@ -311,7 +321,7 @@ def api_reference() -> str:
         if module_name != module_seen:
             module_seen = module_name
             doc = inspect.getdoc(importlib.import_module(module_name)) or ""
-            out += [f"## {module_name} {{#{module_name}}}", "", doc.split("\n\n")[0], ""]
+            out += [f"## {module_name} {{#module-{module_name}}}", "", doc.split("\n\n")[0], ""]  # Sphinx's ids
         out += [f"### {name} {{#{module_name}.{name}}}", ""]
         if not _documentable(obj):
             shown = repr(sorted(obj)) if isinstance(obj, dict) else repr(obj)
@@ -384,6 +394,24 @@ def on_config(config: Any) -> Any:
             guides.append(uri)
     config["nav"] = nav
     return config
+
+
+LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s#:]+)(#[^)\s]*)?\)")  # [text](relative/path#anchor), not images
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    """A link from a page to a file of the repo outside docs/ (`../../bench/RESULTS.md`, which the site
+    does not hold) becomes the text and the file's repo path in code; links inside docs/ stay as they are."""
+    docs_dir = os.path.abspath(config["docs_dir"])
+    here = os.path.dirname(os.path.join(docs_dir, page.file.src_path))
+
+    def rewrite(m: re.Match) -> str:
+        target = os.path.abspath(os.path.join(here, m.group(2)))
+        if target.startswith(docs_dir + os.sep) or not target.startswith(ROOT + os.sep) or not os.path.exists(target):
+            return m.group(0)
+        return f"{m.group(1)} (`{os.path.relpath(target, ROOT)}`)"
+
+    return LINK.sub(rewrite, markdown)
 
 
 def on_files(files: Any, config: Any) -> Any:

@@ -152,6 +152,17 @@ def test_a_guide_the_nav_does_not_list_is_appended_to_the_guides(tmp_path):
     assert docs_pages.on_config(config)["nav"][1] == {"Guides": ["guides/convert.md", "guides/long-prompts.md"]}
 
 
+def test_a_link_to_a_repo_file_outside_docs_becomes_its_path():
+    class Page:
+        class file:
+            src_path = "guides/x.md"
+
+    config = {"docs_dir": os.path.join(ROOT, "docs")}
+    text = "See [the results](../../bench/RESULTS.md#serving-cpu), [serve](serve.md) and [gone](../../nothing.md)."
+    assert docs_pages.on_page_markdown(text, Page, config, None) == (
+        "See the results (`bench/RESULTS.md`), [serve](serve.md) and [gone](../../nothing.md).")
+
+
 def test_every_flag_recipe_key_and_public_name_has_its_doc_line():
     assert docs_pages.undocumented() == []
 
