@@ -269,6 +269,21 @@ def _signature(name: str, obj: Any, method: bool = False) -> str:
     return f"{name}({', '.join(parts)}){ret}"
 
 
+FIELD_LINE = re.compile(r"^\s*(\w[\w.]*|`[^`]+`)( \([^)]*\))?: ")  # "positions: (B, T) int, ..." in a docstring
+
+
+def _doc_markdown(doc: str) -> str:
+    """A docstring as Markdown: its `name: meaning` lines and `- ` items keep their own lines (Markdown
+    would run them into one paragraph); the rest is prose and reflows."""
+    out: list[str] = []
+    for line in doc.split("\n"):
+        item = line.lstrip().startswith(("- ", "* "))
+        if out and out[-1] and (item or FIELD_LINE.match(line)):
+            out.append("")  # a paragraph (or list item) of its own
+        out.append(line)
+    return "\n".join(out)
+
+
 def _own_doc(obj: Any) -> str:
     """The object's own docstring (not inherited, not a dataclass's generated one), cleaned."""
     doc = obj.__dict__.get("__doc__") if inspect.isclass(obj) else getattr(obj, "__doc__", None)
@@ -328,9 +343,9 @@ def api_reference() -> str:
             out += [f"`{type(obj).__name__}`: `{_cell(shown if len(shown) <= 300 else shown[:300] + ' ...')}`", ""]
             continue
         target = obj if inspect.isclass(obj) else inspect.unwrap(obj)
-        out += ["```python", _signature(name, target), "```", "", _own_doc(obj) or _own_doc(target), ""]
-        if inspect.isclass(obj) and dataclasses.is_dataclass(obj):
-            notes = _trailing_comments(obj)
+        out += ["```python", _signature(name, target), "```", "", _doc_markdown(_own_doc(obj) or _own_doc(target)), ""]
+        notes = _trailing_comments(obj) if inspect.isclass(obj) and dataclasses.is_dataclass(obj) else {}
+        if notes:  # a dataclass whose fields say what they are: a table of them
             out += ["| field | default | meaning |", "|---|---|---|"]
             out += [f"| `{f.name}` | {_cell(repr(f.default)) if f.default is not dataclasses.MISSING else ''} | "
                     f"{_cell(notes.get(f.name, ''))} |" for f in dataclasses.fields(obj)] + [""]
