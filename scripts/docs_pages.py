@@ -440,7 +440,9 @@ def on_files(files: Any, config: Any) -> Any:
 
 if __name__ == "__main__":
     _this_checkout()
-    out = sys.argv[1] if len(sys.argv) > 1 else "site-reference"
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/docs_pages.py OUT   (writes OUT/reference/{cli,recipe,api}.md)")
+    out = sys.argv[1]
     for src_uri in PAGES:
         path = os.path.join(out, src_uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
