@@ -113,16 +113,19 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    vocab_size: int = 32000
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
+    """A Llama-family architecture and how to run it: frozen and hashable (jit takes it as a static
+    argument); `preset(name)` gives the published shapes, and every field can be overridden."""
+
+    vocab_size: int = 32000  # tokenizer pieces = embedding and output rows
+    dim: int = 4096  # model width (embedding size)
+    n_layers: int = 32  # transformer blocks
+    n_heads: int = 32  # query heads; head_dim = dim / n_heads
     n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
-    multiple_of: int = 256
-    ffn_dim_multiplier: float | None = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 4096
+    multiple_of: int = 256  # the FFN size is rounded up to a multiple of this (Meta's rule)
+    ffn_dim_multiplier: float | None = None  # scales Meta's FFN size before rounding (70B: 1.3)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base (CodeLlama 1e6, Llama 3 5e5)
+    max_seq_len: int = 4096  # the context: longest tokens + generated sequence
     hidden_dim: int | None = None  # None: Meta's rule from dim/multiple_of/ffn_dim_multiplier
     rope_scaling: RopeScaling | None = None  # None: plain RoPE (a dict is read as RopeScaling(**dict))
     tie_word_embeddings: bool = False  # True: the output projection is tok_embeddings' transpose (Llama 3.2 1B/3B)
@@ -133,10 +136,10 @@ class LlamaConfig:
     scan_layers: bool = True  # False unrolls the layer loop (same params, longer compile)
     attention: str = "xla"  # xla (everywhere) | cudnn (NVIDIA GPUs) | splash (TPUs)
     # LoRA: y = x W + (lora_alpha / lora_rank) * dropout(x) A B on each of lora_targets (rank 0: no adapters).
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
+    lora_rank: int = 0  # adapter rank; 0 = no adapters
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # applied only when the caller passes a "dropout" RNG (training)
-    lora_targets: tuple = PROJECTIONS
+    lora_targets: tuple = PROJECTIONS  # which of wq wk wv wo w1 w2 w3 get adapters
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list; jit needs hashable

@@ -31,6 +31,7 @@ SUFFIXES = ("_lora_a", "_lora_b")
 
 
 def is_adapter(name: str) -> bool:
+    """Whether a parameter name is a LoRA adapter's (`{W}_lora_a` / `{W}_lora_b`)."""
     return name.endswith(SUFFIXES)
 
 

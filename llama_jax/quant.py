@@ -177,6 +177,7 @@ def _map_projections(fn, tree: Any, *others: Any) -> Any:
 
 
 def is_quantized(w: Any) -> bool:
+    """Whether a weight is held quantised (int8 or nf4) rather than as a float array."""
     return isinstance(w, QUANTIZED)
 
 

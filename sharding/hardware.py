@@ -14,6 +14,8 @@ GiB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
+    """One accelerator kind: its peak bf16 FLOP/s and HBM per chip (MFU, the planner) and its TPU slice naming."""
+
     name: str  # short name: v5p, H100, ...
     device_kinds: tuple[str, ...]  # jax `device.device_kind` strings of this chip
     peak_bf16_flops: float  # dense, per chip

@@ -22,11 +22,16 @@ def _train(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "data"}, default=str))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (docs/reference/cli.md is generated from this parser)."""
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (optim.lr=1e-4)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:  # bad recipe, data, tokenizer, mesh, resume settings, a locked output_dir: one line, exit 2
         return run_cli(_train, args)
     except RuntimeError as e:

@@ -46,15 +46,15 @@ class DataConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = 3e-4  # peak learning rate (after warmup)
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int | None = None  # None: warmup_ratio * steps
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.0  # warmup as a share of the steps, when warmup_steps is None
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-5
-    weight_decay: float = 0.1
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.95  # AdamW beta2
+    eps: float = 1e-5  # AdamW epsilon
+    weight_decay: float = 0.1  # AdamW decoupled decay, on every matrix (none on the RMSNorm weights)
     clip_norm: float = 1.0  # global-norm clipping; 0 disables it
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2) over target tokens
 
@@ -62,8 +62,8 @@ class OptimConfig:
 @dataclasses.dataclass
 class MeshConfig:
     data: int = -1  # -1: all devices not used by the other axes
-    fsdp: int = 1
-    tensor: int = 1
+    fsdp: int = 1  # split batch rows AND every parameter and Adam moment (-1: fill)
+    tensor: int = 1  # split attention heads and MLP columns inside each layer (-1: fill)
     dcn_data: int = 1  # several TPU slices: copies of the model across the data-centre network
     dcn_fsdp: int = 1  # ... or parameters split across slices (rarely worth the slow network)
 
@@ -72,7 +72,7 @@ class MeshConfig:
 class EvalConfig:
     data: str | None = None  # Alpaca JSON of held-out examples: exact-match accuracy, greedy decoding
     examples: int = 0  # how many of them (0 = all)
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # longest greedy answer for the exact-match check
     loss_data: str | None = None  # held-out file in data.format: eval_loss / eval_ppl over its target tokens
     every: int = 0  # steps between validation passes (0: only at the start and the end)
     batches: int = 0  # batches of batch_size rows per validation pass (0 = all of loss_data)
@@ -89,26 +89,28 @@ class LoraConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"
+    """A whole recipe: the top-level keys and one section per block (docs/reference/recipe.md lists them)."""
+
+    output_dir: str = "runs/default"  # the run folder: checkpoints, metrics.jsonl, tb/; the same one resumes
     steps: int = 0  # optimizer steps; 0 = derived from `epochs`
     epochs: float = 0.0  # used when steps is 0
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    seed: int = 0
+    checkpoint_every: int = 100  # steps between checkpoints (the last step and SIGTERM always save)
+    keep_checkpoints: int = 3  # newest checkpoints kept in output_dir
+    seed: int = 0  # initialisation, data order and LoRA dropout masks
     batch_size: int = 8  # global batch (rows per optimizer step)
     grad_accum: int = 1  # microbatches per step (batch_size must be divisible by it)
-    log_every: int = 10
+    log_every: int = 10  # steps between fetching metrics from the device (and writing metrics.jsonl)
     init_from: str | None = None  # a checkpoint (lj.save_checkpoint / converter / a training run)
-    tokenizer: str = "data/tokenizer.model"
+    tokenizer: str = "data/tokenizer.model"  # tokenizer.model, tokenizer.json, a folder, a URL or a Hub repo id
     peak_tflops: float = 0.0  # per-chip peak for MFU; 0 = look up the chip (unknown chip: no MFU)
-    async_checkpointing: bool = True
-    tensorboard: bool = True
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    async_checkpointing: bool = True  # saves overlap the next steps (Orbax async)
+    tensorboard: bool = True  # also write TensorBoard logs to output_dir/tb
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the architecture and how it runs
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # training data: files, format, rows
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW, clipping, schedule, z-loss
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # the device mesh (data, fsdp, tensor)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # validation loss and exact match
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # low-rank adapters on a frozen base
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,7 +14,8 @@ from sharding import parse_mesh
 from train.planner import plan
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (docs/reference/cli.md is generated from this parser)."""
     parser = argparse.ArgumentParser(
         prog="python -m train.plan",
         description="Compile the sharded training step for a TPU slice on this machine (libtpu, no TPU needed) "
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh", default="fsdp=-1", help="mesh axes, e.g. fsdp=-1 or data=2,fsdp=-1,tensor=4")
     parser.add_argument("--batch", type=int, required=True, help="global batch (sequences per step)")
     parser.add_argument("--seq", type=int, default=2048, help="sequence length")
-    parser.add_argument("--remat", default="full", choices=REMAT_POLICIES)
+    parser.add_argument("--remat", default="full", choices=REMAT_POLICIES, help="what the backward pass recomputes")
     parser.add_argument("--attention", default="xla", choices=ATTENTION_IMPLEMENTATIONS,
                         help="attention implementation (splash: the Pallas TPU kernel; needs seq %% 128 == 0)")
     parser.add_argument("--grad-accum", type=int, default=1,
@@ -35,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="LoRA: how the frozen base is stored (nf4 = QLoRA)")
     parser.add_argument("--lora-targets", default=",".join(PROJECTIONS),
                         help="LoRA: comma-separated projections to adapt (default: all seven)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         result = plan(args.model, args.topology, parse_mesh(args.mesh), args.batch, args.seq, args.remat, args.layers,

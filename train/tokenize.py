@@ -19,7 +19,8 @@ def peak_rss_mb() -> int:
         return round(next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0) / 1024)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (docs/reference/cli.md is generated from this parser)."""
     parser = argparse.ArgumentParser(prog="python -m train.tokenize", description=__doc__)
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="files, globs or URLs (gs://...); hf:NAME for a Hub data set (alpaca/chat)")
@@ -33,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard (default 2^25)")
     parser.add_argument("--overwrite", action="store_true", help="replace a folder holding another data set")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")

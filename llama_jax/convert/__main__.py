@@ -23,7 +23,8 @@ from llama_jax.convert.streaming import OUT_DTYPES, convert
 from llama_jax.errors import run_cli
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (docs/reference/cli.md is generated from this parser)."""
     parser = argparse.ArgumentParser(prog="python -m llama_jax.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("meta", "Meta params.json + consolidated.NN.pth -> llama_jax checkpoint"),
@@ -58,7 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=OUT_DTYPES, default=None, help="output dtype (default: the base's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT once merging succeeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> LlamaConfig:

@@ -15,7 +15,8 @@ from llama_jax.eval.scoring import Scorer
 from llama_jax.tokenizer import Tokenizer
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (docs/reference/cli.md is generated from this parser)."""
     p = argparse.ArgumentParser(prog="python -m llama_jax.eval", description=__doc__)
     commands = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -46,7 +47,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     harness.add_argument("--limit", type=float, default=None, help="at most this many documents per task "
                                                                    "(a fraction < 1: that share)")
     harness.add_argument("--output", default=None, help="write the results JSON (the harness's own shape) here")
-    return p.parse_args(argv)
+    return p
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

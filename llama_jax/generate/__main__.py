@@ -14,7 +14,8 @@ from llama_jax.generate.generator import Generator
 from sharding import inference_mesh
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (docs/reference/cli.md is generated from this parser)."""
     p = argparse.ArgumentParser(prog="python -m llama_jax.generate", description="Generate text from a llama_jax checkpoint: one prompt, or an interactive chat.")
     p.add_argument("--checkpoint", required=True, help="a llama_jax checkpoint directory (or a training run)")
     p.add_argument("--tokenizer", default=None,
@@ -29,9 +30,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin in a loop (chat keeps history)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: up to the model's context")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the tokens whose preceding mass is <= p")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the answer where this text appears (not printed); repeat for several")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast params (default: as saved)")
@@ -39,6 +40,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="weight-only quantised projections: int8 (per-channel, half of bf16's bytes) or nf4")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="split heads/MLP over this many devices (a (1, 1, N) data/fsdp/tensor mesh)")
+    return p
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if not args.interactive and args.prompt is None:
         p.error("give --prompt TEXT or --interactive")

@@ -19,7 +19,8 @@ from llama_jax.tokenizer import Tokenizer
 from sharding import inference_mesh
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (docs/reference/cli.md is generated from this parser)."""
     p = argparse.ArgumentParser(prog="python -m llama_jax.serve",
                                 description="Serve a llama_jax checkpoint over the OpenAI API (/v1/completions, "
                                             "/v1/chat/completions, /v1/models, /health) with continuous batching.")
@@ -28,7 +29,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="tokenizer.model, tokenizer.json, a folder or a Hub repo id (default: the one the "
                         "checkpoint or run folder carries)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--max-batch", type=int, default=16, help="decode slots: requests decoded together")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="KV-cache positions per slot, prompt + answer (default: the model's context)")
@@ -46,6 +47,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1 (default: $LLAMA_JAX_API_KEY; none = open)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint folder's name)")
+    return p
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     for name in ("max_batch", "max_waiting", "steps_per_call", "tensor_parallel"):
         if getattr(args, name) < 1:

@@ -223,6 +223,15 @@ MUTATIONS = [
       "min(matches, key=lambda m: m[0])", T_STEP + "test_chip_lookup_by_device_kind"),
     M("mfu-not-per-chip", "MFU", "llama_jax/flops.py", "/ (n_chips * peak_flops)", "/ peak_flops",
       T_STEP + "test_flops_per_token_formula"),
+    # --- the docs (issue 24): a reference that skips flags, runnable blocks that are never run, guides left out
+    M("docs-subcommand-flags-unchecked", "docs", "scripts/docs_pages.py",
+      'parsers = [(name, parser)] + [(f"{name} {sub}", p) for sub, _, p in _subcommands(parser)]',
+      "parsers = [(name, parser)]", "tests/test_docs.py::test_a_flag_without_help_is_reported[llama_jax.eval-perplexity]"),
+    M("docs-python-blocks-not-runnable", "docs", "tests/test_docs.py", 'FENCE = re.compile(r"^```(bash|python)\\s*$")',
+      'FENCE = re.compile(r"^```(bash)\\s*$")',
+      "tests/test_docs.py::test_every_runnable_marker_sits_on_a_fence_and_the_guides_have_blocks"),
+    M("docs-new-guide-left-out-of-nav", "docs", "scripts/docs_pages.py", "        if uri not in present:",
+      "        if False:", "tests/test_docs.py::test_a_guide_the_nav_does_not_list_is_appended_to_the_guides"),
 ]
 
 
