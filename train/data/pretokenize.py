@@ -183,8 +183,8 @@ def check_output(output: str, files: list[str]) -> None:
         return
     local = [f for f in files if not f.startswith("hf:") and not is_remote(f)]
     if os.path.lexists(output) and not os.path.isdir(output):
-        what = "an input of this run" if any(os.path.exists(f) and os.path.samefile(output, f) for f in local) \
-            else "a file" if os.path.exists(output) else "a broken link"
+        what = ("a broken link" if not os.path.exists(output) else "an input of this run"
+                if any(os.path.exists(f) and os.path.samefile(output, f) for f in local) else "a file")
         raise TokenizeError(f"--output {output} is {what}; expected a folder (a new one, or one this command "
                             "wrote before)")
     parent = os.path.dirname(os.path.abspath(output))
