@@ -383,8 +383,7 @@ class _HFTokenizer:
         self.added = set(added)  # ids whose piece is their text, not byte-level characters
         decoder = self.tokenizer.decoder
         self.byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
-        self.spec = json.loads(files["tokenizer.json"])
-        self.stripping = any(t.lstrip or t.rstrip or t.single_word for t in added.values())
+        self.json = files["tokenizer.json"]  # its pre-tokenizer and normalizer decide where it may be cut
 
     def _special_id(self, kind: str, configs: list[tuple[str, dict]], name: str) -> int:
         """BOS/EOS: the token tokenizer_config.json (or special_tokens_map.json) names, else
@@ -450,8 +449,9 @@ class _HFTokenizer:
                         and not p.get("invert"))
             return p.get("type") in ("ByteLevel", "Metaspace")
 
-        ok = normal(self.spec.get("normalizer")) and pre(self.spec.get("pre_tokenizer")) and not self.stripping
-        return " " if ok else ""
+        spec = json.loads(self.json)
+        stripping = any(t.lstrip or t.rstrip or t.single_word for t in self.tokenizer.get_added_tokens_decoder().values())
+        return " " if normal(spec.get("normalizer")) and pre(spec.get("pre_tokenizer")) and not stripping else ""
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 from typing import Any, Iterator, NamedTuple
 
@@ -48,6 +49,7 @@ MAX_UNCUT = 1 << 26  # the most bytes in one JSON line, characters of text witho
 MAX_SHARD_TOKENS = 1 << 30  # the writer holds one shard: 3-6 bytes a token
 MAX_WORKERS = 1024
 LOCK = "tokenize.lock"
+OURS = re.compile(r"(shard-\d+\.bin|manifest\.json)(\.tmp-\d+)?|" + re.escape(LOCK))  # the names in a folder
 
 
 class TokenizeError(ValueError):
@@ -156,15 +158,17 @@ def _settings(tok: Tokenizer, fmt: str, files: list[str], text_key: str, shard_t
 
 def _resume_point(output: str, run: str) -> tuple[int, dict, list[int]]:
     """(complete shards to keep, input position after them, [tokens, docs] in them); removes
-    temporary files and shards of other runs or after a gap."""
+    temporary files and shards of other runs, of another piece size (their positions count other
+    items) or after a gap."""
     names = storage.list_names(output)
     for name in names:
-        if ".tmp-" in name:
+        if ".tmp-" in name and OURS.fullmatch(name):
             storage.remove(join(output, name))
     kept, resume, totals, removed = 0, {"record": 0, "token": 0, "skipped": 0}, [0, 0], 0
     for name in sorted(n for n in names if n.startswith("shard-") and n.endswith(".bin")):
         header = shards.read_header(join(output, name))
-        if header is not None and header.get("run") == run and name == shards.shard_name(kept):
+        if header is not None and header.get("run") == run and header.get("pieces") == PIECE_CHARS \
+                and name == shards.shard_name(kept):
             kept, resume = kept + 1, header["resume"]
             totals = [totals[0] + header["tokens"], totals[1] + header["docs"]]
         else:
@@ -197,16 +201,11 @@ def check_output(output: str, files: list[str]) -> None:
         check_apart(output, tuple(local))
     except ValueError as e:
         raise TokenizeError(f"--{e}") from None
-    others = [n for n in storage.list_names(output) if not _ours(n)]
+    others = [n for n in storage.list_names(output) if not OURS.fullmatch(n)]
     if others:
         raise TokenizeError(f"--output {output} holds files this command does not write ({', '.join(others[:3])}"
                             f"{', ...' if len(others) > 3 else ''}); expected a new folder or one holding "
                             f"{shards.shard_name(0)}... and {shards.MANIFEST}")
-
-
-def _ours(name: str) -> bool:
-    """A name this command writes in its folder (a shard, the manifest, the lock, a temporary file)."""
-    return name in (shards.MANIFEST, LOCK) or ".tmp-" in name or (name.startswith("shard-") and name.endswith(".bin"))
 
 
 @contextlib.contextmanager
@@ -269,8 +268,8 @@ def _run(tok: Tokenizer, fmt: str, files: list[str], output: str, text_key: str,
     first_shard, resume, totals = _resume_point(output, run)
 
     dtype = shards.token_dtype(tok.vocab_size)
-    writer = shards.ShardWriter(output, shard_tokens, dtype, kind != "text", {"run": run, "tokenizer": tok.fingerprint},
-                                first_shard)
+    header = {"run": run, "tokenizer": tok.fingerprint, "pieces": PIECE_CHARS}
+    writer = shards.ShardWriter(output, shard_tokens, dtype, kind != "text", header, first_shard)
     # Workers fork from a clean server process, not from this one: a caller may run JAX's threads,
     # and forking a multithreaded process can deadlock the child.
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
