@@ -425,8 +425,8 @@ class _HFTokenizer:
         return self.tokenizer.token_to_id(piece)
 
     def local_cut_chars(self) -> str:
-        """" " when every step before the model keeps a non-space character and the space after it apart
-        or works per character: no normalizer or NFC/NFKC-like/lowercase/prepend/one-character replace
+        """A space when every step before the model keeps a non-space character and the space after it
+        apart or works per character: no normalizer or NFC/NFKC-like/lowercase/prepend/one-character replace
         ones; ByteLevel, Metaspace or an isolating Split with a regex of SPACE_SAFE_SPLITS; no added
         token that strips the spaces around it. Line breaks are not cut here: those regexes group
         them with the punctuation before and the whitespace after."""
@@ -450,7 +450,8 @@ class _HFTokenizer:
             return p.get("type") in ("ByteLevel", "Metaspace")
 
         spec = json.loads(self.json)
-        stripping = any(t.lstrip or t.rstrip or t.single_word for t in self.tokenizer.get_added_tokens_decoder().values())
+        added = self.tokenizer.get_added_tokens_decoder().values()
+        stripping = any(t.lstrip or t.rstrip or t.single_word for t in added)
         return " " if normal(spec.get("normalizer")) and pre(spec.get("pre_tokenizer")) and not stripping else ""
 
 

@@ -142,7 +142,7 @@ def _json_list_rows(path: str) -> Iterator[tuple[str, Any]]:
 
 def text_documents(path: str) -> Iterator[str]:
     """Blank-line separated documents of a plain-text file, streamed (the same split as
-    `text.split("\n\n")` on the whole file, stripped, empty ones dropped)."""
+    `text.split("\\n\\n")` on the whole file, stripped, empty ones dropped)."""
     parts: list[str] = []
     for _, piece, last in text_pieces(path):
         parts.append(piece)

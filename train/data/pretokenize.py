@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.checkpoint.files import check_apart, is_remote, join, write_text
-from llama_jax.checkpoint.locks import FolderLock
+from llama_jax.checkpoint.locks import locked_folder
 from llama_jax.errors import note
 from llama_jax.tokenizer import Tokenizer
 from train.data import formats, shards, storage
@@ -215,15 +215,8 @@ def claim(output: str) -> Iterator[None]:
     if is_remote(output):  # object stores have no locks: one writer per URL is the user's to keep
         yield
         return
-    created = not os.path.exists(output)
-    os.makedirs(output, exist_ok=True)
-    try:
-        with FolderLock(os.path.join(output, LOCK), f"tokenized data set folder {output}"):
-            yield
-    finally:
-        if created:
-            with contextlib.suppress(OSError):  # not empty (another run's files): keep it
-                os.rmdir(output)
+    with locked_folder(output, LOCK, f"tokenized data set folder {output}"):
+        yield
 
 
 def _check_numbers(shard_tokens: Any, workers: Any) -> None:
