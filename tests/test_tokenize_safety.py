@@ -181,14 +181,14 @@ def test_reader_holds_pieces_of_a_line_not_the_line(tmp_path):
 
 
 def test_encoding_memory_does_not_grow_with_the_length_of_a_line(tmp_path):
-    """The encoding process on a 2.7 MB single-line document peaks within 40 MB of a run on the same
-    words as 300 documents (encoding the line in one call took 120 MB more)."""
+    """The encoding process on a 2.7 MB single-line document peaks within 20 MB of a run on the same
+    words as 300 documents (measured: 1 MB less; encoding the line in one call took 54 MB more)."""
     words = np.random.default_rng(4).choice(WORDS, 500_000)
     (tmp_path / "docs.txt").write_text("\n\n".join(" ".join(part) for part in np.array_split(words, 300)))
     (tmp_path / "line.txt").write_text(" ".join(words))
     peaks = {name: tokenize(TOKENIZER, "text", [str(tmp_path / f"{name}.txt")], str(tmp_path / f"out-{name}"),
                             workers=1, progress=False)["workers_peak_rss_mb"] for name in ("docs", "line")}
-    assert peaks["line"] - peaks["docs"] < 40, peaks
+    assert peaks["line"] - peaks["docs"] < 20, peaks
 
 
 def test_text_without_a_place_to_cut_is_refused_beyond_the_limit(tmp_path, monkeypatch, capsys):

@@ -1587,6 +1587,11 @@ def _(t, b):
     return _tok(out, _doc_file(t), status=0, extra=("--overwrite",))
 
 
+@case("tokenize-output", "--output is empty")
+def _(t, b):
+    return _tok("", _doc_file(t), names=("--output is empty",))
+
+
 for _flag, _value, _names in (("--shard-tokens", str(2**40), ("--shard-tokens must be",)),
                               ("--shard-tokens", str(2**31), ("--shard-tokens must be",)),
                               ("--shard-tokens", "1023", ("--shard-tokens must be",)),

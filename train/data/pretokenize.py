@@ -183,6 +183,8 @@ def _resume_point(output: str, run: str) -> tuple[int, dict, list[int]]:
 def check_output(output: str, files: list[str]) -> None:
     """Refuse an --output that cannot be this run's folder: a file (an input, or any other), a path
     under a file, or a folder that is, holds or lies inside an input."""
+    if not output.strip():
+        raise TokenizeError("--output is empty; expected a folder path")
     if is_remote(output):
         return
     local = [f for f in files if not f.startswith("hf:") and not is_remote(f)]
