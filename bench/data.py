@@ -6,6 +6,7 @@ on a small and a large corpus, and the reading time the training loop waits for 
     python bench/data.py                      # everything: about 5 minutes on 2 CPU cores
     python bench/data.py --smoke              # tiny sizes, under a minute
     python bench/data.py --only tokenize      # one part: tokenize | reader | rss | prefetch | arrayrecord
+    python bench/data.py --only longline      # a 65 MB single-line document vs the same words as documents
 
 `arrayrecord` (needs the `array-record` package, not a project dependency) times the alternative
 shard format we weighed: random reads of the same tokens stored one document per ArrayRecord record.
@@ -114,6 +115,41 @@ def bench_tokenize(tmp: str, megabytes: float) -> list[dict]:
             row(config, "tokenize tokens/s, 2 workers vs sentencepiece alone", rates[2], ceiling, "tokens/s"),
             row(config, "tokenize tokens per CPU second in the workers vs sentencepiece alone",
                 n_tokens / cpu["workers"], ceiling_cpu, "tokens/CPU s", main_cpu_share=cpu["main"] / sum(cpu.values()))]
+
+
+def bench_longline(tmp: str, megabytes: float) -> list[dict]:
+    """python -m train.tokenize (1 worker) on one single-line document of `megabytes`, and on the same
+    words as documents of 1000 words: peak RSS of the largest process and tokens/s of each. The line
+    is read and encoded in pieces, so its peak should be the documents' (it was 3,039 MB for 65 MB
+    when it was encoded in one call)."""
+    from bench.common import row
+
+    words = np.asarray(open(os.path.join(ROOT, "data", "tokenizer_corpus.txt")).read().split())
+    rng = np.random.default_rng(0)
+    line, docs, size = os.path.join(tmp, "line.txt"), os.path.join(tmp, "docs.txt"), 0
+    with open(line, "w") as f, open(docs, "w") as g:
+        while size < megabytes * 1e6:
+            part = rng.choice(words, 1000)
+            f.write(" ".join(part) + " ")
+            g.write(" ".join(part) + "\n\n")
+            size += sum(map(len, part)) + 1000
+    print(f"longline: {os.path.getsize(line) / 1e6:.1f} MB in one line vs {megabytes:g} MB as documents; {load()}",
+          flush=True)
+    results = {}
+    for name, src in (("line", line), ("docs", docs)):
+        out = subprocess.run([sys.executable, "-m", "train.tokenize", "--tokenizer", TOKENIZER, "--format", "text",
+                              "--output", os.path.join(tmp, f"out-{name}"), "--workers", "1", "--no-progress", src],
+                             capture_output=True, text=True, check=True, cwd=ROOT)
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {name}: {results[name]['tokens']:,} tokens, {results[name]['docs']} document(s), peak RSS "
+              f"{results[name]['peak_rss_mb']} MB, {results[name]['tokens'] / results[name]['seconds']:,.0f} "
+              f"tokens/s; {load()}", flush=True)
+    config = f"{megabytes:g} MB of text, 512-piece tokenizer, 1 worker"
+    line_r, docs_r = results["line"], results["docs"]
+    return [row(config, "tokenize peak RSS MB (largest process): one line vs 1000-word documents",
+                line_r["peak_rss_mb"], docs_r["peak_rss_mb"], "MB"),
+            row(config, "tokenize tokens/s: one line vs 1000-word documents", line_r["tokens"] / line_r["seconds"],
+                docs_r["tokens"] / docs_r["seconds"], "tokens/s")]
 
 
 def needed_rows_per_s(mfu: float = 0.6) -> tuple[float, float]:
@@ -275,9 +311,10 @@ def bench_arrayrecord(tmp: str, n_tokens: int, reads: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--only", choices=["tokenize", "reader", "rss", "prefetch", "arrayrecord"])
+    parser.add_argument("--only", choices=["tokenize", "reader", "rss", "prefetch", "arrayrecord", "longline"])
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--tokenize-mb", type=float, default=20, help="size of the JSONL corpus to tokenize")
+    parser.add_argument("--longline-mb", type=float, default=65, help="size of the single-line document (longline)")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -298,6 +335,8 @@ def main() -> None:
             rows += bench_prefetch(tmp, 5 if smoke else 30)
         if args.only == "arrayrecord":
             rows += bench_arrayrecord(tmp, 20_000_000, 2048)
+        if args.only == "longline":
+            rows += bench_longline(tmp, 2 if smoke else args.longline_mb)
     write_result(args.json, {"bench": "data", "device": f"cpu ({os.cpu_count()} cores)", "load": load(), "rows": rows})
 
 

@@ -13,9 +13,11 @@ vocabulary has Llama 3's header tokens. `format_alpaca` gives the exact Stanford
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 from typing import Iterable, Mapping, Sequence
 
 import sentencepiece as spm
@@ -44,6 +46,18 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 Message = Mapping[str, str]
+
+# Where a long text may be cut and encoded in pieces with exactly the ids of one call (Tokenizer.cut).
+CUT_CHARS = " \n"
+CUT_ANCHOR = "a"  # encoded before a continuation piece, then dropped: it takes the text's start-of-text marker
+_SPACE_BYTES = frozenset(b for b in range(128) if chr(b).isspace())
+# Pre-tokenizer regexes under which no piece holds a non-space character followed by a space (Llama 3's
+# = tiktoken cl100k's, and GPT-2's): a cut before such a space is a piece boundary with or without it.
+SPACE_SAFE_SPLITS = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+)
 
 
 def format_alpaca(instruction: str, input: str = "") -> str:
@@ -162,6 +176,73 @@ class Tokenizer:
         head, tail = [self.bos_id] if bos else [], [self.eos_id] if eos else []
         return [head + ids + tail for ids in self.backend.encode(list(texts))]
 
+    # ------------------------------------------------------------------ long texts
+    def cut(self, text: str, end: int, start: int = 0) -> int:
+        """Where the encoding of a long `text` may be split: a position i with
+        encode(text) == encode(text[:i]) + encode_rest(text[i:]) (BOS/EOS aside), the last one in
+        (start, end], else the first after `end`; 0 when there is none.
+
+        Cuts are before a space (or line break) that follows a non-space character, so runs of
+        whitespace stay whole, and only where this tokenizer cannot tell the difference (`cut_chars`):
+        no token of its vocabulary joins a non-space character to the space after it, its
+        normalization works character by character and its pre-tokenizer (if any) never puts such a
+        pair in one piece. Then no token spans the cut and both sides encode as they do together.
+        Cutting a piece off `text[start:]` again and again costs no copy of the rest.
+        """
+        if not self.cut_chars:
+            return 0
+        pattern = self._cut_pattern
+        end = min(end, len(text) - 1)
+        window = 4096
+        while True:  # the last cut in (start, end]: search back in growing windows
+            lo = max(end - window, start)
+            last = 0
+            for m in pattern.finditer(text, lo, end + 1):
+                last = m.end()
+            if last or lo == start:
+                break
+            window *= 4
+        if last:
+            return last
+        m = pattern.search(text, max(end, start))
+        return m.end() if m else 0
+
+    @functools.cached_property
+    def cut_chars(self) -> str:
+        """The characters of CUT_CHARS that `cut` may cut before ("" when this tokenizer cannot be cut)."""
+        chars = [c for c in self.backend.local_cut_chars() if c in CUT_CHARS]
+        for i in range(self.vocab_size):
+            piece = self.backend.token_bytes(i)
+            for c in list(chars):
+                k = piece.find(c.encode(), 1)
+                while k > 0:
+                    if piece[k - 1] not in _SPACE_BYTES:  # a token that joins a word to the space after it
+                        chars.remove(c)
+                        break
+                    k = piece.find(c.encode(), k + 1)
+        return "".join(chars)
+
+    @functools.cached_property
+    def _cut_pattern(self) -> re.Pattern:
+        return re.compile(r"\S(?=[" + re.escape(self.cut_chars) + "])")
+
+    @functools.cached_property
+    def _anchor(self) -> list[int]:
+        return self.backend.encode([CUT_ANCHOR])[0]
+
+    def encode_rest(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of texts that each continue a text at a position `cut` gave: no BOS, and none of the
+        start-of-text treatment (SentencePiece's leading "▁", a prefix space) that belongs to the
+        text's first piece: they are the ids of CUT_ANCHOR + text after the anchor's own ids."""
+        anchor = self._anchor
+        out = []
+        for ids in self.encode_batch([CUT_ANCHOR + t for t in texts], bos=False):
+            if ids[: len(anchor)] != anchor:  # cannot happen where cut_chars allows the cut
+                raise RuntimeError(f"{self.model_path}: the anchor {CUT_ANCHOR!r} does not encode apart from the "
+                                   "text after it; this tokenizer cannot be encoded in pieces")
+            out.append(ids[len(anchor):])
+        return out
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`. Pad ids (-1) are skipped so padded rows decode; BOS/EOS (special tokens)
         decode to nothing and nothing is cut at EOS (callers that want that cut before decoding)."""
@@ -271,6 +352,13 @@ class _SentencePiece:
         i = self.sp_model.piece_to_id(piece)
         return None if i == self.unk_id and piece != self.sp_model.id_to_piece(i) else i
 
+    def local_cut_chars(self) -> str:
+        """Both, when normalization is the identity (LLaMA's): BPE/unigram over the whole text then joins
+        characters only into vocabulary pieces, which `Tokenizer.cut_chars` checks. NFKC-style rules can
+        drop or map characters next to a cut, so those models are not cut."""
+        probe = "\uff21\ufb01e\u0301\x01x"  # a fullwidth A, the fi ligature, a combining accent, a control
+        return CUT_CHARS if self.sp_model.normalize(probe).lstrip("\u2581") == probe else ""
+
 
 class _HFTokenizer:
     """A Hugging Face tokenizer.json (Llama 3's byte-level BPE): ids as PreTrainedTokenizerFast gives them
@@ -295,6 +383,7 @@ class _HFTokenizer:
         self.added = set(added)  # ids whose piece is their text, not byte-level characters
         decoder = self.tokenizer.decoder
         self.byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
+        self.json = files["tokenizer.json"]  # its pre-tokenizer and normalizer decide where it may be cut
 
     def _special_id(self, kind: str, configs: list[tuple[str, dict]], name: str) -> int:
         """BOS/EOS: the token tokenizer_config.json (or special_tokens_map.json) names, else
@@ -334,6 +423,36 @@ class _HFTokenizer:
 
     def token_id(self, piece: str) -> int | None:
         return self.tokenizer.token_to_id(piece)
+
+    def local_cut_chars(self) -> str:
+        """A space when every step before the model keeps a non-space character and the space after it
+        apart or works per character: no normalizer or NFC/NFKC-like/lowercase/prepend/one-character replace
+        ones; ByteLevel, Metaspace or an isolating Split with a regex of SPACE_SAFE_SPLITS; no added
+        token that strips the spaces around it. Line breaks are not cut here: those regexes group
+        them with the punctuation before and the whitespace after."""
+        def normal(n: dict | None) -> bool:
+            if n is None:
+                return True
+            if n.get("type") == "Sequence":
+                return all(normal(m) for m in n.get("normalizers", []))
+            if n.get("type") == "Replace":
+                return len(n.get("pattern", {}).get("String", "")) == 1
+            return n.get("type") in ("NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend")
+
+        def pre(p: dict | None) -> bool:
+            if p is None:
+                return True
+            if p.get("type") == "Sequence":
+                return all(pre(q) for q in p.get("pretokenizers", []))
+            if p.get("type") == "Split":
+                return (p.get("pattern", {}).get("Regex") in SPACE_SAFE_SPLITS and p.get("behavior") == "Isolated"
+                        and not p.get("invert"))
+            return p.get("type") in ("ByteLevel", "Metaspace")
+
+        spec = json.loads(self.json)
+        added = self.tokenizer.get_added_tokens_decoder().values()
+        stripping = any(t.lstrip or t.rstrip or t.single_word for t in added)
+        return " " if normal(spec.get("normalizer")) and pre(spec.get("pre_tokenizer")) and not stripping else ""
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -21,7 +21,7 @@ import yaml
 
 import llama_jax as lj
 from llama_jax.checkpoint import read_config, write_config, write_lora_base, write_text
-from llama_jax.checkpoint.locks import FolderLock, clean_run_leftovers
+from llama_jax.checkpoint.locks import clean_run_leftovers, locked_folder
 from sharding import is_main_process
 from train.config import TrainConfig
 
@@ -84,18 +84,12 @@ def claim(output_dir: str) -> Iterator[None]:
     if not is_main_process():
         yield
         return
-    created = not os.path.exists(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    try:
-        with FolderLock(os.path.join(output_dir, LOCK), f"training run folder {output_dir}"):
+    with locked_folder(output_dir, LOCK, f"training run folder {output_dir}"):  # a refused run leaves no folder
+        clean_run_leftovers(output_dir)
+        try:
+            yield
+        finally:  # a save that failed (a full disk) leaves no unfinished step folder behind
             clean_run_leftovers(output_dir)
-            try:
-                yield
-            finally:  # a save that failed (a full disk) leaves no unfinished step folder behind
-                clean_run_leftovers(output_dir)
-    finally:
-        if created and not os.listdir(output_dir):  # a run refused at set-up leaves no empty folder
-            os.rmdir(output_dir)
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -9,6 +9,7 @@ import resource
 import sys
 import time
 
+from llama_jax.errors import run_cli
 from train.data.pretokenize import FORMATS
 
 
@@ -30,28 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
                              "alpaca/chat: instruction records (.json, .jsonl, .parquet, save_to_disk folders, hf:)")
     parser.add_argument("--output", required=True, help="folder (or URL) for shard-NNNNN.bin + manifest.json")
     parser.add_argument("--text-key", default="text", help="field holding a document (jsonl, parquet)")
-    parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: one per CPU)")
-    parser.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard (default 2^25)")
+    parser.add_argument("--workers", type=int, default=None, help="encoding processes, 1-1024 (default: one per CPU)")
+    parser.add_argument("--shard-tokens", type=int, default=1 << 25,
+                        help="tokens per shard, 1024 to 2^30 (default 2^25)")
     parser.add_argument("--overwrite", action="store_true", help="replace a folder holding another data set")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.workers is not None and args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
+    return run_cli(_tokenize, build_parser().parse_args(argv))
 
+
+def _tokenize(args: argparse.Namespace) -> None:
     from train.data.pretokenize import tokenize
 
     start, started = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    try:
-        manifest = tokenize(args.tokenizer, args.format, args.inputs, args.output, args.text_key, args.workers,
-                            args.shard_tokens, args.overwrite, not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    manifest = tokenize(args.tokenizer, args.format, args.inputs, args.output, args.text_key, args.workers,
+                        args.shard_tokens, args.overwrite, not args.no_progress)
     if manifest.get("already"):
         print(f"{args.output} is already tokenized from these inputs: nothing to do", file=sys.stderr)
     summary = {k: manifest[k] for k in ("tokens", "docs", "records", "skipped", "shards", "dtype", "kind")}
@@ -61,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
            "workers": round(manifest.get("workers_cpu_s", 0.0), 2)}
     print(json.dumps({"output": args.output, **summary, "seconds": round(seconds, 2), "cpu_s": cpu,
                       "peak_rss_mb": max(peak_rss_mb(), manifest.get("workers_peak_rss_mb", 0))}))
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ one case that needs a person: the message says which file to delete.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -19,7 +20,7 @@ import re
 import shutil
 import socket
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from llama_jax.errors import note
 
@@ -129,6 +130,21 @@ class FolderLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str, lock_name: str, what: str) -> Iterator[None]:
+    """Create `folder` (like mkdir -p) and hold its lock file `lock_name` (a FolderLock) while the
+    `with` block runs; a folder created here and left empty (a refused or failed run) is removed."""
+    created = not os.path.exists(folder)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        with FolderLock(os.path.join(folder, lock_name), what):
+            yield
+    finally:
+        if created and not os.listdir(folder):
+            with contextlib.suppress(OSError):  # another writer's lock appeared meanwhile: not ours to remove
+                os.rmdir(folder)
 
 
 def clean_leftovers(out: str) -> None:

@@ -43,7 +43,7 @@ ERROR_PREFIXES = ("error: ",)
 
 @dataclasses.dataclass
 class Run:
-    module: str  # "llama_jax.convert" | "llama_jax.generate" | "train" | "api"
+    module: str  # "llama_jax.convert" | "llama_jax.generate" | "train" | "train.tokenize" | "api"
     argv: list = dataclasses.field(default_factory=list)
     names: tuple = ()  # the message must contain one of these
     status: int = 2  # expected exit status (API: 2 = raises a user error, 0 = returns)
@@ -210,6 +210,10 @@ def _in_process(run: Run) -> tuple[Any, str, str]:
                     status = 0
                 elif run.module == "train":
                     from train.__main__ import main
+
+                    status = main(list(run.argv))
+                elif run.module == "train.tokenize":
+                    from train.tokenize import main
 
                     status = main(list(run.argv))
                 else:
@@ -1387,6 +1391,278 @@ for _name, _prepare, _names in (
      ("removed",)),
 ):
     case("train-resume", _name)(_resume_ok(_prepare, _names))
+
+
+# --- the offline tokenizer (python -m train.tokenize): racing runs, --output paths, sizes, inputs ----------
+
+
+def _doc_file(t: Path, name: str = "docs.txt", n: int = 40) -> str:
+    """A small plain-text corpus: `n` blank-line separated documents of the tokenizer's words."""
+    words = (ROOT / "data" / "tokenizer_corpus.txt").read_text().split()
+    return _data_file(t, name, "\n\n".join(" ".join(words[i * 7: i * 7 + 30]) for i in range(n)).encode())
+
+
+def _tok(out: Any, *inputs: str, fmt: str = "text", names: tuple = (), status: int = 2, keep: tuple = (),
+         absent: tuple = (), extra: tuple = (), check: Callable | None = None) -> Run:
+    return Run("train.tokenize", ["--tokenizer", TOKENIZER, "--format", fmt, "--workers", "1", "--no-progress",
+                                  "--shard-tokens", "1024", *extra, "--output", str(out), *inputs],
+               names, status, keep=keep, absent=absent, check=check)
+
+
+def _tokenized(t: Path, name: str, src: str) -> str:
+    """A finished tokenized folder of the text file `src` (as _tok's settings make it)."""
+    from train.data.pretokenize import tokenize
+
+    out = str(t / name)
+    with contextlib.redirect_stderr(io.StringIO()):
+        tokenize(TOKENIZER, "text", [src], out, workers=1, shard_tokens=1024, progress=False)
+    return out
+
+
+def _tok_holder(lock: Path) -> subprocess.Popen:
+    """A live process holding `lock` as a running tokenizer would (an flock, its pid in the file)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, json, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, json.dumps("
+                               "{'pid': os.getpid(), 'host': 'here', 'command': 'python -m train.tokenize'}).encode()); "
+                               "print('locked', flush=True); time.sleep(600)", str(lock)], stdout=subprocess.PIPE)
+    holder.stdout.readline()
+    _HOLDERS.append((holder, lock))
+    return holder
+
+
+@case("tokenize-race", "a live run holds the folder")
+def _(t, b):
+    os.makedirs(t / "out")
+    holder = _tok_holder(t / "out" / "tokenize.lock")
+    return _tok(t / "out", _doc_file(t), names=(f"folder {t / 'out'} is in use by pid {holder.pid}",),
+                keep=(str(t / "out"),))
+
+
+@case("tokenize-race", "a live run holds a finished folder")
+def _(t, b):
+    src = _doc_file(t)
+    out = _tokenized(t, "out", src)
+    holder = _tok_holder(Path(out) / "tokenize.lock")
+    return _tok(out, _doc_file(t, "other.txt", 30), names=(f"pid {holder.pid}",), keep=(out,))
+
+
+@case("tokenize-race", "a finished run of other inputs")
+def _(t, b):
+    out = _tokenized(t, "out", _doc_file(t))
+    return _tok(out, _doc_file(t, "other.txt", 30), names=("other inputs",), keep=(out,))
+
+
+@case("tokenize-race", "a finished run of the same inputs: nothing to do")
+def _(t, b):
+    src = _doc_file(t)
+    out = _tokenized(t, "out", src)
+    return _tok(out, src, names=("nothing to do",), status=0, keep=(out,))
+
+
+@case("tokenize-race", "a dead run's lock is taken over")
+def _(t, b):
+    os.makedirs(t / "out")
+    write(str(t / "out" / "tokenize.lock"), json.dumps({"pid": _dead_pid(), "host": os.uname().nodename}))
+    return _tok(t / "out", _doc_file(t), names=("took over",), status=0)
+
+
+@case("tokenize-race", "a killed run's half shard is removed, the run finishes")
+def _(t, b):
+    src = _doc_file(t, n=200)
+    done = _tokenized(t, "done", src)
+    os.makedirs(t / "out")
+    copy_file = (Path(done) / "shard-00000.bin").read_bytes()
+    write(str(t / "out" / "shard-00000.bin"), copy_file)
+    write(str(t / "out" / f"shard-00001.bin.tmp-{_dead_pid()}"), copy_file[:5000])
+    write(str(t / "out" / "tokenize.lock"), json.dumps({"pid": _dead_pid(), "host": os.uname().nodename}))
+    return _tok(t / "out", src, names=("took over",), status=0,
+                check=lambda out, err: None if snapshot(str(t / "out")) == snapshot(done) else "differs from a whole run")
+
+
+@case("tokenize-race", "an unfinished run of other inputs is replaced, with a note")
+def _(t, b):
+    done = _tokenized(t, "done", _doc_file(t, "other.txt", 200))
+    os.makedirs(t / "out")
+    for name in ("shard-00000.bin", "shard-00001.bin"):
+        write(str(t / "out" / name), (Path(done) / name).read_bytes())
+    return _tok(t / "out", _doc_file(t), names=("removed 2 shard(s) of an unfinished run",), status=0)
+
+
+@case("tokenize-output", "--output is the input file")
+def _(t, b):
+    src = _doc_file(t)
+    return _tok(src, src, names=(f"--output {src} is an input of this run",), keep=(src,))
+
+
+for _fmt, _name, _content in (("jsonl", "docs.jsonl", b'{"text": "a b c"}\n'),
+                              ("alpaca", "data.json", b'[{"instruction": "a", "output": "b"}]'),
+                              ("chat", "chat.jsonl", b'{"messages": [{"role": "user", "content": "hi"}]}\n')):
+    @case("tokenize-output", f"--output is the input file ({_fmt})")
+    def _(t, b, fmt=_fmt, name=_name, content=_content):
+        src = _data_file(t, name, content)
+        return _tok(src, src, fmt=fmt, names=(f"--output {src} is an input of this run",), keep=(src,))
+
+
+@case("tokenize-output", "--output is the second of two inputs")
+def _(t, b):
+    first, second = _doc_file(t), _doc_file(t, "more.txt", 10)
+    return _tok(second, first, second, names=(f"--output {second} is an input",), keep=(first, second))
+
+
+@case("tokenize-output", "--output is another file")
+def _(t, b):
+    other = _data_file(t, "notes.txt", b"my notes")
+    return _tok(other, _doc_file(t), names=(f"--output {other} is a file",), keep=(other,))
+
+
+@case("tokenize-output", "--output is a link to the input file")
+def _(t, b):
+    src = _doc_file(t)
+    os.symlink(src, t / "link")
+    return _tok(t / "link", src, names=("is an input of this run",), keep=(src, str(t / "link")))
+
+
+@case("tokenize-output", "--output is a broken link")
+def _(t, b):
+    os.symlink(t / "nowhere", t / "link")
+    return _tok(t / "link", _doc_file(t), names=("is a broken link",), absent=(str(t / "nowhere"),))
+
+
+@case("tokenize-output", "--output under a file")
+def _(t, b):
+    src = _doc_file(t)
+    return _tok(f"{src}/tokens", src, names=(f"{src} is a file",), keep=(src,))
+
+
+@case("tokenize-output", "--output two folders under a file")
+def _(t, b):
+    src = _doc_file(t)
+    return _tok(f"{src}/a/b", src, names=(f"{src} is a file",), keep=(src,))
+
+
+@case("tokenize-output", "--output under another file")
+def _(t, b):
+    other = _data_file(t, "notes.txt", b"my notes")
+    return _tok(f"{other}/tokens", _doc_file(t), names=(f"{other} is a file",), keep=(other,))
+
+
+@case("tokenize-output", "--output is the folder holding the input")
+def _(t, b):
+    os.makedirs(t / "data")
+    src = _doc_file(t / "data")
+    return _tok(t / "data", src, names=(f"contains the source {src}",), keep=(str(t / "data"),))
+
+
+@case("tokenize-output", "--output is two folders above the input")
+def _(t, b):
+    os.makedirs(t / "a" / "b")
+    src = _doc_file(t / "a" / "b")
+    return _tok(t / "a", src, names=("contains the source",), keep=(str(t / "a"),))
+
+
+@case("tokenize-output", "--output is the input's folder through a link")
+def _(t, b):
+    os.makedirs(t / "data")
+    src = _doc_file(t / "data")
+    os.symlink(t / "data", t / "link")
+    return _tok(t / "link", src, names=("contains the source",), keep=(str(t / "data"),))
+
+
+@case("tokenize-output", "--output is a converted checkpoint")
+def _(t, b):
+    out = copy(b.converted, t / "ckpt")
+    return _tok(out, _doc_file(t), names=("holds files this command does not write",), keep=(out,))
+
+
+@case("tokenize-output", "--output holds a README")
+def _(t, b):
+    os.makedirs(t / "out")
+    write(str(t / "out" / "README.md"), "# my tokens\n")
+    return _tok(t / "out", _doc_file(t), names=("README.md",), keep=(str(t / "out"),))
+
+
+@case("tokenize-output", "--output of another data set with --overwrite is replaced")
+def _(t, b):
+    out = _tokenized(t, "out", _doc_file(t, "other.txt", 30))
+    return _tok(out, _doc_file(t), status=0, extra=("--overwrite",))
+
+
+@case("tokenize-output", "--output is empty")
+def _(t, b):
+    return _tok("", _doc_file(t), names=("--output is empty",))
+
+
+for _flag, _value, _names in (("--shard-tokens", str(2**40), ("--shard-tokens must be",)),
+                              ("--shard-tokens", str(2**31), ("--shard-tokens must be",)),
+                              ("--shard-tokens", "1023", ("--shard-tokens must be",)),
+                              ("--shard-tokens", "0", ("--shard-tokens must be",)),
+                              ("--shard-tokens", "-1", ("--shard-tokens must be",)),
+                              ("--shard-tokens", "1e6", ("--shard-tokens",)),
+                              ("--workers", "0", ("--workers must be",)),
+                              ("--workers", "-1", ("--workers must be",)),
+                              ("--workers", "100000", ("--workers must be",)),
+                              ("--workers", str(2**70), ("--workers must be",)),
+                              ("--workers", "two", ("--workers",))):
+    @case("tokenize-size", f"{_flag} {_value}")
+    def _(t, b, flag=_flag, value=_value, names=_names):
+        src = _doc_file(t)
+        run = _tok(t / "out", src, names=names, keep=(src,), absent=(str(t / "out"),))
+        run.argv += [flag, value]  # after the defaults: argparse keeps the last
+        return run
+
+
+@case("tokenize-size", "a JSON line over 64 MiB")
+def _(t, b):
+    src = _data_file(t, "big.jsonl", b'{"text": "fine"}\n{"text": "' + b"ab " * (22 << 20) + b'"}\n')
+    return _tok(t / "out", src, fmt="jsonl", names=(f"{src}:2: a line longer than 64 MiB",), keep=(src,),
+                absent=(str(t / "out"),))
+
+
+@case("tokenize-size", "64 Mi characters of text without a space")
+def _(t, b):
+    src = _data_file(t, "blob.txt", b"a short one\n\n" + b"x" * ((64 << 20) + 10))
+    return _tok(t / "out", src, names=(f"{src} document 1: more than",), keep=(src,), absent=(str(t / "out"),))
+
+
+def _one_document(out: str, err: str) -> str | None:
+    summary = json.loads(out.strip().splitlines()[-1])
+    return None if summary["docs"] == 1 and summary["tokens"] > 500_000 else f"summary {summary}"
+
+
+@case("tokenize-size", "a 3 MB single-line document is tokenized")
+def _(t, b):
+    words = (ROOT / "data" / "tokenizer_corpus.txt").read_text().split()
+    src = _data_file(t, "line.txt", " ".join(words[i % len(words)] for i in range(550_000)).encode())
+    return _tok(t / "out", src, status=0, keep=(src,), check=_one_document)
+
+
+for _name, _content, _fmt, _names in (
+    ("a lone high surrogate escape in a JSON line", b'{"text": "ok"}\n{"text": "a \\ud800 b"}\n', "jsonl",
+     (":2: field 'text': a lone surrogate",)),
+    ("a lone low surrogate escape in an alpaca output", b'{"instruction": "a", "output": "\\uDC01"}\n', "alpaca",
+     (":1: field 'output': a lone surrogate",)),
+    ("a lone surrogate escape in a chat message", b'{"messages": [{"role": "user", "content": "x\\ud83d"}]}\n',
+     "chat", (":1: field 'messages[0].content'",)),
+    ("a JSON line that is not UTF-8", b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', "jsonl", (":2: not UTF-8",)),
+    ("a JSON line that is not JSON", b'{"text": "ok"}\n\n{"text": \n', "jsonl", (":3: not valid JSON",)),
+    ("a JSON line without the text field", b'{"body": "ok"}\n', "jsonl", (":1: field 'text' is missing",)),
+    ("a text file that is not UTF-8", b"fine\n\n\xff\xfe broken\n", "text", ("not UTF-8",)),
+):
+    @case("tokenize-input", _name)
+    def _(t, b, content=_content, fmt=_fmt, names=_names):
+        src = _data_file(t, "data.jsonl" if fmt != "text" else "data.txt", content)
+        return _tok(t / "out", src, fmt=fmt, names=tuple(src + n if n.startswith(":") else n for n in names),
+                    keep=(src,), absent=(str(t / "out"),))
+
+
+@case("tokenize-input", "an input that does not exist")
+def _(t, b):
+    return _tok(t / "out", str(t / "missing.txt"), names=(str(t / "missing.txt"),), absent=(str(t / "out"),))
+
+
+@case("tokenize-input", "a glob that matches nothing")
+def _(t, b):
+    return _tok(t / "out", str(t / "*.jsonl"), fmt="jsonl", names=("matches no file",), absent=(str(t / "out"),))
 
 
 # --- the sweep -------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ T_MODEL, T_GEN, T_CONV = "tests/test_model.py::", "tests/test_generate.py::", "t
 T_STEP, T_DATA, T_SHARD = "tests/test_train_step.py::", "tests/test_train_data.py::", "tests/test_sharding.py::"
 T_RUN, T_TOK = "tests/test_train_run.py::", "tests/test_tokenizer.py::"
 T_FAM = "tests/test_family.py::"
+PRETOK, T_PRETOK = "train/data/pretokenize.py", "tests/test_tokenize_safety.py::"
 HF_GQA = T_MODEL + "test_logits_match_hf_transformers[tiny-gqa-10000.0]"
 LAYOUTS = T_SHARD + "test_every_parameter_kind_gets_the_hand_written_layout"
 TRAIN_RUN = T_RUN + "test_train_cli_alpaca_eval_epochs_warmup_keep_mfu_and_init_from"
@@ -232,6 +233,24 @@ MUTATIONS = [
       "tests/test_docs.py::test_every_runnable_marker_sits_on_a_fence_and_the_guides_have_blocks"),
     M("docs-new-guide-left-out-of-nav", "docs", "scripts/docs_pages.py", "        if uri not in present:",
       "        if False:", "tests/test_docs.py::test_a_guide_the_nav_does_not_list_is_appended_to_the_guides"),
+    # --- the offline tokenizer on hostile input (issue 22)
+    M("cut-inside-whitespace-runs", "offline tokenizer", TOK, 'return re.compile(r"\\S(?=[" +',
+      'return re.compile(r"(?<=.)(?=[" +', T_PRETOK + "test_long_documents_are_cut_where_the_ids_do_not_change"),
+    M("rest-encoded-as-a-new-text", "offline tokenizer", TOK,
+      "for ids in self.encode_batch([CUT_ANCHOR + t for t in texts], bos=False):",
+      "for ids in self.encode_batch(list(texts), bos=False):",
+      T_PRETOK + "test_long_documents_are_cut_where_the_ids_do_not_change",
+      more=(("        anchor = self._anchor\n", "        anchor = []\n"),)),
+    M("pieces-start-documents", "offline tokenizer", PRETOK,
+      "starts = [not isinstance(raw, Piece) or raw.first for _, raw in chunk]", "starts = [True for _ in chunk]",
+      T_PRETOK + "test_long_documents_are_cut_where_the_ids_do_not_change"),
+    M("tokenize-without-lock", "offline tokenizer", PRETOK,
+      'with locked_folder(output, LOCK, f"tokenized data set folder {output}"):',
+      "with contextlib.nullcontext(os.makedirs(output, exist_ok=True)):",
+      T_PRETOK + "test_two_runs_racing_into_one_folder_one_wins"),
+    M("output-file-not-checked", "offline tokenizer", PRETOK,
+      "if os.path.lexists(output) and not os.path.isdir(output):", "if False:",
+      T_PRETOK + "test_output_that_is_a_file_or_holds_the_input_is_refused"),
 ]
 
 

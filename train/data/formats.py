@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from llama_jax.checkpoint.files import is_remote, read_bytes
 from llama_jax.tokenizer import Tokenizer, format_alpaca
@@ -51,10 +51,22 @@ def _hf_rows(dataset: Any, where: str) -> Iterator[tuple[str, Any]]:
 
 
 def hub_dataset(name: str, split: str = "train") -> Any:
-    """A Hub data set (or a local folder of Parquet/JSON files: the same `datasets` code path)."""
+    """A Hub data set (or a local folder of Parquet/JSON files: the same `datasets` code path); one
+    line (HubError) when it is not in the cache and cannot be downloaded."""
     import datasets
 
-    return datasets.load_dataset(name, split=split)
+    from llama_jax.convert.hub import LOGIN, HubError
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except datasets.exceptions.DatasetNotFoundError:
+        raise HubError(f"hf:{name}: no such data set on the Hugging Face Hub (a private or gated one needs a "
+                       f"login: {LOGIN})") from None
+    except ConnectionError:  # what `datasets` raises offline, after its retries
+        why = ("HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) is set" if datasets.config.HF_HUB_OFFLINE
+               else "the Hugging Face Hub cannot be reached")
+        raise HubError(f"hf:{name}: not in the local Hugging Face cache ({datasets.config.HF_DATASETS_CACHE}) and "
+                       f"{why}; download it once with network access, or pass local files") from None
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[str, Any]]:
@@ -82,15 +94,38 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def parse_json(text: str | bytes, where: str) -> Any:
-    """JSON of a file or line; bytes must be UTF-8 (json.loads would guess UTF-16/32 from garbage)."""
+    """JSON of a file or line; bytes must be UTF-8 (json.loads would guess UTF-16/32 from garbage), and
+    a \\uXXXX escape may not leave half a surrogate pair (no tokenizer can encode that string)."""
     try:
-        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+        text = text.decode("utf-8") if isinstance(text, bytes) else text
+        value = json.loads(text)
     except UnicodeDecodeError as e:
         raise ValueError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except RecursionError:
         raise ValueError(f"{where}: not valid JSON (nested too deeply)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e})") from e
+    if "\\ud" in text or "\\uD" in text:  # only escapes can make surrogates
+        _check_surrogates(value, where, "")
+    return value
+
+
+def _check_surrogates(value: Any, where: str, field: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            at = f"field {field!r}: " if field else ""
+            raise ValueError(f"{where}: {at}a lone surrogate escape \\u{ord(value[e.start]):04x} at character "
+                             f"{e.start} (JSON must escape a character outside the BMP as a pair, "
+                             "\\ud83d\\ude00); not Unicode text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_surrogates(key, where, field)
+            _check_surrogates(item, where, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_surrogates(item, where, f"{field}[{i}]")
 
 
 def _json_list_rows(path: str) -> Iterator[tuple[str, Any]]:
@@ -105,17 +140,71 @@ def _json_list_rows(path: str) -> Iterator[tuple[str, Any]]:
         yield f"{path}[{i}]", record
 
 
-def text_documents(path: str, block: int = 1 << 20) -> Iterator[str]:
+def text_documents(path: str) -> Iterator[str]:
     """Blank-line separated documents of a plain-text file, streamed (the same split as
     `text.split("\\n\\n")` on the whole file, stripped, empty ones dropped)."""
+    parts: list[str] = []
+    for _, piece, last in text_pieces(path):
+        parts.append(piece)
+        if last:
+            yield "".join(parts)
+            parts = []
+
+
+def text_pieces(path: str, cut: Callable[..., int] | None = None, size: int = 1 << 20,
+                limit: int | None = None, block: int = 1 << 20) -> Iterator[tuple[int, str, bool]]:
+    """(document number, piece, last piece of its document) of the documents `text_documents` gives,
+    streamed. With `cut` (`Tokenizer.cut`), a document longer than `size` characters comes in pieces
+    cut where it says (`split_text`), so memory does not grow with the document; at most `limit`
+    characters are held without a place to cut (more is an error naming the document)."""
+    doc, first, pending, eof, searched = 0, True, "", False, 0
     with storage.open_text(path) as f:
-        rest = ""
-        while chunk := storage.read_utf8(f, block, path):
-            parts = (rest + chunk).split("\n\n")
-            rest = parts.pop()
-            yield from (p.strip() for p in parts if p.strip())
-        if rest.strip():
-            yield rest.strip()
+        while not eof:
+            chunk = storage.read_utf8(f, block, path)
+            eof = not chunk
+            start = max(len(pending) - 1, 0)  # a "\n\n" may straddle two blocks
+            pending += chunk
+            while (end := pending.find("\n\n", start)) >= 0 or (eof and (pending or not first)):
+                end = len(pending) if end < 0 else end
+                text, pending, start, searched = pending[:end], pending[end + 2:], 0, 0
+                text = (text.lstrip() if first else text).rstrip()
+                if not text and first:
+                    continue  # an empty document
+                *head, text = split_text(text, cut, size)
+                yield from ((doc, piece, False) for piece in head)
+                if limit is not None and len(text) > limit:
+                    raise _uncut(path, doc, limit)
+                yield doc, text, True
+                doc, first = doc + 1, True
+            if eof or cut is None or len(pending) <= size:
+                continue
+            pending = pending.lstrip() if first else pending  # the open document: cut off what can be
+            if searched and not cut(pending, searched, searched):  # no cut in the text added since
+                searched = len(pending) - 1
+            else:
+                *head, pending = split_text(pending, cut, size)
+                for piece in head:
+                    yield doc, piece, False
+                    first = False
+                searched = len(pending) - 1 if len(pending) > size else 0  # known: no cut in pending[:searched + 1]
+            if limit is not None and len(pending) > limit:
+                raise _uncut(path, doc, limit)
+
+
+def _uncut(path: str, doc: int, limit: int) -> ValueError:
+    return ValueError(f"{path} document {doc}: more than {limit} characters without a space or line break where "
+                      "the tokenizer could cut it; split it (documents are separated by blank lines)")
+
+
+def split_text(text: str, cut: Callable[..., int] | None, size: int) -> list[str]:
+    """`text` in pieces of about `size` characters, cut where `cut` (`Tokenizer.cut`) allows: each
+    piece after the first continues the one before (`Tokenizer.encode_rest`). One piece when short."""
+    pieces, at = [], 0
+    while cut is not None and len(text) - at > size and (i := cut(text, at + size, at)):
+        pieces.append(text[at:i])
+        at = i
+    pieces.append(text[at:] if at else text)
+    return pieces
 
 
 def iter_records(path: str, text_key: str = "text") -> Iterator[tuple[str, Any]]:

@@ -73,11 +73,13 @@ class ShardWriter:
         self.used = 0
         self.totals = [0, 0]  # tokens, documents written by this writer
 
-    def add(self, tokens: np.ndarray, mask: np.ndarray | None, record: int, skipped: int, skip: int = 0) -> None:
+    def add(self, tokens: np.ndarray, mask: np.ndarray | None, record: int, skipped: int, skip: int = 0,
+            start: bool = True) -> None:
         """Append record `record`'s document (minus its first `skip` tokens, already in a shard);
-        `skipped` counts the records skipped before it."""
+        `skipped` counts the records skipped before it. `start=False`: the record is a later piece of
+        the document before it (no document start)."""
         done = skip
-        first = True
+        first = start
         while done < len(tokens):
             take = min(len(tokens) - done, self.capacity - self.used)
             span = slice(self.used, self.used + take)

@@ -174,11 +174,18 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
-def iter_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a UTF-8 text file, streamed; a line that is not UTF-8 is named."""
+def iter_lines(path: str, limit: int | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, streamed; a line that is not UTF-8, or longer than
+    `limit` bytes (read no further than that), is named."""
     with open_text(path) as f:
         raw = f.buffer
-        for n, line in enumerate(iter(raw.readline, b""), 1):
+        n = 0
+        while line := raw.readline(-1 if limit is None else limit + 1):
+            n += 1
+            if limit is not None and len(line) > limit and not line.endswith(b"\n"):
+                size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit} bytes"
+                raise ValueError(f"{path}:{n}: a line longer than {size}, the most one record may hold; split "
+                                 "the record")
             try:
                 yield n, line.decode("utf-8")
             except UnicodeDecodeError as e:
