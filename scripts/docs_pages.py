@@ -414,11 +414,33 @@ def on_config(config: Any) -> Any:
 LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s#:]+)(#[^)\s]*)?\)")  # [text](relative/path#anchor), not images
 
 
+README_SECTION = re.compile(r'^--8<-- "README\.md:([\w-]+)"$', re.M)
+
+
+def readme_section(name: str, here: str) -> str:
+    """README.md's `name` section, its links (written relative to the repo root) rebased onto the
+    folder `here` of the page that includes it, so one text reads right in both places."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    start, end = f"<!-- --8<-- [start:{name}] -->\n", f"<!-- --8<-- [end:{name}] -->"
+    if start not in text or end not in text:
+        raise ValueError(f"README.md has no section {name!r} (expected the lines {start.strip()} ... {end})")
+    section = text.split(start, 1)[1].split(end, 1)[0]
+
+    def rebase(m: re.Match) -> str:
+        target = os.path.join(ROOT, m.group(2))
+        return f"[{m.group(1)}]({os.path.relpath(target, here)}{m.group(3) or ''})"
+
+    return LINK.sub(rebase, section)
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    """A link from a page to a file of the repo outside docs/ (`../../bench/RESULTS.md`, which the site
-    does not hold) becomes the text and the file's repo path in code; links inside docs/ stay as they are."""
+    """README sections a page includes are inlined with their links rebased; then a link from a page to
+    a file of the repo outside docs/ (`../../bench/RESULTS.md`, which the site does not hold) becomes the
+    text and the file's repo path in code; links inside docs/ stay as they are."""
     docs_dir = os.path.abspath(config["docs_dir"])
     here = os.path.dirname(os.path.join(docs_dir, page.file.src_path))
+    markdown = README_SECTION.sub(lambda m: readme_section(m.group(1), here), markdown)
 
     def rewrite(m: re.Match) -> str:
         target = os.path.abspath(os.path.join(here, m.group(2)))
