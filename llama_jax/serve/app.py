@@ -349,9 +349,11 @@ def serve(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
 
 @contextlib.contextmanager
 def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve `app` from a background thread (tests, benchmarks); yields its base URL ("http://host:port")."""
+    """Serve `app` from a background thread (tests, benchmarks); yields its base URL ("http://host:port").
+    Its warnings go to Python's logging as they are (no handlers of uvicorn's own, bound to the
+    stderr of the moment)."""
     sock = listen(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None, timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
