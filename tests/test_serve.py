@@ -240,8 +240,8 @@ BAD = [  # (body, status, words the message must contain)
     ({"prompt": "x", "stop": "s" * 1001}, 400, "a stop string may hold at most 1000 characters, got 1001"),
     ('{"prompt": "x \\ud800 y"}', 400, 'prompt: not valid Unicode text: a lone surrogate "\\ud800" at character 2'),
     ('{"prompt": "x", "stop": ["\\udfff"]}', 400, "stop: not valid Unicode text"),
-    ("[" * 100_000 + "]" * 100_000, 400, "its JSON nests too deeply"),
-    ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "its JSON nests too deeply"),
+    ("[" * 100_000 + "]" * 100_000, 400, "JSON nests too deeply to parse"),
+    ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "JSON nests too deeply to parse"),
 ]
 
 

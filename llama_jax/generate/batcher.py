@@ -401,6 +401,10 @@ class Batcher:
             return None
         try:
             self.check(request)  # again: a Request object changed since submit() fails here, alone
+        except (ValueError, TypeError) as e:
+            self._fail(slot, f"refused when admitted: {e}")
+            return None
+        try:
             ids = list(request.prompt) + request.tokens
             t = min(max(_pow2(len(ids)), MIN_LENGTH_BUCKET), self.max_seq_len)
             tokens = np.zeros((1, t), np.int32)

@@ -125,7 +125,7 @@ def parse(body: bytes, schema: type[_Strict]) -> Any:
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     except RecursionError:
-        raise APIError(400, "the request body is not valid here: its JSON nests too deeply") from None
+        raise APIError(400, "the request body's JSON nests too deeply to parse") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:
