@@ -403,16 +403,18 @@ def test_body_limits_are_kept_while_reading(model):
             assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
 
 
-def test_health_answers_while_big_prompts_arrive(server):
-    """Eight clients send 2-4 MB prompts at once (text, refused before tokenizing: it cannot fit the
-    context; token lists, parsed in a worker thread): /health keeps answering meanwhile (0.24 s at
-    worst, load ~11; 5.3 s when they were parsed and tokenized on the event loop)."""
-    url = server[0]
-    bodies = [json.dumps({"prompt": "hello world " * 300_000}) if i % 2 else
+def test_health_answers_while_big_prompts_arrive(model):
+    """Eight clients send big prompts at once to a server with a 256k-token context: 3 MB of text
+    (tokenized in a worker thread: it fits the byte bound, then is too many tokens) and seven 2 MB
+    token-id lists (parsed in a worker thread): /health keeps answering meanwhile (0.28 s at worst,
+    load ~20; 1.6 s when they were parsed and tokenized on the event loop)."""
+    cfg, params, tok, _ = model
+    long = cfg.replace(max_seq_len=1 << 18)  # (RoPE has no table: the same params serve any context)
+    bodies = [json.dumps({"prompt": "hello world " * 250_000}) if i == 3 else
               json.dumps({"prompt": [1] + [15043] * 350_000}) for i in range(8)]
     stop, latencies = threading.Event(), []
 
-    def poll():
+    def poll(url):
         with httpx.Client(timeout=60) as c:
             while not stop.is_set():
                 start = time.perf_counter()
@@ -420,17 +422,19 @@ def test_health_answers_while_big_prompts_arrive(server):
                 latencies.append(time.perf_counter() - start)
                 time.sleep(0.01)
 
-    poller = threading.Thread(target=poll)
-    poller.start()
-    try:
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda b: httpx.post(url + "/v1/completions", content=b, timeout=120,
-                                                         headers={"content-type": "application/json"}), bodies))
-    finally:
-        stop.set()
-        poller.join()
+    with running(create_app(Batcher(params, long, slots=1, decode=tok.decode, eos_id=tok.eos_id), tok, MODEL)) as url:
+        poller = threading.Thread(target=poll, args=(url,))
+        poller.start()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda b: httpx.post(url + "/v1/completions", content=b, timeout=120,
+                                                             headers={"content-type": "application/json"}), bodies))
+        finally:
+            stop.set()
+            poller.join()
     assert [a.status_code for a in answers] == [400] * 8
     assert all(a.json()["error"]["code"] == "context_length_exceeded" for a in answers)
+    assert all("exceeds the context of 262144 tokens" in a.json()["error"]["message"] for a in answers)
     assert len(latencies) > 3 and max(latencies) < 1.0, sorted(latencies)[-3:]
 
 
