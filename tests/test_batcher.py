@@ -176,3 +176,21 @@ def test_a_failing_request_ends_alone_and_the_others_equal_generate_alone(model,
     # prefills: one per request, plus the replays: the two newer ones taken out of the failed decode
     # step (decode), or the four live when the state was lost (lost)
     assert len(admits) == len(batch) + {"decode": 2, "lost": 4}.get(kind, 0)
+
+
+def test_a_kv_cache_larger_than_the_free_memory_is_refused_before_it_is_allocated(model, monkeypatch):
+    """Device memory where JAX reports it (a stand-in GPU here: 1 GB, 0.4 GB in use), else host RAM."""
+    cfg, params, _ = model
+
+    class GPU:
+        platform, device_kind = "gpu", "Stand-in GPU"
+
+        def memory_stats(self):
+            return {"bytes_limit": 10**9, "bytes_in_use": 4 * 10**8}
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [GPU()])
+    # 2 (K, V) x 2 layers x 5000 slots x 256 positions x 2 kv heads x 16 x 4 bytes = 655,360,000
+    with pytest.raises(ValueError, match=r"the KV cache of 5000 slots x 256 positions needs 0\.66 GB \(655,360,000 "
+                                         r"bytes\) but 0\.60 GB is free on 1 Stand-in GPU device\(s\)"):
+        Batcher(params, cfg, slots=5000)
+    batcher_module._check_cache_fits(cfg, 4000, 256, None)  # 524,288,000 bytes: fits
