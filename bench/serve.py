@@ -187,14 +187,15 @@ class StaticBatches:
                 r.on_update(Update([], [], [], rest, "stop"))
 
 
-def measure(engine, tokenizer, requests, args) -> dict:
-    """Serve `engine` over loopback HTTP and run the clients in a child process."""
+def measure(engine, tokenizer, requests, args, clients=_client_process) -> dict:
+    """Serve `engine` over loopback HTTP and run the clients in a child process:
+    clients(url, requests, concurrency, seconds, out queue) puts its measurements on the queue."""
     from llama_jax.serve import create_app, running
 
     context = multiprocessing.get_context("spawn")
     with running(create_app(engine, tokenizer, "bench")) as url:
         out = context.Queue()
-        child = context.Process(target=_client_process, args=(url, requests, args.concurrency, args.seconds, out))
+        child = context.Process(target=clients, args=(url, requests, args.concurrency, args.seconds, out))
         child.start()
         measured = out.get()
         child.join()

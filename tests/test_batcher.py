@@ -2,6 +2,7 @@
 seeded sampling draw for draw), its compiled-program bounds, stop strings and cancellation, and
 the streamed text against a decode of the whole sequence."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -116,3 +117,80 @@ def test_tensor_parallel_batcher_equals_generate_alone(model):
     batch = b.run(requests(2, 3))
     assert b.state["cache"]["k"].sharding.spec != jax.sharding.PartitionSpec()  # the cache is split too
     assert all(r.tokens == alone(model, r) for r in batch)
+
+
+def _planted(kind, real_admit, real_decode):
+    """A stand-in for the batcher's compiled programs that fails as `kind` says (else the real one):
+    prefill: the prefill of a prompt starting with token 499 raises; decode: a decode step with
+    top_k 77 in any row raises (found only by taking that row out); lost: the third decode call runs,
+    then its outputs and the state it returned are gone (as after a failure on the device)."""
+    calls, admits = [], []
+
+    def admit(params, state, tokens, *args, **kw):
+        admits.append(1)
+        if kind == "prefill" and tokens[0, 0] == 499:
+            raise RuntimeError("planted prefill failure")
+        return real_admit(params, state, tokens, *args, **kw)
+
+    def decode(params, state, **kw):
+        if kind == "decode" and 77 in np.asarray(state["top_k"]):
+            raise RuntimeError("planted decode failure")
+        calls.append(1)
+        state, out = real_decode(params, state, **kw)
+        if kind == "lost" and len(calls) == 3:
+            for x in jax.tree.leaves((state, out)):
+                x.delete()
+        return state, out
+
+    return admit, decode, admits
+
+
+@pytest.mark.parametrize("kind", ["top_k 2**31", "prefill", "decode", "lost"])
+def test_a_failing_request_ends_alone_and_the_others_equal_generate_alone(model, monkeypatch, kind):
+    """Three requests decoding, three waiting, and a fourth live one that makes a device call fail
+    (or, `top_k 2**31`, whose value once overflowed the shared step for everyone): only that one ends
+    (with an error), and every other answer, streamed or whole, is what lj.generate gives it alone."""
+    cfg, params, tok = model
+    admit, decode, admits = _planted(kind, batcher_module._admit, batcher_module._decode)
+    monkeypatch.setattr(batcher_module, "_admit", admit)
+    monkeypatch.setattr(batcher_module, "_decode", decode)
+    batch = requests(4, 7)  # greedy and sampled, ragged; the first four need 11-20 tokens
+    culprit = batch[1]  # admitted second: a failed decode takes out the two newer ones first
+    culprit.prompt = [499] + culprit.prompt[1:]
+    culprit.top_k = {"top_k 2**31": 2**31, "decode": 77}.get(kind, culprit.top_k)
+    streamed = {id(r): [] for r in batch}
+    for r in batch:
+        r.on_update = lambda u, r=r: streamed[id(r)].append(u)
+    b = Batcher(params, cfg, slots=4, decode=tok.decode, eos_id=tok.eos_id)
+    b.run(batch)
+    fails = kind in ("prefill", "decode")
+    for r in batch:
+        if r is culprit and fails:
+            assert r.finish_reason == "error" and "planted" in r.error, (r.finish_reason, r.error)
+            assert streamed[id(r)][-1].error == r.error
+            continue
+        assert r.error is None and r.tokens == alone(model, r), (kind, batch.index(r))
+        assert "".join(u.text for u in streamed[id(r)]) == r.text == tok.decode(r.tokens)
+        assert streamed[id(r)][-1].finish_reason == r.finish_reason in ("stop", "length")
+    assert b.live == 0 and b.served == len(batch)
+    # prefills: one per request, plus the replays: the two newer ones taken out of the failed decode
+    # step (decode), or the four live when the state was lost (lost)
+    assert len(admits) == len(batch) + {"decode": 2, "lost": 4}.get(kind, 0)
+
+
+def test_a_kv_cache_larger_than_the_free_memory_is_refused_before_it_is_allocated(model, monkeypatch):
+    """Device memory where JAX reports it (a stand-in GPU here: 1 GB, 0.4 GB in use), else host RAM."""
+    cfg, params, _ = model
+
+    class GPU:
+        platform, device_kind = "gpu", "Stand-in GPU"
+
+        def memory_stats(self):
+            return {"bytes_limit": 10**9, "bytes_in_use": 4 * 10**8}
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [GPU()])
+    # 2 (K, V) x 2 layers x 5000 slots x 256 positions x 2 kv heads x 16 x 4 bytes = 655,360,000
+    with pytest.raises(ValueError, match=r"the KV cache of 5000 slots x 256 positions needs 0\.66 GB \(655,360,000 "
+                                         r"bytes\) but 0\.60 GB is free on 1 Stand-in GPU device\(s\)"):
+        Batcher(params, cfg, slots=5000)
+    batcher_module._check_cache_fits(cfg, 4000, 256, None)  # 524,288,000 bytes: fits

@@ -4,17 +4,21 @@ the same request alone, streaming joins to the whole answer, stop strings cut ex
 concurrent requests (some streamed, some dropped midway) all get their solo answers, and bad
 requests get OpenAI's error JSON with the right status while the server keeps answering."""
 
+import asyncio
 import concurrent.futures
 import json
+import logging
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx2 as httpx
+import numpy as np
 import openai
 import pytest
 
@@ -215,11 +219,29 @@ BAD = [  # (body, status, words the message must contain)
     ({"prompt": ["a", "b"]}, 400, "one prompt per request"),
     ({"prompt": [1, 9999]}, 400, "token id 9999 outside the vocabulary [0, 512)"),
     ({"max_tokens": 3}, 400, "prompt: this field is required"),
-    ({"prompt": "x", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist"),
-    ({"prompt": "hello " * 100_000}, 400, "exceeds the context of 256 tokens"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, 'the model "gpt-4" does not exist'),
+    ({"prompt": "hello " * 100_000}, 400, "cannot fit the context of 256 tokens"),
     ({"prompt": [1] * 200, "max_tokens": 100}, 400, "ask for at most 56 new tokens"),
     ('{"prompt": "x",', 400, "not valid JSON"),
     ("[1, 2]", 400, "must be a JSON object"),
+    # every field that reaches the shared decode step is checked here, naming the field (issue 22)
+    ({"prompt": "x", "top_k": 2**31}, 400, "top_k must be 0 or null (off) or in [1, 512] (the vocabulary), got 2147483648"),
+    ({"prompt": "x", "top_k": 2**70}, 400, "top_k must be 0 or null (off) or in [1, 512]"),
+    ({"prompt": "x", "top_k": 513}, 400, "top_k must be 0 or null (off) or in [1, 512]"),
+    ({"prompt": "x", "seed": 2**32}, 400, "seed: Input should be less than 4294967296"),
+    ({"prompt": "x", "seed": 2**63}, 400, "seed: Input should be less than 4294967296"),
+    ({"prompt": "x", "seed": -1}, 400, "seed: Input should be greater than or equal to 0"),
+    ({"prompt": "x", "max_tokens": 2**70}, 400, "exceeds the context of 256 tokens"),
+    ({"prompt": "x", "logprobs": 2**70}, 400, "logprobs: Input should be less than or equal to 5"),
+    ('{"prompt": "x", "temperature": 1e400}', 400, "temperature: Input should be less than or equal to 2"),
+    ({"prompt": "x", "top_p": float("nan")}, 400, "top_p: Input should be less than or equal to 1; got NaN"),
+    ({"prompt": "x", "n": 10**30}, 400, "n must be 1"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings"),
+    ({"prompt": "x", "stop": "s" * 1001}, 400, "a stop string may hold at most 1000 characters, got 1001"),
+    ('{"prompt": "x \\ud800 y"}', 400, 'prompt: not valid Unicode text: a lone surrogate "\\ud800" at character 2'),
+    ('{"prompt": "x", "stop": ["\\udfff"]}', 400, "stop: not valid Unicode text"),
+    ("[" * 100_000 + "]" * 100_000, 400, "JSON nests too deeply to parse"),
+    ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "JSON nests too deeply to parse"),
 ]
 
 
@@ -231,9 +253,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, b
     error = r.json()["error"]
     assert r.status_code == status and words in error["message"], error
     assert error["type"] == "invalid_request_error"
-    if "exceeds the context" in words:
+    if "the context" in words:
         assert error["code"] == "context_length_exceeded"
-    ok = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "unknown_field": [1]})
+    ok = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "unknown_field": [1]}, timeout=120)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2  # unknown fields ignored
 
 
@@ -269,6 +291,182 @@ def test_api_key(model):
         good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         assert good.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens <= 2
         assert httpx.get(url + "/health").status_code == 200  # health needs no key
+        # no schema route outside the key (there is none at all); the key's bytes compare exactly
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert httpx.get(url + path).status_code == 404
+        for header, status in ((f"Bearer {KEY}", 200), (f"bearer {KEY}", 200), (f"Bearer  {KEY}", 401),
+                               (f"Bearer {KEY}x", 401), (f"Bearer {KEY[:-1]}", 401), (f"Basic {KEY}", 401),
+                               ("Bearer", 401), (KEY, 401)):
+            r = httpx.get(url + "/v1/models", headers={"Authorization": header})
+            assert r.status_code == status, header
+        # whitespace after the key is not part of a header's value in HTTP (RFC 9110 5.5; h11 drops
+        # it, httpx refuses to send it): a raw client's "Bearer KEY " is the key
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY} \t\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+    for key, words in (("", "api_key is empty"), (" ", "api_key holds a space at character 0 of 1"),
+                       ("sk-1 ", "holds a space at character 4 of 5"), ("sk 1", "holds a space at character 2"),
+                       ("sk\t1", "holds a space"), ("sk-\u00e9", "not visible ASCII at character 3")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            create_app(batcher, tok, MODEL, api_key=key)
+
+
+def test_cli_refuses_keys_that_cannot_be_sent(monkeypatch, capsys):
+    """`--api-key ''` (or $LLAMA_JAX_API_KEY='') does not silently mean no key, and a key with a
+    space in it is refused: one line, exit status 2, before anything is loaded."""
+    for argv, env, words in ((["--api-key", ""], None, "--api-key (default $LLAMA_JAX_API_KEY) is empty"),
+                             ([], "", "--api-key (default $LLAMA_JAX_API_KEY) is empty"),
+                             (["--api-key", "sk-mine "], None, "holds a space at character 7 of 8"),
+                             ([], " sk", "holds a space at character 0 of 3")):
+        if env is None:
+            monkeypatch.delenv("LLAMA_JAX_API_KEY", raising=False)
+        else:
+            monkeypatch.setenv("LLAMA_JAX_API_KEY", env)
+        with pytest.raises(SystemExit) as e:
+            _parse(["--checkpoint", "unused", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and words in err[-1] and err[-1].startswith("python -m llama_jax.serve: error:")
+
+
+def test_a_request_that_fails_in_the_shared_decode_step_ends_alone(server, model, monkeypatch):
+    """Issue 22: one request that makes the shared decode step fail (planted here: a step with
+    top_k 77 in any row raises, as top_k 2**31 once overflowed it) while 3 streams decode and 3
+    requests wait: it gets a 500 alone, every other client gets its solo answer."""
+    from llama_jax.generate import batcher as batcher_module
+
+    url = server[0]
+    _, _, tok, _ = model
+    real = batcher_module._decode
+
+    def decode(params, state, **kw):
+        if 77 in np.asarray(state["top_k"]):
+            raise OverflowError("planted: a value that does not fit the step")
+        return real(params, state, **kw)
+
+    monkeypatch.setattr(batcher_module, "_decode", decode)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    prompts = [f"stream {i} of the story" for i in range(3)] + [f"wait {i}" for i in range(3)]  # (32 tokens: the compiled buckets of the tests above)
+    streams = [client.completions.create(model=MODEL, prompt=p, max_tokens=32, temperature=0, stream=True)
+               for p in prompts[:3]]
+    firsts = [next(iter(s)).choices[0].text for s in streams]  # all three are decoding now
+
+    def send(prompt):
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        bad = pool.submit(httpx.post, url + "/v1/completions", timeout=300,
+                          json={"prompt": "the bad one", "max_tokens": 32, "temperature": 0.5, "top_k": 77})
+        waiting = [pool.submit(send, p) for p in prompts[3:]]
+        texts = [f + "".join(c.choices[0].text for c in s) for f, s in zip(firsts, streams)]
+        texts += [w.result() for w in waiting]
+        r = bad.result()
+    assert r.status_code == 500 and "decode step failed with this request" in r.json()["error"]["message"]
+    for prompt, text in zip(prompts, texts):
+        assert text == tok.decode(solo(model, tok.encode(prompt, bos=True), 32)), prompt
+
+
+def test_body_limits_are_kept_while_reading(model):
+    """A body over the limit is refused on its Content-Length without reading it, and a chunked one
+    as soon as the bytes read pass the limit (the server reads at most limit + one chunk)."""
+    cfg, params, tok, _ = model
+    app = create_app(Batcher(params, cfg, slots=1, decode=tok.decode, eos_id=tok.eos_id), tok, MODEL)
+    chunk = b"x" * (64 << 10)
+
+    def call(headers, chunks):
+        pulled, sent = [0], []
+
+        async def receive():
+            pulled[0] += 1
+            return {"type": "http.request", "body": chunk, "more_body": pulled[0] < chunks}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+        asyncio.run(app(scope, receive, send))
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        return status, pulled[0] * len(chunk), json.loads(b"".join(m.get("body", b"") for m in sent))
+
+    status, read, body = call([(b"content-length", b"600000000")], 10_000)
+    assert status == 413 and read == 0 and "600000000 bytes exceeds the limit of 16777216" in body["error"]["message"]
+    status, read, body = call([(b"transfer-encoding", b"chunked")], 1024)  # 64 MB, no length given
+    assert status == 413 and read <= (16 << 20) + len(chunk), read
+    # over a real socket: the 413 comes back at once, though the 600 MB never arrive
+    with running(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 600000000\r\n\r\n{\"prompt\": ")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
+
+
+def test_health_answers_while_big_prompts_arrive(model):
+    """Eight clients send big prompts at once to a server with a 256k-token context: 3 MB of text
+    (tokenized in a worker thread: it fits the byte bound, then is too many tokens) and seven 2 MB
+    token-id lists (parsed in a worker thread): /health keeps answering meanwhile (0.28 s at worst,
+    load ~20; 1.6 s when they were parsed and tokenized on the event loop)."""
+    cfg, params, tok, _ = model
+    long = cfg.replace(max_seq_len=1 << 18)  # (RoPE has no table: the same params serve any context)
+    bodies = [json.dumps({"prompt": "hello world " * 250_000}) if i == 3 else
+              json.dumps({"prompt": [1] + [15043] * 350_000}) for i in range(8)]
+    stop, latencies = threading.Event(), []
+
+    def poll(url):
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                start = time.perf_counter()
+                assert c.get(url + "/health").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.01)
+
+    with running(create_app(Batcher(params, long, slots=1, decode=tok.decode, eos_id=tok.eos_id), tok, MODEL)) as url:
+        poller = threading.Thread(target=poll, args=(url,))
+        poller.start()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda b: httpx.post(url + "/v1/completions", content=b, timeout=120,
+                                                             headers={"content-type": "application/json"}), bodies))
+        finally:
+            stop.set()
+            poller.join()
+    assert [a.status_code for a in answers] == [400] * 8
+    assert all(a.json()["error"]["code"] == "context_length_exceeded" for a in answers)
+    assert all("exceeds the context of 262144 tokens" in a.json()["error"]["message"] for a in answers)
+    assert len(latencies) > 3 and max(latencies) < 1.0, sorted(latencies)[-3:]
+
+
+def test_short_errors_and_one_log_line_per_client_gone_mid_body(server):
+    """A 1 MB model name is a short 404; a lone surrogate in a chat message is a 400 naming it; a
+    client that hangs up in the middle of its body is one log line (no traceback), and the server
+    goes on."""
+    url = server[0]
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "model": "m" * (1 << 20)})
+    assert r.status_code == 404 and len(r.content) < 400 and "does not exist" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", content='{"messages": [{"role": "user", "content": "a\\udc80"}]}')
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("messages.0.content: not valid Unicode")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        for _ in range(5):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+                             b'{"prompt": "half')
+            time.sleep(0.1)
+        deadline = time.time() + 10
+        while len(records) < 5 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert len(records) == 5 and not any(r.exc_info for r in records), [r.getMessage() for r in records]
+    assert all("went away while sending a request body (16 bytes of 1000 received)" in r.getMessage()
+               for r in records)
+    assert httpx.get(url + "/health").status_code == 200
 
 
 def test_cli_serves_a_checkpoint_and_refuses_bad_flags(model, tmp_path, capsys):
@@ -281,10 +479,14 @@ def test_cli_serves_a_checkpoint_and_refuses_bad_flags(model, tmp_path, capsys):
     for argv, words in ((["--checkpoint", str(tmp_path / "nope")], "no such checkpoint folder"),
                         (["--checkpoint", str(path), "--max-seq-len", "999"], "max_seq_len must be an int in [2, 256]"),
                         (["--checkpoint", str(path), "--max-batch", "0"], "--max-batch must be >= 1"),
-                        (["--checkpoint", str(path), "--quantize", "int4"], "--quantize 'int4' is not one of int8, nf4")):
+                        (["--checkpoint", str(path), "--quantize", "int4"], "--quantize 'int4' is not one of int8, nf4"),
+                        (["--checkpoint", str(path), "--max-batch", str(10**7)],
+                         "the KV cache of 10000000 slots x 256 positions needs 1,310.72 GB (1,310,720,000,000 bytes) "
+                         "but ")):
         with pytest.raises(SystemExit) as e:
             main(argv + ["--no-warmup"])
-        assert e.value.code == 2 and words in capsys.readouterr().err
+        err = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]  # (argparse adds usage)
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], err
     taken = socket.create_server(("127.0.0.1", 0))
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(path), "--no-warmup", "--port", str(taken.getsockname()[1])])

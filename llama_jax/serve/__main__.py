@@ -14,7 +14,7 @@ import jax
 from llama_jax import quant
 from llama_jax.checkpoint import checkpoint_tokenizer, load_checkpoint
 from llama_jax.generate.batcher import Batcher
-from llama_jax.serve.app import create_app, listen, serve
+from llama_jax.serve.app import check_api_key, create_app, listen, serve
 from llama_jax.tokenizer import Tokenizer
 from sharding import inference_mesh
 
@@ -58,6 +58,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port < 65536:
         p.error(f"--port must be in [0, 65535], got {args.port}")
+    try:
+        check_api_key(args.api_key, "--api-key (default $LLAMA_JAX_API_KEY)")
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 

@@ -6,7 +6,10 @@ through an asyncio queue. A client that goes away (a closed stream, or a dropped
 waiting for a whole answer) cancels its request, which frees its slot before the next decode step.
 Errors are OpenAI's error JSON: 400 a bad field (or a prompt longer than the context, code
 context_length_exceeded), 401 a missing or wrong key, 404 an unknown model, 413 a huge body,
-503 a full queue; nothing a client sends stops the server.
+503 a full queue; nothing a client sends stops the server or another client's request. A body is
+counted while it arrives (refused at MAX_BODY_BYTES, or at once on its Content-Length), then parsed,
+checked and tokenized in a worker thread, so the event loop (other streams, /health) never waits
+for it; a prompt that cannot fit the context is refused before it is tokenized.
 """
 
 from __future__ import annotations
@@ -14,22 +17,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import secrets
 import socket
 import sys
 import threading
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi.requests import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from llama_jax.generate.batcher import Batcher, ContextTooLong, QueueFull, Request, Update
 from llama_jax.serve import protocol as wire
 from llama_jax.tokenizer import Tokenizer
 
 SWITCH_INTERVAL_S = 0.0005  # while serving: how long a thread may hold the interpreter lock when another waits
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log: our lines appear among its lines
+
+
+def check_api_key(key: str | None, name: str = "api_key") -> None:
+    """A key must be 1 or more visible ASCII characters: it travels as `Authorization: Bearer KEY`,
+    where HTTP drops surrounding whitespace, so a key with spaces could never be sent as it is
+    (and "" would silently mean no key). None = no key."""
+    if key is None:
+        return
+    if not key:
+        raise ValueError(f"{name} is empty; give a key or leave it out (no key: the server is open)")
+    bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise ValueError(f"{name} holds {'a space' if key[bad].isspace() else 'a character that is not visible ASCII'} "
+                         f"at character {bad} of {len(key)}: a key is visible ASCII characters only (no spaces), "
+                         "as it travels in an HTTP header")
 
 
 class _Mailbox:
@@ -106,9 +128,13 @@ class _Job:
             self.batcher.cancel(self.request)
 
 
-def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The app; its lifespan starts the batcher's loop and stops it at shutdown."""
-
+def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = wire.MAX_BODY_BYTES) -> FastAPI:
+    """The app; its lifespan starts the batcher's loop and stops it at shutdown. Raises ValueError
+    for an api_key that cannot be sent (check_api_key)."""
+    check_api_key(api_key)
+    key_bytes = None if api_key is None else api_key.encode()
+    piece_bytes = max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
     mailbox: _Mailbox | None = None
 
     @contextlib.asynccontextmanager
@@ -126,7 +152,9 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key:
             batcher.close()
             sys.setswitchinterval(switch_interval)
 
-    app = FastAPI(title="llama_jax", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No /openapi.json (nor /docs): the bodies are OpenAI's (parsed by hand, so FastAPI's schema
+    # would describe none of them) and an open schema route would be the one route outside the key.
+    app = FastAPI(title="llama_jax", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     created = wire.now()
 
     @app.exception_handler(wire.APIError)
@@ -140,24 +168,82 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key:
 
     @app.exception_handler(404)
     async def not_found(request: HTTPRequest, _: Exception) -> JSONResponse:
-        return JSONResponse(wire.APIError(404, f"no route {request.method} {request.url.path}").json(), 404)
+        return JSONResponse(wire.APIError(404, f"no route {request.method} {wire.short(request.url.path)}").json(),
+                            404)
 
     @app.exception_handler(405)
     async def wrong_method(request: HTTPRequest, _: Exception) -> JSONResponse:
-        return JSONResponse(wire.APIError(405, f"{request.method} is not allowed on {request.url.path}").json(), 405)
+        return JSONResponse(wire.APIError(405, f"{request.method} is not allowed on "
+                                               f"{wire.short(request.url.path)}").json(), 405)
 
     def authorize(http: HTTPRequest) -> None:
-        """With --api-key, every /v1 call needs `Authorization: Bearer KEY` (checked before anything else)."""
-        if api_key is not None:
+        """With --api-key, every /v1 call needs `Authorization: Bearer KEY` (checked before anything
+        else): the scheme in any case, one space, then exactly the key's bytes (compared in constant time)."""
+        if key_bytes is not None:
             given = http.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            scheme, _, token = given.partition(" ")
+            if not (scheme.lower() == "bearer" and hmac.compare_digest(token.encode("latin-1"), key_bytes)):
                 what = "no API key given (Authorization: Bearer KEY)" if not given else "incorrect API key"
                 raise wire.APIError(401, what, code="invalid_api_key")
 
+    async def read_body(http: HTTPRequest) -> bytes:
+        """The request body, counted as it arrives: over max_body_bytes is a 413 at once (on the
+        Content-Length before reading any, or as soon as the count passes it, chunked bodies too).
+        A client gone mid-body is one line in the log."""
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise wire.APIError(413, f"the request body of {int(declared)} bytes exceeds the limit of "
+                                     f"{max_body_bytes} bytes")
+        chunks, size = [], 0
+        try:
+            async for chunk in http.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise wire.APIError(413, f"the request body exceeds the limit of {max_body_bytes} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            client = f"{http.client.host}:{http.client.port}" if http.client else "a client"
+            log.warning("%s went away while sending a request body (%d bytes of %s received)", client, size,
+                        declared or "an unknown length")
+            raise wire.APIError(400, "the request body was cut off") from None
+        return b"".join(chunks)
+
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise wire.APIError(404, f"the model {name!r} does not exist; this server has {model_name!r}",
-                                "model", code="model_not_found")
+            raise wire.APIError(404, f"the model {wire.short(name)} does not exist; this server has "
+                                     f"{wire.short(model_name)}", "model", code="model_not_found")
+
+    def engine_request(body: wire.Sampling, ids: list[int], max_tokens: int | None, top_logprobs: int) -> Request:
+        if max_tokens is None:  # up to the context
+            max_tokens = max(1, batcher.max_seq_len - len(ids))
+        seed = secrets.randbelow(wire.MAX_SEED) if body.seed is None else body.seed
+        return Request(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k or 0,
+                       seed=seed, stop=body.stop, top_logprobs=top_logprobs)
+
+    async def admitted(http: HTTPRequest, prepare: Callable[[bytes], tuple]) -> tuple:
+        """Authorize, read the body, then parse, check and tokenize it in a worker thread (prepare),
+        and submit its request: (its job, the parsed body)."""
+        authorize(http)
+        raw = await read_body(http)
+        request, body = await run_in_threadpool(prepare, raw)
+        job = _Job(batcher, request, mailbox)
+        job.submit()
+        return job, body
+
+    def prepare_completion(raw: bytes) -> tuple[Request, wire.CompletionRequest]:
+        body = wire.parse(raw, wire.CompletionRequest)
+        body.check_supported(tokenizer.vocab_size)
+        check_model(body.model)
+        ids = wire.prompt_ids(body, tokenizer, batcher.max_seq_len, piece_bytes)
+        return engine_request(body, ids, body.max_tokens, body.logprobs or 0), body
+
+    def prepare_chat(raw: bytes) -> tuple[Request, wire.ChatRequest]:
+        body = wire.parse(raw, wire.ChatRequest)
+        body.check_supported(tokenizer.vocab_size)
+        check_model(body.model)
+        ids = wire.dialog_ids(body, tokenizer, batcher.max_seq_len, piece_bytes)
+        top = (body.top_logprobs or 0) if body.logprobs else 0
+        return engine_request(body, ids, body.max_completion_tokens or body.max_tokens, top), body
 
     @app.get("/health")
     async def health() -> dict:
@@ -170,22 +256,9 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "llama_jax", "max_model_len": batcher.max_seq_len}]}
 
-    def engine_request(body: wire.Sampling, ids: list[int], max_tokens: int | None, top_logprobs: int) -> Request:
-        body.check_supported()
-        check_model(body.model)
-        if max_tokens is None:  # up to the context
-            max_tokens = max(1, batcher.max_seq_len - len(ids))
-        seed = secrets.randbelow(2**31) if body.seed is None else body.seed
-        return Request(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                       seed=seed, stop=body.stop, top_logprobs=top_logprobs)
-
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
-        authorize(http)
-        body = wire.parse(await http.body(), wire.CompletionRequest)
-        ids = wire.prompt_ids(body, tokenizer)
-        job = _Job(batcher, engine_request(body, ids, body.max_tokens, body.logprobs or 0), mailbox)
-        job.submit()
+        job, body = await admitted(http, prepare_completion)
         id, model, now, request = wire.new_id("cmpl"), model_name, wire.now(), job.request
         with_logprobs = body.logprobs is not None
 
@@ -218,15 +291,7 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, api_key:
 
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest):
-        authorize(http)
-        body = wire.parse(await http.body(), wire.ChatRequest)
-        try:
-            ids = tokenizer.encode_dialog(wire.dialog(body))
-        except ValueError as e:
-            raise wire.APIError(400, f"messages: {e}", "messages") from None
-        top = (body.top_logprobs or 0) if body.logprobs else 0
-        job = _Job(batcher, engine_request(body, ids, body.max_completion_tokens or body.max_tokens, top), mailbox)
-        job.submit()
+        job, body = await admitted(http, prepare_chat)
         id, model, now, request = wire.new_id("chatcmpl"), model_name, wire.now(), job.request
 
         def logprobs(tokens, lps, alternatives):
@@ -284,9 +349,11 @@ def serve(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
 
 @contextlib.contextmanager
 def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve `app` from a background thread (tests, benchmarks); yields its base URL ("http://host:port")."""
+    """Serve `app` from a background thread (tests, benchmarks); yields its base URL ("http://host:port").
+    Its warnings go to Python's logging as they are (no handlers of uvicorn's own, bound to the
+    stderr of the moment)."""
     sock = listen(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None, timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from llama_jax.generate.batcher import TOP_LOGPROBS, Request
 from llama_jax.tokenizer import Tokenizer
 
-MAX_BODY_BYTES = 16 << 20  # a larger body is refused with 413 before it is parsed
+MAX_BODY_BYTES = 16 << 20  # a larger body is refused with 413: on its Content-Length, or once that much is read
+MAX_STOP_CHARS = 1000  # characters of one stop string (each token's text is searched for every stop)
+MAX_SEED = 2**32  # seeds are in [0, 2**32): the sampler's key takes 32 bits (as generate's)
 
 
 class APIError(Exception):
@@ -44,9 +46,9 @@ class Sampling(_Strict):
     model: str | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # not OpenAI's, as vLLM's extension: 0 = off
+    top_k: int | None = Field(0, ge=0)  # not OpenAI's, as vLLM's extension: 0 or None = off
     n: int = 1
-    seed: int | None = Field(None, ge=-2**31, lt=2**31)
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -54,8 +56,12 @@ class Sampling(_Strict):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
 
-    def check_supported(self) -> None:
-        """Refuse, clearly, settings this server does not implement (instead of ignoring them)."""
+    def check_supported(self, vocab_size: int) -> None:
+        """Refuse, clearly, settings this server does not implement (instead of ignoring them) and
+        values out of the model's range."""
+        if self.top_k is not None and self.top_k > vocab_size:
+            raise APIError(400, f"top_k must be 0 or null (off) or in [1, {vocab_size}] (the vocabulary), got "
+                                f"{short(self.top_k)}", "top_k")
         if self.n != 1:
             raise APIError(400, f"n must be 1 (one choice per request) on this server, got {self.n}; send "
                                 "separate requests with different seeds instead", "n")
@@ -69,6 +75,11 @@ class Sampling(_Strict):
             raise APIError(400, "stop strings must be non-empty", "stop")
         if len(stops) > 4:
             raise APIError(400, f"at most 4 stop strings (as OpenAI's API), got {len(stops)}", "stop")
+        for s in stops:
+            if len(s) > MAX_STOP_CHARS:
+                raise APIError(400, f"a stop string may hold at most {MAX_STOP_CHARS} characters, got {len(s)}",
+                               "stop")
+            text_bytes(s, "stop")
 
 
 class CompletionRequest(Sampling):
@@ -78,8 +89,8 @@ class CompletionRequest(Sampling):
     echo: bool = False
     best_of: int | None = None
 
-    def check_supported(self) -> None:
-        super().check_supported()
+    def check_supported(self, vocab_size: int) -> None:
+        super().check_supported(vocab_size)
         if self.echo:
             raise APIError(400, "echo is not supported by this server", "echo")
         if self.best_of not in (None, 1):
@@ -109,12 +120,12 @@ class ChatRequest(Sampling):
 
 def parse(body: bytes, schema: type[_Strict]) -> Any:
     """The request body as `schema`, or an APIError naming the field and what was expected."""
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body's JSON nests too deeply to parse") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:
@@ -134,34 +145,68 @@ def _validation_error(e: ValidationError, data: dict) -> APIError:
     if len(same) > 1 and all(len(x["loc"]) >= 2 for x in same):  # a union: name every accepted form
         forms = sorted({str(x["loc"][1]) for x in same})
         got = data.get(field)
-        return APIError(400, f"{field}: expected one of {', '.join(forms)}; got {type(got).__name__} {_short(got)}",
+        return APIError(400, f"{field}: expected one of {', '.join(forms)}; got {type(got).__name__} {short(got)}",
                         str(field))
-    return APIError(400, f"{where}: {errors[0]['msg']}; got {_short(errors[0].get('input'))}", str(field))
+    return APIError(400, f"{where}: {errors[0]['msg']}; got {short(errors[0].get('input'))}", str(field))
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, default=str)
+def short(value: Any) -> str:
+    """A value for an error message: JSON (ASCII: a lone surrogate is escaped), at most 60 characters."""
+    try:
+        text = json.dumps(value, default=str)
+    except (ValueError, RecursionError):
+        text = type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def prompt_ids(body: CompletionRequest, tokenizer: Tokenizer) -> list[int]:
+def text_bytes(text: str, field: str) -> int:
+    """The UTF-8 size of a text a client sent, or a 400 naming the field (a lone surrogate, e.g. "\\ud800"
+    in the JSON, is not text: it cannot be encoded)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{field}: not valid Unicode text: a lone surrogate {short(text[e.start])} at "
+                            f"character {e.start}", field.split(".")[0]) from None
+
+
+def check_text_size(size: int, field: str, max_tokens: int, piece_bytes: int) -> None:
+    """Refuse, before tokenizing it, a text that cannot fit `max_tokens`: no token covers more than
+    `piece_bytes` bytes of text (the tokenizer's longest piece)."""
+    if size > max_tokens * piece_bytes:
+        raise APIError(400, f"{field}: {size} bytes of text cannot fit the context of {max_tokens} tokens (no token "
+                            f"covers more than {piece_bytes} bytes: at most {max_tokens * piece_bytes} bytes); "
+                            "shorten it", field.split(".")[0], code="context_length_exceeded")
+
+
+def prompt_ids(body: CompletionRequest, tokenizer: Tokenizer, max_tokens: int, piece_bytes: int) -> list[int]:
     """The token ids of a completion request's one prompt: text gets BOS (as Generator.complete);
-    a token-id list is used as given."""
+    a token-id list is used as given. Text that cannot fit `max_tokens` is refused untokenized."""
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise APIError(400, f"prompt: one prompt per request on this server, got a batch of {len(prompt)}; "
                                 "send them as separate (concurrent) requests", "prompt")
         prompt = prompt[0]
-    ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+    if isinstance(prompt, str):
+        check_text_size(text_bytes(prompt, "prompt"), "prompt", max_tokens, piece_bytes)
+        ids = tokenizer.encode(prompt, bos=True)
+    else:
+        ids = list(prompt)
     if not ids:
         raise APIError(400, "prompt: an empty token list; give at least one token (e.g. BOS = 1)", "prompt")
     return ids
 
 
-def dialog(body: ChatRequest) -> list[dict]:
-    """The messages as the tokenizer's dialog (a "developer" message is a system message)."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+def dialog_ids(body: ChatRequest, tokenizer: Tokenizer, max_tokens: int, piece_bytes: int) -> list[int]:
+    """The chat prompt's token ids (a "developer" message is a system message); messages whose text
+    together cannot fit `max_tokens` are refused untokenized."""
+    size = sum(text_bytes(m.text(), f"messages.{i}.content") for i, m in enumerate(body.messages))
+    check_text_size(size, "messages", max_tokens, piece_bytes)
+    dialog = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        return tokenizer.encode_dialog(dialog)
+    except ValueError as e:
+        raise APIError(400, f"messages: {e}", "messages") from None
 
 
 # --- responses ---------------------------------------------------------------------------------------

@@ -1159,6 +1159,276 @@ for _name, _call, _names in (
     case("api-load", _name)(_api(_call, _names))
 
 
+# --- the OpenAI server under hostile load (issue 22): a real server on loopback -------------------
+# server-load: fields out of range, huge or broken bodies, clients that go away, a bad request among
+# live streams; server-auth: keys. A case returns (HTTP status, error message) and passes when both
+# are as expected and the server still answers /health afterwards.
+
+SWEEP_KEY = "sk-sweep-1"
+
+
+def _server(b: Base, key: str | None = None) -> tuple[str, int]:
+    """(host, port) of a server over the base's tiny model (4 slots; one per key), started on first
+    use in this process and stopped when it exits."""
+    servers = b.__dict__.setdefault("servers", {})
+    if key not in servers:
+        import atexit
+
+        import llama_jax as lj
+        from llama_jax.generate.batcher import Batcher
+        from llama_jax.serve import create_app, running
+
+        tok = lj.Tokenizer(TOKENIZER)
+        batcher = Batcher(_model(b), b.cfg, slots=4, decode=tok.decode, eos_id=tok.eos_id)
+        serving = running(create_app(batcher, tok, "tiny", api_key=key))
+        host, port = serving.__enter__().removeprefix("http://").split(":")
+        atexit.register(serving.__exit__, None, None, None)
+        servers[key] = (host, int(port))
+    return servers[key]
+
+
+def _exchange(address: tuple[str, int], head: bytes, parts=(), hang_up: bool = False) -> tuple[int, str]:
+    """Send a raw HTTP request (head, then each of `parts` until the server answers) and read the
+    answer: (status, error message or body). hang_up: close after sending, answer (0, "")."""
+    import socket
+
+    with socket.create_connection(address, timeout=60) as sock:
+        sock.sendall(head)
+        try:
+            for part in parts:
+                sock.sendall(part)
+        except OSError:  # the server answered and closed while we were still sending
+            pass
+        if hang_up:
+            return 0, ""
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.find(b"\r\n\r\n") + 4 + _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    body = data[data.find(b"\r\n\r\n") + 4:]
+    try:
+        return status, json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return status, body.decode(errors="replace")[:2000]
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def _post(path: str, body: bytes | str, headers: str = "") -> Callable:
+    """A POST of `body` (JSON text) to the plain server."""
+    body = body.encode() if isinstance(body, str) else body
+
+    def send(b: Base, key: str | None = None) -> tuple[int, str]:
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        return _exchange(_server(b, key), head, [body])
+    return send
+
+
+def _served(call: Callable, status: int, names: tuple, key: str | None = None, longest: int = 2000) -> Callable:
+    """A server case: call(base) answers `status` with a message naming one of `names` (at most
+    `longest` characters), and /health answers afterwards."""
+    def check(out: str, err: str) -> str | None:
+        got = eval(out)  # noqa: S307 - our own repr of (status, message)
+        if got[0] != status:
+            return f"status {got[0]}, expected {status}: {got[1][:200]}"
+        if names and not any(n in got[1] for n in names):
+            return f"message names none of {names}: {got[1][:200]}"
+        if len(got[1]) > longest:
+            return f"a {len(got[1])}-character message"
+        return None
+
+    def run(t: Path, b: Base) -> Run:
+        def go():
+            got = call(b, key) if key is not None else call(b)
+            health = _exchange(_server(b, key), b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            return got if health[0] == 200 else (-1, f"/health answered {health}")
+        return Run("api", [], (), status=0, call=go, check=check)
+    return run
+
+
+def _completion(**fields) -> str:
+    return json.dumps({"prompt": "hi", "max_tokens": 2, **fields})
+
+
+for _name, _body, _status, _names in (
+    ("top_k 2**31", _completion(top_k=2**31), 400, ("top_k",)),
+    ("top_k 2**70", _completion(top_k=2**70), 400, ("top_k",)),
+    ("top_k 513 (over the vocabulary)", _completion(top_k=513), 400, ("top_k",)),
+    ("top_k -1", _completion(top_k=-1), 400, ("top_k",)),
+    ("top_k 1.5", _completion(top_k=1.5), 400, ("top_k",)),
+    ("seed 2**32", _completion(seed=2**32), 400, ("seed",)),
+    ("seed 2**63", _completion(seed=2**63), 400, ("seed",)),
+    ("seed -1", _completion(seed=-1), 400, ("seed",)),
+    ("seed a string", _completion(seed="1"), 400, ("seed",)),
+    ("max_tokens 2**70", _completion(max_tokens=2**70), 400, ("max_new_tokens", "context")),
+    ("max_tokens 0", _completion(max_tokens=0), 400, ("max_tokens",)),
+    ("temperature 1e400", '{"prompt": "hi", "temperature": 1e400}', 400, ("temperature",)),
+    ("temperature NaN", '{"prompt": "hi", "temperature": NaN}', 400, ("temperature",)),
+    ("temperature -1", _completion(temperature=-1), 400, ("temperature",)),
+    ("top_p 0", _completion(top_p=0), 400, ("top_p",)),
+    ("top_p NaN", '{"prompt": "hi", "top_p": NaN}', 400, ("top_p",)),
+    ("logprobs 2**70", _completion(logprobs=2**70), 400, ("logprobs",)),
+    ("logprobs -1", _completion(logprobs=-1), 400, ("logprobs",)),
+    ("n 10**30", _completion(n=10**30), 400, ("n must be 1",)),
+    ("stop: 5 strings", _completion(stop=list("abcde")), 400, ("stop",)),
+    ("stop: a 1 MB string", _completion(stop="s" * (1 << 20)), 400, ("stop",)),
+    ("stop: an empty string", _completion(stop=[""]), 400, ("stop",)),
+    ("prompt token 2**40", _completion(prompt=[1, 2**40]), 400, ("token id",)),
+    ("prompt token -1", _completion(prompt=[1, -1]), 400, ("token id",)),
+    ("prompt: a lone surrogate", '{"prompt": "a\\ud800b"}', 400, ("prompt: not valid Unicode",)),
+    ("prompt: 4 MB of text", _completion(prompt="word " * 800_000), 400, ("cannot fit the context",)),
+    ("prompt: 1M token ids", _completion(prompt=[1] * 1_000_000), 400, ("exceeds the context",)),
+    ("model: a 1 MB name", _completion(model="m" * (1 << 20)), 404, ("does not exist",)),
+    ("JSON nested 100,000 deep", "[" * 100_000 + "]" * 100_000, 400, ("nests too deeply",)),
+    ("JSON nested 100,000 deep in a field", '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400,
+     ("nests too deeply",)),
+    ("body not JSON", "{\"prompt\": \"hi\",", 400, ("not valid JSON",)),
+    ("body not UTF-8", b'{"prompt": "\xff\xfe"}', 400, ("not valid JSON",)),
+):
+    case("server-load", _name)(_served(_post("/v1/completions", _body), _status, _names, longest=300))
+
+for _name, _body, _names in (
+    ("chat: a lone surrogate in a message", '{"messages": [{"role": "user", "content": "\\udc80"}]}',
+     ("messages.0.content",)),
+    ("chat: 4 MB of messages", json.dumps({"messages": [{"role": "user", "content": "word " * 800_000}]}),
+     ("cannot fit the context",)),
+    ("chat: 10,000 messages", json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                       {"role": "assistant", "content": "yo"}] * 5000
+                                          + [{"role": "user", "content": "hi"}]}), ("context",)),
+    ("chat: top_logprobs 2**70", json.dumps({"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                                             "top_logprobs": 2**70}), ("top_logprobs",)),
+):
+    case("server-load", _name)(_served(_post("/v1/chat/completions", _body), 400, _names, longest=300))
+
+
+def _too_long_declared(b: Base) -> tuple[int, str]:
+    """Content-Length 600 MB and only a few bytes: the 413 comes back without waiting for the rest."""
+    return _exchange(_server(b), b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 600000000\r\n\r\n{")
+
+
+def _too_long_chunked(b: Base) -> tuple[int, str]:
+    """64 MB in 64 KB chunks with no length: the 413 comes once the server has read past 16 MB."""
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return _exchange(_server(b), head, (b"10000\r\n" + b"x" * 65536 + b"\r\n" for _ in range(1024)))
+
+
+def _gone_mid_body(b: Base) -> tuple[int, str]:
+    """Ten clients that hang up halfway through their bodies, then a request that must be served."""
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    for _ in range(10):
+        _exchange(_server(b), head, [b'{"prompt": "half'], hang_up=True)
+    return _post("/v1/completions", _completion())(b)
+
+
+def _bad_among_streams(b: Base) -> tuple[int, str]:
+    """Three streams decoding and a top_k 2**31 request: the bad one is a 400, the streams end
+    normally ([DONE], no error event)."""
+    import httpx2 as httpx
+
+    url = "http://%s:%d" % _server(b)
+    with httpx.Client(timeout=120) as client:
+        with contextlib.ExitStack() as streams:
+            live = [streams.enter_context(client.stream("POST", url + "/v1/completions", json={
+                "prompt": f"story {i}", "max_tokens": 30, "temperature": 0, "stream": True})) for i in range(3)]
+            lines = [r.iter_lines() for r in live]
+            for it in lines:
+                next(it)
+            bad = _post("/v1/completions", _completion(top_k=2**31, max_tokens=30))(b)
+            ends = [[line for line in it if line.startswith("data: ")][-2:] for it in lines]
+    if any(end[-1] != "data: [DONE]" or '"error"' in end[0] for end in ends):
+        return -1, f"a stream ended {ends}"
+    return bad
+
+
+for _name, _call, _status, _names in (
+    ("a bad request among 3 live streams", _bad_among_streams, 400, ("top_k",)),
+    ("body: Content-Length 600 MB", _too_long_declared, 413, ("exceeds the limit",)),
+    ("body: 64 MB chunked", _too_long_chunked, 413, ("exceeds the limit",)),
+    ("10 clients gone mid-body", _gone_mid_body, 200, ()),
+):
+    case("server-load", _name)(_served(_call, _status, _names))
+
+
+def _serve_cli(*argv: str, env: dict | None = None) -> Callable:
+    """`python -m llama_jax.serve` parsed and built as its main does (up to listening), in this process."""
+    def call(t, b):
+        from llama_jax.serve.__main__ import _build, _parse
+
+        old = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})
+        try:
+            app, sock, _ = _build(_parse(["--checkpoint", b.converted, "--tokenizer", TOKENIZER, "--port", "0",
+                                          "--no-warmup", *argv]))
+            sock.close()
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return call
+
+
+case("server-load", "--max-batch 10**7")(_api(_serve_cli("--max-batch", str(10**7)), ("KV cache",)))
+case("server-load", "--max-seq-len 10**9")(_api(_serve_cli("--max-seq-len", str(10**9)), ("max_seq_len",)))
+
+
+def _get(path: str, authorization: str | None) -> Callable:
+    def send(b: Base, key: str | None = None) -> tuple[int, str]:
+        header = "" if authorization is None else f"Authorization: {authorization}\r\n"
+        return _exchange(_server(b, key), f"GET {path} HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode())
+    return send
+
+
+for _name, _path, _authorization, _status in (
+    ("no Authorization", "/v1/models", None, 401),
+    ("a wrong key", "/v1/models", "Bearer sk-sweep-2", 401),
+    ("the key and one character more", "/v1/models", f"Bearer {SWEEP_KEY}x", 401),
+    ("the key less its last character", "/v1/models", f"Bearer {SWEEP_KEY[:-1]}", 401),
+    ("two spaces before the key", "/v1/models", f"Bearer  {SWEEP_KEY}", 401),
+    ("Basic instead of Bearer", "/v1/models", f"Basic {SWEEP_KEY}", 401),
+    ("Bearer and no key", "/v1/models", "Bearer", 401),
+    ("the key without Bearer", "/v1/models", SWEEP_KEY, 401),
+    ("the key in upper case", "/v1/models", f"Bearer {SWEEP_KEY.upper()}", 401),
+    ("a 10 KB key", "/v1/models", "Bearer " + "k" * 10_000, 401),
+    ("the right key", "/v1/models", f"Bearer {SWEEP_KEY}", 200),
+    ("bearer in lower case", "/v1/models", f"bearer {SWEEP_KEY}", 200),
+    ("/openapi.json without a key", "/openapi.json", None, 404),
+    ("/openapi.json with the key", "/openapi.json", f"Bearer {SWEEP_KEY}", 404),
+    ("/docs without a key", "/docs", None, 404),
+    ("/health without a key", "/health", None, 200),
+):
+    case("server-auth", _name)(_served(_get(_path, _authorization), _status, (), key=SWEEP_KEY))
+
+for _name, _argv, _env, _names in (
+    ("--api-key ''", ["--api-key", ""], None, ("--api-key", "empty")),
+    ("--api-key ' '", ["--api-key", " "], None, ("--api-key",)),
+    ("--api-key with a trailing space", ["--api-key", "sk-1 "], None, ("--api-key",)),
+    ("--api-key with a space inside", ["--api-key", "sk 1"], None, ("--api-key",)),
+    ("--api-key with a tab", ["--api-key", "sk\t1"], None, ("--api-key",)),
+    ("--api-key not ASCII", ["--api-key", "sk-\u00e9"], None, ("--api-key",)),
+    ("$LLAMA_JAX_API_KEY empty", [], {"LLAMA_JAX_API_KEY": ""}, ("LLAMA_JAX_API_KEY",)),
+    ("$LLAMA_JAX_API_KEY a space", [], {"LLAMA_JAX_API_KEY": " "}, ("LLAMA_JAX_API_KEY",)),
+):
+    case("server-auth", _name)(_api(_serve_cli(*_argv, env=_env), _names))
+
+case("server-auth", "a 600 MB body without a key")(_served(
+    lambda b, key: _exchange(_server(b, key), b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                              b"Content-Length: 600000000\r\n\r\n{"), 401, ("API key",), key=SWEEP_KEY))
+case("server-auth", "a completion with the key")(_served(
+    _post("/v1/completions", _completion(), f"Authorization: Bearer {SWEEP_KEY}\r\n"), 200, (), key=SWEEP_KEY))
+
+
 # --- training: recipe -----------------------------------------------------------------------------
 
 

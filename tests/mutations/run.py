@@ -58,6 +58,8 @@ STEP, DATA, TOK = "train/step.py", "train/data/rows.py", "llama_jax/tokenizer.py
 T_MODEL, T_GEN, T_CONV = "tests/test_model.py::", "tests/test_generate.py::", "tests/test_convert.py::"
 T_STEP, T_DATA, T_SHARD = "tests/test_train_step.py::", "tests/test_train_data.py::", "tests/test_sharding.py::"
 T_RUN, T_TOK = "tests/test_train_run.py::", "tests/test_tokenizer.py::"
+BATCHER, APP = "llama_jax/generate/batcher.py", "llama_jax/serve/app.py"
+ISOLATION = "tests/test_batcher.py::test_a_failing_request_ends_alone_and_the_others_equal_generate_alone"
 T_FAM = "tests/test_family.py::"
 PRETOK, T_PRETOK = "train/data/pretokenize.py", "tests/test_tokenize_safety.py::"
 HF_GQA = T_MODEL + "test_logits_match_hf_transformers[tiny-gqa-10000.0]"
@@ -251,6 +253,19 @@ MUTATIONS = [
     M("output-file-not-checked", "offline tokenizer", PRETOK,
       "if os.path.lexists(output) and not os.path.isdir(output):", "if False:",
       T_PRETOK + "test_output_that_is_a_file_or_holds_the_input_is_refused"),
+    # --- the server under hostile load (issue 22)
+    M("settings-not-clamped", "server isolation", BATCHER, "np.int32(min(int(request.top_k), self.cfg.vocab_size))",
+      "np.int32(int(request.top_k))", ISOLATION + "[top_k 2**31]"),
+    M("decode-failure-blames-the-newest", "server isolation", BATCHER, "self._fail(removed[-1],", "self._fail(removed[0],",
+      ISOLATION + "[decode]"),
+    M("replay-draws-with-step-0", "server isolation", BATCHER, "_step_keys(keys, done[None])",
+      "_step_keys(keys, 0 * done[None])", ISOLATION + "[lost]"),
+    M("body-read-whole", "server limits", APP, "if size > max_body_bytes:", "if False:",
+      "tests/test_serve.py::test_body_limits_are_kept_while_reading"),
+    M("parse-on-the-event-loop", "server limits", APP, "await run_in_threadpool(prepare, raw)", "prepare(raw)",
+      "tests/test_serve.py::test_health_answers_while_big_prompts_arrive"),
+    M("api-key-prefix-accepted", "server auth", APP, "hmac.compare_digest(token.encode(\"latin-1\"), key_bytes)",
+      "token.encode(\"latin-1\").startswith(key_bytes)", "tests/test_serve.py::test_api_key"),
 ]
 
 
