@@ -16,8 +16,8 @@ How it runs (read `Batcher._iterate`):
   fold_in(fold_in(key(seed), 0), s). So a request's tokens are the ones `generate` gives it alone
   (greedy: token for token; seeded sampling: the same draws), whatever else shares the batch.
 - Stop strings, the end tokens (one EOS id or several) and max_new_tokens are checked on the host
-  per token; tokens the device made
-  past a request's end are dropped. Text and stop strings go through `StopMatcher` (stops.py).
+  per token; tokens the device made past a request's end are dropped. Text and stop strings go
+  through `StopMatcher` (stops.py).
 
 `Batcher.run(requests)` serves a list synchronously; `start()` runs the loop in a thread for a
 server (`submit`, `cancel`, `on_update` callbacks from that thread).

@@ -14,8 +14,8 @@ How a batch runs (read `generate`):
   `max_new_tokens` tokens: no Python per token.
 - Batch and prompt length are rounded up to powers of two and the cache to prompt bucket +
   power-of-two new tokens, so a handful of compiled programs serve every request. Temperature
-  (0 = greedy, a lax.cond), top-p, top-k, seed, the end tokens and max_new_tokens are traced values:
-  changing them never recompiles.
+  (0 = greedy, a lax.cond), top-p, top-k, seed, the end tokens (up to EOS_SLOTS of them) and
+  max_new_tokens are traced values: changing them never recompiles.
 - Streaming (`generate_stream`) runs the same compiled decode loop a chunk of steps at a time.
 - A `stop` check (stop strings: generate/stops.py) runs on the host between chunks of the same
   loop; a row it ends gets its done flag set on the device, and the loop exits once all are done.
