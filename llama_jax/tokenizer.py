@@ -5,6 +5,8 @@ formats LLaMA models are tuned on.
 file: LLaMA / Llama 2 / CodeLlama / TinyLlama ship a SentencePiece `tokenizer.model`, Llama 3 a
 byte-level BPE `tokenizer.json` (read with the `tokenizers` library, ids as transformers'
 PreTrainedTokenizerFast gives them, special tokens from tokenizer_config.json / generation_config.json).
+`eos_ids` are the end tokens generation stops at: EOS and every id generation_config.json lists (Llama 3.1:
+<|end_of_text|>, <|eom_id|>, <|eot_id|>), whichever kind of tokenizer file that config sits beside.
 `encode_dialog` reproduces the chat layout the tokenizer's models were tuned on, exactly, because a
 chat model only answers well when it sees that layout: Meta's Llama-2-chat one (llama/generation.py,
 chat_completion), or Llama 3's header/eot one (llama3's ChatFormat, = its HF chat template) when the
@@ -32,6 +34,7 @@ L3_EOT = "<|eot_id|>"
 L3_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", L3_EOT)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # SentencePiece; Hugging Face tokenizers (a folder: first found)
 HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")  # name BOS/EOS
+GENERATION_CONFIG = "generation_config.json"  # its eos_token_id (an id or a list) adds end tokens to any tokenizer
 
 # Stanford Alpaca's PROMPT_DICT (train.py): prompt_input / prompt_no_input, character for character.
 ALPACA_PROMPT_WITH_INPUT = (
@@ -108,6 +111,7 @@ class Tokenizer:
             self.backend = _HFTokenizer(files, path)  # the ids depend on tokenizer.json and which ids BOS/EOS are
             ends = f"\0{self.backend.bos_id},{self.backend.eos_id}".encode()
             self.fingerprint = hashlib.sha256(files["tokenizer.json"] + ends).hexdigest()[:16]
+        self._eos_ids = _end_ids(files, self.backend.eos_id, self.backend.vocab_size, path)
         has_headers = all(self.backend.token_id(t) is not None for t in L3_CHAT_TOKENS)
         self.chat_format = "llama3" if has_headers else "llama2"
 
@@ -134,6 +138,12 @@ class Tokenizer:
     @property
     def eos_id(self) -> int:
         return self.backend.eos_id
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The end tokens generation stops at: eos_id first, then the other ids generation_config.json
+        (beside the tokenizer file; the converter stores the model's there) lists as eos_token_id."""
+        return self._eos_ids
 
     @property
     def pad_id(self) -> int:
@@ -486,6 +496,18 @@ def _json_file(files: Mapping[str, bytes], file: str, name: str) -> dict:
     return config
 
 
+def _end_ids(files: Mapping[str, bytes], eos_id: int, vocab_size: int, name: str) -> tuple[int, ...]:
+    """EOS, then every other id in generation_config.json's eos_token_id (an id or a list), as
+    transformers' generate stops at any of them (Llama 3.1 Instruct lists [<|end_of_text|>,
+    <|eom_id|>, <|eot_id|>] while its tokenizer's EOS is <|eot_id|>)."""
+    listed = _json_file(files, GENERATION_CONFIG, name).get("eos_token_id")
+    listed = [] if listed is None else listed if isinstance(listed, list) else [listed]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in listed):
+        raise ValueError(f"{name}: {GENERATION_CONFIG} beside it has eos_token_id {listed!r}; expected a token id "
+                         f"or a list of them in [0, {vocab_size})")
+    return tuple(dict.fromkeys(([eos_id] if eos_id >= 0 else []) + listed))
+
+
 def _read_files(path: str) -> tuple[str, dict[str, bytes]]:
     """(the tokenizer's main file, {file name: bytes}) of a tokenizer file or folder (local or URL), or a
     Hub repo id when no such local path exists."""
@@ -508,11 +530,10 @@ def _read_files(path: str) -> tuple[str, dict[str, bytes]]:
     data = read_bytes(main)
     if data is None:
         raise FileNotFoundError(f"tokenizer model not found: {main!r}")
-    if not main.endswith(".json"):
-        return main, {"tokenizer.model": data}
     folder = main.rsplit("/", 1)[0] if is_remote(main) else os.path.dirname(main)
-    files = {"tokenizer.json": data}
-    for name in HF_SIDE_FILES:
+    json_file = main.endswith(".json")
+    files = {"tokenizer.json" if json_file else "tokenizer.model": data}
+    for name in HF_SIDE_FILES if json_file else (GENERATION_CONFIG,):
         side = read_bytes(join(folder, name))
         if side is not None:
             files[name] = side

@@ -80,12 +80,14 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
 
 
-def hf_greedy(model, prompt: list[int], n: int, eos_id: int | None = None) -> list[int]:
-    """HF's greedy `generate`: up to n new tokens, cut before EOS (as Meta's and ours are)."""
+def hf_greedy(model, prompt: list[int], n: int, eos_id: int | list[int] | None = None) -> list[int]:
+    """HF's greedy `generate`: up to n new tokens, cut before the end token (one id, or a list: it stops
+    at any of them), as Meta's and ours are."""
     out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=0 if eos_id else n,
                          eos_token_id=eos_id, pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     new = out[0, len(prompt):].tolist()
-    return new[:new.index(eos_id)] if eos_id in new else new
+    ends = [eos_id] if isinstance(eos_id, int) else eos_id or []
+    return next((new[:i] for i, t in enumerate(new) if t in ends), new)
 
 
 # --- a tiny Llama-3-style tokenizer.json (byte-level BPE, Llama 3's split regex and special tokens) -------
@@ -93,8 +95,9 @@ def hf_greedy(model, prompt: list[int], n: int, eos_id: int | None = None) -> li
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                  "<|reserved_special_token_1|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eom_id|>", "<|start_header_id|>", "<|end_header_id|>",
                   "<|reserved_special_token_2|>", "<|eot_id|>"]
+LLAMA3_ENDS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")  # Llama-3.1-8B-Instruct's generation_config.json
 # Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template, character for character.
 LLAMA3_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
@@ -109,9 +112,10 @@ CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3, "Hello world! How
 
 def llama3_tokenizer(folder: str, vocab: int = 420, eos: str | None = "<|eot_id|>") -> str:
     """Write a tiny Llama-3-layout tokenizer (tokenizer.json trained here with the `tokenizers` library,
-    tokenizer_config.json with Llama 3's BOS/EOS and chat template, generation_config.json) into
-    `folder`; `vocab` BPE pieces then the 8 special tokens. `eos=None`: the config names no eos_token
-    (generation_config.json's first eos_token_id then decides)."""
+    tokenizer_config.json with Llama 3's BOS/EOS and chat template, generation_config.json listing Llama
+    3.1 Instruct's end tokens [<|end_of_text|>, <|eom_id|>, <|eot_id|>]) into `folder`; `vocab` BPE pieces
+    then the 8 special tokens. `eos=None`: the config names no eos_token (generation_config.json's first
+    eos_token_id then decides)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(ignore_merges=True))
@@ -137,6 +141,5 @@ def llama3_tokenizer(folder: str, vocab: int = 420, eos: str | None = "<|eot_id|
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": bos, "eos_token_id": [tok.token_to_id("<|end_of_text|>"),
-                                                          tok.token_to_id("<|eot_id|>")]}, f)
+        json.dump({"bos_token_id": bos, "eos_token_id": [tok.token_to_id(t) for t in LLAMA3_ENDS]}, f)
     return folder

@@ -63,6 +63,25 @@ def test_every_request_equals_generate_alone_and_reads_a_bounded_cache(model, mo
     assert (batcher_module._admit._cache_size(), decode._cache_size()) == sizes
 
 
+def test_chunked_prefill_admission_equals_generate_alone(model):
+    """Prompts admitted 16 positions at a time (the 32 bucket in two chunks; lengths not a multiple of
+    16) decode exactly as `lj.generate` (one-step prefill) gives each alone; with several end tokens a
+    request stops at the one it meets (here the second)."""
+    cfg, params, tok = model
+    batch = [r for r in requests(3, 8) if len(r.prompt) > 16 and len(r.prompt) % 16][:3]
+    assert len(batch) == 3
+    b = Batcher(params, cfg, slots=3, decode=tok.decode, eos_id=tok.eos_id, steps_per_call=2, prefill_chunk=16)
+    assert all(r.tokens == alone(model, r) for r in b.run(batch))
+    first = batch[0]
+    free = alone(model, first)
+    j = next(j for j in range(1, len(free)) if free[j] not in free[:j])
+    b = Batcher(params, cfg, slots=3, decode=tok.decode, eos_id=[tok.eos_id, free[j]], steps_per_call=2,
+                prefill_chunk=16)
+    [again] = b.run([Request(first.prompt, first.max_new_tokens, first.temperature, first.top_p, first.top_k,
+                             first.seed)])
+    assert again.tokens == free[:j] and again.finish_reason == "stop"
+
+
 def test_stop_strings_cancel_and_limits(model):
     cfg, params, tok = model
     b = Batcher(params, cfg, slots=2, decode=tok.decode, eos_id=tok.eos_id, max_waiting=2)

@@ -11,7 +11,8 @@ below, so a config whose feature did not matter on these tokens could not pass s
 
 Greedy decoding is argmax over our forward for every member (one compiled shape), and also runs through
 our KV-cache engine for Llama 3.2 (`lj.generate`: scaled RoPE at cache positions, the tied output) and
-Llama 3.1 (`Generator.chat`); each engine compile costs ~10 s on the shared 2-core machine.
+Llama 3.1 (`Generator.chat`); each engine compile costs ~10 s on the shared 2-core machine. Llama 3.1's
+end tokens (generation_config.json lists three) stop every entry point where transformers' generate stops.
 """
 
 import os
@@ -26,7 +27,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import llama_jax as lj
 from llama_jax.convert import __main__ as convert_cli
 from llama_jax.model import rope_frequencies
-from reference import LLAMA3_CHAT_TEMPLATE, hf_greedy, hf_logits, hf_model_of, llama3_tokenizer
+from reference import LLAMA3_CHAT_TEMPLATE, LLAMA3_ENDS, hf_greedy, hf_logits, hf_model_of, llama3_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SP_TOKENIZER = os.path.join(ROOT, "data", "tokenizer.model")
@@ -159,5 +160,92 @@ def test_llama3_chat_from_the_converted_checkpoint_equals_transformers(tmp_path_
     generator = lj.Generator(out)
     assert generator.prompt_ids(dialog[1]["content"], "chat", history=dialog[:1]) == prompt
     answer = generator.chat(dialog, temperature=0.0, max_new_tokens=NEW)["content"]
-    expected = hf_greedy(model, prompt, NEW, eos_id=theirs.eos_token_id)
+    expected = hf_greedy(model, prompt, NEW, eos_id=transformers.GenerationConfig.from_pretrained(src).eos_token_id)
     assert answer == theirs.decode(expected, skip_special_tokens=True)
+
+
+TEXT = "The quick brown fox jumps over the lazy dog. Hello world! How are you today?"  # 23 ids: chat's bucket
+
+
+@pytest.fixture(scope="module")
+def llama31_ends(tmp_path_factory):
+    """A tiny Llama 3.1 whose greedy continuation of TEXT says <|eom_id|> (the second of the three end
+    tokens generation_config.json lists, not the tokenizer's EOS <|eot_id|>) at step k >= 2, saved by
+    transformers and converted. Built from a random model's free continuation: the token it gives at
+    step k is swapped with <|eom_id|> in the embedding and output rows (the same model under relabelled
+    ids), so the relabelled model says <|eom_id|> there. Returns (HF folder, checkpoint, prompt ids, k)."""
+    root = tmp_path_factory.mktemp("llama31_ends")
+    src, out = str(root / "hf"), str(root / "ckpt")
+    llama3_tokenizer(src)
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    ends = [theirs.convert_tokens_to_ids(t) for t in LLAMA3_ENDS]
+    eom = ends[1]
+    model = hf_model_of(FAMILY["llama3.1"][0], seed=4, sharpen=4.0)
+    prompt = theirs(TEXT)["input_ids"]
+    free = hf_greedy(model, prompt, NEW)
+    k = next(k for k in range(2, NEW) if free[k] not in free[:k] + prompt + ends)
+    with torch.no_grad():
+        for w in (model.model.embed_tokens.weight, model.lm_head.weight):
+            w[[free[k], eom]] = w[[eom, free[k]]]
+    model.generation_config = transformers.GenerationConfig.from_pretrained(src)  # written back by save_pretrained
+    model.save_pretrained(src)
+    convert_cli.main(["hf", src, out, "--no-progress"])
+    return src, out, prompt, k, free
+
+
+def test_llama31_end_tokens_stop_every_entry_point_as_transformers(llama31_ends):
+    """transformers' greedy `generate` of the saved folder (its generation_config.json: three eos ids)
+    stops at <|eom_id|>; so do lj.generate with the converted checkpoint's Tokenizer.eos_ids, Generator,
+    the generate CLI, the server (through the official openai client) and the lm-eval harness LM, all
+    reading the end tokens from the checkpoint without a flag. The tokenizer's single EOS would run on.
+    (Not capsys: uvicorn's log handler would keep its stream, closed after the test.)"""
+    import contextlib
+    import io
+
+    import openai
+    from lm_eval.api.instance import Instance
+
+    from llama_jax.eval.harness import LlamaJaxLM
+    from llama_jax.generate.__main__ import main as generate_cli
+    from llama_jax.serve import running
+    from llama_jax.serve.__main__ import _build, _parse
+
+    src, out, prompt, k, free = llama31_ends
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+    ends = reloaded.generation_config.eos_token_id
+    expected = hf_greedy(reloaded, prompt, NEW, eos_id=ends)
+    assert expected == free[:k] and ends[1] == theirs.convert_tokens_to_ids("<|eom_id|>") != theirs.eos_token_id
+    answer = theirs.decode(expected, skip_special_tokens=True)
+
+    tok = lj.Tokenizer(out)
+    assert tok.eos_id == theirs.eos_token_id and sorted(tok.eos_ids) == sorted(ends)
+    # converted with a tokenizer from elsewhere (no generation_config.json): the model folder's is stored
+    bare, again = os.path.join(os.path.dirname(out), "bare"), os.path.join(os.path.dirname(out), "again")
+    os.makedirs(bare)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, file), bare)
+    assert lj.Tokenizer(bare).eos_ids == (tok.eos_id,)
+    convert_cli.main(["hf", src, again, "--tokenizer", bare, "--no-progress"])
+    assert lj.Tokenizer(again).eos_ids == tok.eos_ids
+    cfg, params = lj.load_checkpoint(out)
+    assert tok.encode(TEXT) == prompt
+    assert lj.generate(params, cfg, [prompt], max_new_tokens=NEW, eos_id=tok.eos_ids)[0] == expected
+    assert len(lj.generate(params, cfg, [prompt], max_new_tokens=NEW, eos_id=tok.eos_id)[0]) > k  # runs past it
+
+    assert lj.Generator(out).complete(TEXT, temperature=0.0, max_new_tokens=NEW) == answer
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        generate_cli(["--checkpoint", out, "--prompt", TEXT, "--temperature", "0", "--max-new-tokens", str(NEW)])
+    assert printed.getvalue() == answer + "\n"
+
+    app, sock, _ = _build(_parse(["--checkpoint", out, "--no-warmup", "--port", "0", "--max-batch", "1"]))
+    sock.close()
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = client.completions.create(model="ckpt", prompt=TEXT, max_tokens=NEW, temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (answer, "stop", k)
+
+    lm = LlamaJaxLM(out, max_gen_toks=NEW)
+    request = Instance("generate_until", {}, (TEXT, {"until": ["\n\n\n"], "do_sample": False}), 0)
+    assert lm.generate_until([request], disable_tqdm=True) == [answer]

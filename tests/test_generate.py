@@ -102,6 +102,33 @@ def test_greedy_ragged_batch_equals_hf_with_logprobs_and_echo(gqa):
         np.testing.assert_allclose(lp[1:], hf_token_logprobs(model, row), rtol=1e-4, atol=1e-4)
 
 
+def test_chunked_prefill_equals_one_step_prefill_and_hf(gqa):
+    """A ragged batch prefilled 6 positions at a time (bucket 16 = two chunks + a tail of 4; rows end in
+    the first chunk, the second and the tail, at lengths that are no multiple of 6): the KV cache and
+    every prompt token's log p equal the one-step prefill's to float32 rounding, and the greedy tokens
+    (and echo log-probs) are HF's."""
+    from llama_jax.generate import engine
+
+    cfg, model, params = gqa
+    prompts = ragged_prompts()  # lengths 5, 13, 2, 9
+    one = engine._start(params, cfg, prompts, NEW, 0.0, 1.0, 0, 0, None, None)
+    chunked = engine._start(params, cfg, prompts, NEW, 0.0, 1.0, 0, 0, None, 6)
+    for i, prompt in enumerate(prompts):
+        n = len(prompt)
+        for name in ("k", "v"):  # every layer's K/V at the prompt's positions
+            np.testing.assert_allclose(chunked[1]["cache"][name][:, i, :n], one[1]["cache"][name][:, i, :n],
+                                       rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(chunked[2][i, :n - 1], one[2][i, :n - 1], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(chunked[1]["tokens"][:, 0], one[1]["tokens"][:, 0])
+    np.testing.assert_allclose(chunked[1]["logprobs"][:, 0], one[1]["logprobs"][:, 0], rtol=1e-5, atol=1e-6)
+    out, logprobs = lj.generate(params, cfg, prompts, max_new_tokens=NEW, eos_id=None, logprobs=True, echo=True,
+                                prefill_chunk=6)
+    assert out == lj.generate(params, cfg, prompts, max_new_tokens=NEW, eos_id=None, echo=True, prefill_chunk=None)
+    for prompt, row, lp in zip(prompts, out, logprobs):
+        assert row == prompt + hf_greedy(model, prompt, NEW)
+        np.testing.assert_allclose(lp[1:], hf_token_logprobs(model, row), rtol=1e-4, atol=1e-4)
+
+
 def test_stream_chunks_join_to_generate_and_greedy_equals_hf(gqa):
     cfg, model, params = gqa
     prompts = ragged_prompts()
@@ -128,6 +155,15 @@ def test_eos_stops_each_row_and_max_length(gqa):
         assert row == hf_greedy(model, prompt, NEW, eos_id=eos)
     assert any(len(row) == NEW for row in out), "expected at least one row never to hit the EOS"
     stream = list(lj.generate_stream(params, cfg, prompts, max_new_tokens=NEW, eos_id=eos, chunk=4))
+    assert [sum((c[i] for c in stream), []) for i in range(4)] == out
+    # several end tokens (Llama 3.1's list): each row stops at the first of any of them, as HF's generate
+    j = next(j for j in range(2, NEW) if free[1][j] not in free[1][:j] and free[1][j] != eos)
+    ends = [free[1][j], eos]  # row 1 stops at the first, row 0 at the second
+    out = lj.generate(params, cfg, prompts, max_new_tokens=NEW, eos_id=ends)
+    assert out[0] == free[0][:k] and len(out[1]) <= j
+    for prompt, row in zip(prompts, out):
+        assert row == hf_greedy(model, prompt, NEW, eos_id=ends)
+    stream = list(lj.generate_stream(params, cfg, prompts, max_new_tokens=NEW, eos_id=tuple(ends), chunk=4))
     assert [sum((c[i] for c in stream), []) for i in range(4)] == out
 
 
@@ -345,6 +381,8 @@ def test_seeded_sampling_reproducible_and_streaming_identical(gqa):
     ([[1]], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ([[1]], {"top_k": -1}, "top_k must be"),
     ([[1]], {"eos_id": 600}, "eos_id must be"),
+    ([[1]], {"eos_id": [2, 600]}, r"eos_id must be None, a token id or a list of token ids in \[0, 512\)"),
+    ([[1]], {"prefill_chunk": 0}, "prefill_chunk must be None"),
 ])
 def test_bad_requests_raise_clear_errors(gqa, prompts, kw, match):
     cfg, _, params = gqa

@@ -45,7 +45,7 @@ def exact_match(params: Any, cfg: LlamaConfig, tokenizer: Tokenizer, records: Se
         raise ValueError("exact_match: no evaluation records")
     prompts = [tokenizer.encode(format_alpaca(r["instruction"], r.get("input", "")), bos=True) for r in records]
     answers = generate(params, cfg, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                       eos_id=tokenizer.eos_id)
+                       eos_id=tokenizer.eos_ids)
     rows = [{"instruction": r["instruction"], "input": r.get("input", ""), "expected": r["output"],
              "got": tokenizer.decode(a)} for r, a in zip(records, answers)]
     for row in rows:

@@ -15,6 +15,7 @@ from llama_jax.checkpoint.files import read_json
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.torch_io import TORCH_DTYPES, load_pth, prefetch, release, to_numpy
 from llama_jax.layout import contiguous, transpose_2d
+from llama_jax.tokenizer import GENERATION_CONFIG
 
 
 class MetaSource:
@@ -124,6 +125,9 @@ class MetaSource:
     def prefetch(self, name: str) -> None:
         prefetch(*(shard[name] for shard in self.shards))
 
+    def generation_config(self) -> bytes | None:
+        return None  # Meta's folders have none (params.json says nothing of end tokens)
+
     def tokenizer(self) -> str | None:
         for folder in (self.src, os.path.dirname(os.path.abspath(self.src))):  # Llama-2 puts it one level up
             if os.path.isfile(os.path.join(folder, "tokenizer.model")):
@@ -216,6 +220,14 @@ class HFSource:
         reader = self.readers[self.where[name]]
         if isinstance(reader, dict):
             prefetch(reader[name])
+
+    def generation_config(self) -> bytes | None:
+        """The folder's generation_config.json: the model's end tokens (Llama 3.1 lists three eos ids)."""
+        path = os.path.join(self.src, GENERATION_CONFIG)
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            return f.read()
 
     def tokenizer(self) -> str | None:
         """The folder when it holds a tokenizer (tokenizer.model, else tokenizer.json + its side files)."""

@@ -14,13 +14,26 @@ from llama_jax.checkpoint.files import check_apart
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.sources import HFSource, MetaSource, check_names
 from llama_jax.model import param_shapes
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer import GENERATION_CONFIG, Tokenizer
 
 OUT_DTYPES = ("bfloat16", "float32")
 
 
 def itemsize(dtype: str) -> int:
     return 2 if dtype in ("bfloat16", "float16") else 4
+
+
+def with_end_tokens(tokenizer: Tokenizer, source: MetaSource | HFSource) -> Tokenizer:
+    """The tokenizer to store with the checkpoint, carrying the model folder's generation_config.json
+    (its end tokens: Llama 3.1's three eos ids), which generate, serve and the harness read from
+    there (`Tokenizer.eos_ids`); the model's file wins over one beside a tokenizer from elsewhere."""
+    config = source.generation_config()
+    if config is None or tokenizer.files.get(GENERATION_CONFIG) == config:
+        return tokenizer
+    try:
+        return Tokenizer.from_files({**tokenizer.files, GENERATION_CONFIG: config}, tokenizer.model_path)
+    except ValueError as e:
+        raise ValueError(f"{source.src}/{GENERATION_CONFIG} does not fit the tokenizer: {e}") from None
 
 
 def convert(source: MetaSource | HFSource, out: str, dtype: str | None = None, tokenizer: str | None = None,
@@ -45,6 +58,7 @@ def convert(source: MetaSource | HFSource, out: str, dtype: str | None = None, t
             tokenizer = Tokenizer(tokenizer)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"--tokenizer {tokenizer}: {e}") from None
+        tokenizer = with_end_tokens(tokenizer, source)
     check_apart(out, (source.src,))
     items = [(entry, layer, name, int(np.prod(layout.torch_shape(entry, cfg))))
              for entry, layer, name in layout.names(cfg, source.fmt)]

@@ -10,7 +10,8 @@ It follows the harness's own `hf` model request by request, so numbers compare w
   as the prefix token. Like the `hf` model on a Llama tokenizer, the encoded document already
   starts with BOS, so the first window also scores log p(BOS | BOS);
 - generate_until decodes greedily (or samples when do_sample) from the context left-truncated to
-  max_length - max_gen_toks, and cuts the text at the first `until` string (and EOS's text).
+  max_length - max_gen_toks, and cuts the text at the first `until` string (and EOS's text); it
+  stops at any of the tokenizer's end tokens (`Tokenizer.eos_ids`: Llama 3.1's three).
 Requests go through `Scorer` (length buckets, a fixed batch: one compiled program per bucket) and
 `Generator` (the on-device decode loop with stop strings checked as tokens arrive).
 """

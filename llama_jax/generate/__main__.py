@@ -10,6 +10,7 @@ from typing import Sequence
 
 from llama_jax import quant
 from llama_jax.errors import one_line, run_cli
+from llama_jax.generate.engine import PREFILL_CHUNK
 from llama_jax.generate.generator import Generator
 from sharding import inference_mesh
 
@@ -40,12 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-only quantised projections: int8 (per-channel, half of bf16's bytes) or nf4")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="split heads/MLP over this many devices (a (1, 1, N) data/fsdp/tensor mesh)")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
+                   help=f"prefill a long prompt N positions at a time: activations of N tokens, not the whole "
+                        f"prompt (default {PREFILL_CHUNK}; 0 = the whole prompt at once)")
     return p
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.prefill_chunk < 0:
+        p.error(f"--prefill-chunk must be >= 0 (0 = the whole prompt at once), got {args.prefill_chunk}")
     if not args.interactive and args.prompt is None:
         p.error("give --prompt TEXT or --interactive")
     if args.input and not args.alpaca:
@@ -107,7 +113,8 @@ def _run(args: argparse.Namespace) -> None:
     if args.quantize is not None:
         quant.check_format(args.quantize, "--quantize")
     mesh = inference_mesh(args.tensor_parallel)
-    gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
+    gen = Generator(args.checkpoint, args.tokenizer, mesh=mesh, dtype=args.dtype, quantize=args.quantize,
+                    prefill_chunk=args.prefill_chunk or None)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "seed": args.seed}
     mode = "chat" if args.chat else "alpaca" if args.alpaca else "complete"
@@ -121,7 +128,7 @@ def _run(args: argparse.Namespace) -> None:
             print(piece, end="", flush=True)
         print(flush=True)
         if not reply:
-            print("(empty answer: the model's first new token was its end-of-sequence token)", file=sys.stderr)
+            print("(empty answer: the model's first new token was an end token)", file=sys.stderr)
         if mode == "chat":
             history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
         return reply

@@ -5,8 +5,9 @@ How it runs (read `Batcher._iterate`):
   token, prompt length, step count, sampling settings and seed key. A request owns one row from
   its prefill until it finishes or is cancelled; then the row is free for the next request.
 - Admission: each waiting request goes into a free row with one jitted prefill (its prompt padded
-  to a power-of-two length bucket, so a few compiled programs serve every length), which writes
-  its cache row and samples its first token in the same program. Rows decoding are untouched.
+  to a power-of-two length bucket, so a few compiled programs serve every length; a long prompt
+  runs `prefill_chunk` positions at a time, engine.prefill), which writes its cache row and
+  samples its first token in the same program. Rows decoding are untouched.
 - Decoding: ONE jitted step for all rows, reading the cache only up to the longest live length
   (a power-of-two bucket, `kv_len`), `steps_per_call` tokens per call. Free rows compute garbage
   that nobody reads. The host dispatches the next call before reading the previous one's tokens,
@@ -14,8 +15,9 @@ How it runs (read `Batcher._iterate`):
 - Every row is sampled as `generate` samples row 0 of a batch: step s of a request draws with
   fold_in(fold_in(key(seed), 0), s). So a request's tokens are the ones `generate` gives it alone
   (greedy: token for token; seeded sampling: the same draws), whatever else shares the batch.
-- Stop strings, EOS and max_new_tokens are checked on the host per token; tokens the device made
-  past a request's end are dropped. Text and stop strings go through `StopMatcher` (stops.py).
+- Stop strings, the end tokens (one EOS id or several) and max_new_tokens are checked on the host
+  per token; tokens the device made past a request's end are dropped. Text and stop strings go
+  through `StopMatcher` (stops.py).
 
 Failures end only the request that caused them (a slot is one request; one bad request must never
 hurt another). Every request is checked on submit and again, with its values converted to the
@@ -51,7 +53,8 @@ from jax import lax
 
 from llama_jax.config import LlamaConfig
 from llama_jax.flops import kv_cache_bytes
-from llama_jax.generate.engine import MIN_LENGTH_BUCKET, _check_request, _pow2, sample
+from llama_jax.generate.engine import (MIN_LENGTH_BUCKET, PREFILL_CHUNK, _check_request, _pow2, check_prefill_chunk,
+                                       end_ids, prefill, prefill_step, sample)
 from llama_jax.generate.stops import StopMatcher, check_stops
 from llama_jax.model import Llama, init_cache
 
@@ -126,17 +129,15 @@ def _empty_state(*, cfg: LlamaConfig, slots: int, length: int) -> dict:
             "temperature": zeros(jnp.float32), "top_p": jnp.ones((slots,), jnp.float32), "top_k": zeros(jnp.int32)}
 
 
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk"), donate_argnums=1)
 def _admit(params: Any, state: dict, tokens: Array, length: Array, done: Array, row: Array, settings: dict, *,
-           cfg: LlamaConfig) -> tuple[dict, tuple]:
-    """Prefill `length` tokens (1, T) (right-padded to its bucket) into cache row `row` and sample
-    the next token as `generate` does for row 0 at step `done`: with key
+           cfg: LlamaConfig, chunk: int | None) -> tuple[dict, tuple]:
+    """Prefill `length` tokens (1, T) (right-padded to its bucket; `chunk` positions a step) into
+    cache row `row` and sample the next token as `generate` does for row 0 at step `done`: with key
     fold_in(fold_in(key(seed), 0), done). The tokens are a prompt (done = 0), or a replayed request's
     prompt + the `done` tokens it already has."""
     t = tokens.shape[1]
-    positions = jnp.arange(t, dtype=jnp.int32)[None]
-    logits, cache = Llama(cfg).apply({"params": params}, tokens, positions, None, init_cache(cfg, 1, t))
-    last = lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=True)  # (1, V)
+    last, cache, _ = prefill(params, cfg, tokens, length[None], init_cache(cfg, 1, t), chunk)  # last: (1, V)
     keys = jax.random.fold_in(jax.random.key(settings["seed"]), 0)[None]
     token = sample(_step_keys(keys, done[None]), last, *(settings[k][None] for k in SAMPLING))
     put = lambda old, new: old.at[row].set(new)  # noqa: E731
@@ -204,12 +205,15 @@ class Batcher:
     decode: the tokenizer's decode (ids -> str) for text and stop strings; None = tokens only.
     max_seq_len: cache positions per slot (prompt + new tokens), default the model's context.
     steps_per_call: decode steps per device call (more = less host overhead, later admission).
+    eos_id: the end token, or several (`Tokenizer.eos_ids`: Llama 3.1 ends on any of three); None = none.
+    prefill_chunk: prompt positions per prefill step (None = a whole prompt at once; engine.prefill).
     mesh: run under this mesh (params already placed on it, e.g. tensor parallel).
     """
 
     def __init__(self, params: Any, cfg: LlamaConfig, slots: int = 16, max_seq_len: int | None = None,
-                 decode: Callable[[Sequence[int]], str] | None = None, eos_id: int | None = 2,
-                 max_waiting: int = 256, steps_per_call: int = 1, mesh: jax.sharding.Mesh | None = None) -> None:
+                 decode: Callable[[Sequence[int]], str] | None = None, eos_id: int | Sequence[int] | None = 2,
+                 max_waiting: int = 256, steps_per_call: int = 1, mesh: jax.sharding.Mesh | None = None,
+                 prefill_chunk: int | None = PREFILL_CHUNK) -> None:
         max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
         if not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an int >= 1, got {slots!r}")
@@ -219,8 +223,10 @@ class Batcher:
         if not isinstance(steps_per_call, int) or steps_per_call < 1:
             raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
         _check_cache_fits(cfg, slots, max_seq_len, mesh)
+        check_prefill_chunk(prefill_chunk)
         self.params, self.cfg, self.mesh = params, cfg, mesh
-        self.max_seq_len, self.decode, self.eos_id = max_seq_len, decode, eos_id
+        self.max_seq_len, self.decode, self.prefill_chunk = max_seq_len, decode, prefill_chunk
+        self.eos_ids = end_ids(eos_id, cfg.vocab_size)
         self.max_waiting, self.steps_per_call = max_waiting, steps_per_call
         self.slots = [_Slot(i) for i in range(slots)]
         self.waiting: collections.deque[Request] = collections.deque()
@@ -254,7 +260,7 @@ class Batcher:
                 f"{self.max_seq_len} tokens" + (f"; ask for at most {self.max_seq_len - n} new tokens"
                                                 if n < self.max_seq_len else "; shorten the prompt"))
         _check_request(self.cfg.replace(max_seq_len=self.max_seq_len), [request.prompt], request.max_new_tokens,
-                       request.temperature, request.top_p, request.top_k, request.seed, self.eos_id)
+                       request.temperature, request.top_p, request.top_k, request.seed, self.eos_ids)
         check_stops(request.stop)
         if request.stop and self.decode is None:
             raise ValueError("stop strings need text: give the Batcher a decode function (the tokenizer's)")
@@ -308,7 +314,7 @@ class Batcher:
         with self._mesh():
             for t in lengths:
                 self.state, _ = _admit(self.params, self.state, np.zeros((1, t), np.int32), np.int32(1), np.int32(0),
-                                       np.int32(0), settings, cfg=self.cfg)
+                                       np.int32(0), settings, cfg=self.cfg, chunk=prefill_step(self.prefill_chunk, t))
             for kv_len in reads:
                 self.state, _ = _decode(self.params, self.state, cfg=self.cfg, kv_len=kv_len, steps=self.steps_per_call)
         jax.block_until_ready(self.state)
@@ -410,7 +416,8 @@ class Batcher:
             tokens = np.zeros((1, t), np.int32)
             tokens[0, :len(ids)] = ids
             self.state, out = _admit(self.params, self.state, tokens, np.int32(len(ids)), np.int32(len(request.tokens)),
-                                     np.int32(slot.index), self._settings(request), cfg=self.cfg)
+                                     np.int32(slot.index), self._settings(request), cfg=self.cfg,
+                                     chunk=prefill_step(self.prefill_chunk, t))
         except Exception as e:  # noqa: BLE001 - whatever it is, it is this request's
             self._fail(slot, f"its prefill failed: {type(e).__name__}: {e}")
             if _deleted(self.state):  # it died on the device with the state donated to it
@@ -516,7 +523,7 @@ class Batcher:
 
     def _accept(self, slot: _Slot, token: int, logprob: float, top: list, update: Update) -> None:
         request = slot.request
-        if token == self.eos_id:
+        if token in self.eos_ids:
             return self._finish(slot, "stop", update)
         request.text_offsets.append(len(slot.matcher.text) if slot.matcher else 0)
         for seq, item in ((request.tokens, token), (request.logprobs, logprob), (request.top, top),

@@ -12,7 +12,7 @@ import jax
 from llama_jax import quant
 from llama_jax.checkpoint import checkpoint_tokenizer, load_checkpoint
 from llama_jax.config import LlamaConfig
-from llama_jax.generate.engine import generate, generate_stream
+from llama_jax.generate.engine import PREFILL_CHUNK, check_prefill_chunk, generate, generate_stream
 from llama_jax.generate.stops import StopMatcher
 from llama_jax.tokenizer import Tokenizer, format_alpaca
 from sharding import shard_params
@@ -29,15 +29,21 @@ class Generator:
     `mesh`, params are placed on it by the logical-axis rules and every call decodes under it.
     `dtype` casts the params; `quantize` ("int8", or QLoRA's "nf4") holds the seven projections
     quantised (llama_jax/quant.py; a checkpoint is quantised layer by layer while it loads).
+    `prefill_chunk`: prompt positions per prefill step (None = the whole prompt at once). A
+    completion ends at any of the tokenizer's end tokens (`Tokenizer.eos_ids`: its EOS and
+    generation_config.json's eos_token_id list, which the converter stores with the checkpoint).
     """
 
     defaults = {"max_new_tokens": None, "temperature": 0.6, "top_p": 0.9, "top_k": 0, "seed": 0}
 
     def __init__(self, checkpoint_or_params: str | os.PathLike | tuple[LlamaConfig, Any],
                  tokenizer: Tokenizer | str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None,
-                 dtype: str | None = None, quantize: str | None = None) -> None:
+                 dtype: str | None = None, quantize: str | None = None,
+                 prefill_chunk: int | None = PREFILL_CHUNK) -> None:
         if quantize is not None:
             quant.check_format(quantize)
+        check_prefill_chunk(prefill_chunk)
+        self.prefill_chunk = prefill_chunk
         if isinstance(checkpoint_or_params, (str, os.PathLike)):
             self.cfg, self.params = load_checkpoint(os.fspath(checkpoint_or_params), mesh=mesh, dtype=dtype,
                                                     quantize=quantize)
@@ -86,7 +92,8 @@ class Generator:
         matchers = [StopMatcher(stop, self.tokenizer.decode) for _ in prompts]
         check = (lambda i, tokens: matchers[i].update(tokens)) if matchers[0].stops else None
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            out = generate(self.params, self.cfg, prompts, eos_id=self.tokenizer.eos_id, stop=check, **settings)
+            out = generate(self.params, self.cfg, prompts, eos_id=self.tokenizer.eos_ids, stop=check,
+                           prefill_chunk=self.prefill_chunk, **settings)
         for m, tokens in zip(matchers, out):
             m.update(tokens)
         return [m.finish() for m in matchers]
@@ -102,8 +109,8 @@ class Generator:
         check = (lambda _, tokens: matcher.update(tokens)) if matcher.stops else None
         new: list[int] = []
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            for pieces in generate_stream(self.params, self.cfg, [ids], eos_id=self.tokenizer.eos_id, stop=check,
-                                          **settings):
+            for pieces in generate_stream(self.params, self.cfg, [ids], eos_id=self.tokenizer.eos_ids, stop=check,
+                                          prefill_chunk=self.prefill_chunk, **settings):
                 new += pieces[0]
                 matcher.update(new)
                 text = matcher.take()

@@ -14,6 +14,7 @@ import jax
 from llama_jax import quant
 from llama_jax.checkpoint import checkpoint_tokenizer, load_checkpoint
 from llama_jax.generate.batcher import Batcher
+from llama_jax.generate.engine import PREFILL_CHUNK
 from llama_jax.serve.app import check_api_key, create_app, listen, serve
 from llama_jax.tokenizer import Tokenizer
 from sharding import inference_mesh
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 503")
     p.add_argument("--steps-per-call", type=int, default=1,
                    help="decode steps per device call (more: less host overhead, later admission)")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
+                   help=f"prefill a long prompt N positions at a time: activations of N tokens, not the whole "
+                        f"prompt (default {PREFILL_CHUNK}; 0 = the whole prompt at once)")
     p.add_argument("--no-warmup", action="store_true",
                    help="compile lazily: the first request of each new length bucket waits for a compile")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -56,6 +60,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("max_batch", "max_waiting", "steps_per_call", "tensor_parallel"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.prefill_chunk < 0:
+        p.error(f"--prefill-chunk must be >= 0 (0 = the whole prompt at once), got {args.prefill_chunk}")
     if not 0 <= args.port < 65536:
         p.error(f"--port must be in [0, 65535], got {args.port}")
     try:
@@ -103,8 +109,8 @@ def _build(args: argparse.Namespace):
                          f"{cfg.vocab_size}: they do not belong together")
     sock = listen(args.host, args.port)  # before compiling anything: a taken port fails at once
     batcher = Batcher(params, cfg, slots=args.max_batch, max_seq_len=args.max_seq_len, decode=tokenizer.decode,
-                      eos_id=tokenizer.eos_id, max_waiting=args.max_waiting, steps_per_call=args.steps_per_call,
-                      mesh=mesh)
+                      eos_id=tokenizer.eos_ids, max_waiting=args.max_waiting, steps_per_call=args.steps_per_call,
+                      mesh=mesh, prefill_chunk=args.prefill_chunk or None)
     if not args.no_warmup:
         _warm(batcher)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))

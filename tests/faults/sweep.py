@@ -569,6 +569,13 @@ for _name, _change, _names in (
     case("hf-config", _name)(_hf_config_edit(_change, _names))
 
 
+@case("hf-config", "generation_config.json eos_token_id outside the vocabulary")
+def _(t, b):
+    src = copy(b.hf, t / "src")
+    write(os.path.join(src, "generation_config.json"), json.dumps({"eos_token_id": [2, 10**6]}))
+    return _hf_run(src, t, ("generation_config.json",))
+
+
 @case("hf-config", "no config.json")
 def _(t, b):
     src = copy(b.hf, t / "src")
@@ -1016,6 +1023,7 @@ for _flag, _value, _names in (
     ("--max-new-tokens", "-5", ("max_new_tokens",)), ("--max-new-tokens", str(2**70), ("max_new_tokens",)),
     ("--max-new-tokens", "100000", ("max_seq_len",)), ("--tensor-parallel", "0", ("--tensor-parallel",)),
     ("--tensor-parallel", "1000", ("--tensor-parallel",)), ("--dtype", "int8", ("--dtype",)),
+    ("--prefill-chunk", "-1", ("--prefill-chunk",)), ("--prefill-chunk", "1.5", ("--prefill-chunk",)),
 ):
     case("generate-cli", f"{_flag} {_value}")(lambda t, b, f=_flag, v=_value, n=_names: _gen(
         t, b, "--prompt", "hi", f, v, names=n))
@@ -1100,6 +1108,10 @@ for _name, _kwargs, _names in (
     ("max_new_tokens 0", {"max_new_tokens": 0}, ("max_new_tokens",)),
     ("max_new_tokens 2**40", {"max_new_tokens": 2**40}, ("max_new_tokens",)),
     ("eos_id 10**9", {"eos_id": 10**9}, ("eos_id",)),
+    ("eos_id a list holding 10**9", {"eos_id": [2, 10**9]}, ("eos_id",)),
+    ("eos_id a string", {"eos_id": "2"}, ("eos_id",)), ("eos_id True", {"eos_id": [True]}, ("eos_id",)),
+    ("prefill_chunk 0", {"prefill_chunk": 0}, ("prefill_chunk",)),
+    ("prefill_chunk a float", {"prefill_chunk": 8.0}, ("prefill_chunk",)),
 ):
     case("generate-api", _name)(_api(_generate(**_kwargs), _names))
 
