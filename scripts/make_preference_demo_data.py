@@ -13,6 +13,7 @@ reversed...) or the right answer with two neighbouring digits swapped.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 
@@ -39,6 +40,10 @@ def pair(record: dict, rnd: random.Random) -> dict:
 
 def main() -> None:
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=root, help="folder for the two files (default: the repo's data/)")
+    root = parser.parse_args().out
+    os.makedirs(root, exist_ok=True)
     train_records, eval_records = make_splits(random.Random(SEED))  # the SFT demo's inputs and held-out split
     rnd = random.Random(2468)
     train = [pair(r, rnd) for r in train_records[:3000]]
