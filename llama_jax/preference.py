@@ -124,10 +124,10 @@ def pair_of(record: Any, where: str, margin_key: str = "margin") -> Pair:
                                                   hh_dialog(rejected, where, "rejected"), where)
     else:
         value = record[prompt_field]
-        prompt = value if isinstance(value, str) else tuple(_messages(value, where, prompt_field))
         if not isinstance(value, (str, list)):
             raise _fail(where, f"field {prompt_field!r}: expected a string or a list of messages, got "
                                f"{type(value).__name__}")
+        prompt = value if isinstance(value, str) else tuple(_messages(value, where, prompt_field))
         chosen, rejected = _answer(chosen, where, "chosen"), _answer(rejected, where, "rejected")
     margin = record.get(margin_key)
     if margin is None:

@@ -113,9 +113,11 @@ def test_losses_and_gradients_equal_the_papers_formulas_on_hf(pairs, models):
         (logp, counts), vjp = jax.vjp(lambda q: objectives.sequence_logps(q, batch, CFG), p)
         return logp, counts, vjp((cotangent, jnp.zeros_like(counts)))[0]
 
+    padded = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in batch.items()}  # + an empty pair
+
     @jax.jit
-    def summed(p):  # the train step's loss sums, every objective
-        return {o: objectives.pair_sums(p, batch, CFG, o, BETA, GAMMA)[1] for o in ("dpo", "simpo", "orpo")}
+    def summed(p):  # the train step's loss sums, every objective, over the batch + a padding pair
+        return {o: objectives.pair_sums(p, padded, CFG, o, BETA, GAMMA)[1] for o in ("dpo", "simpo", "orpo")}
 
     logp, counts, _ = logps_and_vjp(params, jnp.zeros((len(RECORDS), 2)))
     sums = summed(params)

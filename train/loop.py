@@ -159,6 +159,8 @@ def set_up(cfg: TrainConfig) -> Setup:
                                                        jax.process_count())
             else:
                 validation_rows = pair_rows(cfg.data, [cfg.eval.loss_data], tokenizer, cfg.preference)[0]
+                if cfg.eval.batches:  # only the pairs validation reads (DPO scores them all first)
+                    validation_rows = {k: v[:cfg.eval.batches * cfg.batch_size] for k, v in validation_rows.items()}
         except ValueError as e:
             raise ValueError(f"eval.loss_data: {e}") from None
 
@@ -278,7 +280,7 @@ def attach_reference(run: Setup, state: dict, start: int) -> None:
         t = time.time()
         score = make_reference_fn(run.model, run.mesh)
         with jax.set_mesh(run.mesh):
-            scores = {name: reference.score_rows(score, params, rows, cfg.batch_size, run.mesh)
+            scores = {name: reference.score_rows(score, params, rows, cfg.batch_size // cfg.grad_accum, run.mesh)
                       for name, rows in tables.items()}
         reference.save(cfg.output_dir, scores, tables)
         say(f"reference log-probs of {sum(len(s) for s in scores.values())} pairs scored in {time.time() - t:.1f} s "
