@@ -143,7 +143,8 @@ def test_recipe_keys_are_checked():
                               (["data.format=alpaca"], "objective dpo needs data.format preference"),
                               (["data.pack=true"], "not packed"), (["preference.beta=0"], "preference.beta"),
                               (["objective=reward"], "preference.beta is not used"),
-                              (["objective=reward", "preference.beta=null"], "eval.data"),
+                              (["objective=reward", "preference.beta=null", "eval.data=data/demo_alpaca_eval.json"],
+                               "eval.data"),
                               (["preference.template=vicuna"], "preference.template")):
         with pytest.raises(ValueError, match=message):
             load_config("configs/demo-dpo.yaml", override)
