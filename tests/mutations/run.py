@@ -246,7 +246,7 @@ MUTATIONS = [
       T_PREF_DATA + "test_long_prompts_are_cut_first_and_long_answers_skipped"),
     M("reference-scored-again-on-resume", "preference", "train/loop.py",
       "scores = reference.load(cfg.output_dir, tables) if start else None", "scores = None",
-      T_PREF + "test_qlora_dpo_run_resumes_exactly_after_kill9"),
+      T_PREF + "test_dpo_run_resumes_exactly_after_kill9"),
 
 ]
 
