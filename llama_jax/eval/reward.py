@@ -17,10 +17,10 @@ import numpy as np
 
 from llama_jax import reward
 from llama_jax.config import LlamaConfig
-from llama_jax.eval.scoring import length_bucket
+from llama_jax.eval.scoring import check_batch_size, length_bucket
 from llama_jax.preference import Pair, pair_sequences
 from llama_jax.tokenizer import Tokenizer
-from sharding import batch_groups, batch_sharding
+from sharding import batch_sharding
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -33,11 +33,7 @@ class RewardScorer:
     forward pass (a multiple of the mesh's data x fsdp)."""
 
     def __init__(self, params: Any, cfg: LlamaConfig, batch_size: int = 8, mesh: jax.sharding.Mesh | None = None):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if mesh is not None and batch_size % batch_groups(mesh):
-            raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's data x fsdp = "
-                             f"{batch_groups(mesh)}")
+        check_batch_size(batch_size, mesh)
         self.params, self.cfg, self.batch_size, self.mesh = params, cfg, batch_size, mesh
 
     def __call__(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
