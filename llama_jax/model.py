@@ -209,13 +209,15 @@ class Llama(nn.Module):
     positions: (B, T) int, default 0..T-1 per row (packed rows restart per document).
     segment_ids: (B, T) int, tokens attend only within their segment (packing, padding).
     cache: a KVCache from `init_cache`; then returns (logits, new_cache) (see llama_jax/generate/engine.py).
+    return_hidden: return the final (normed) hidden states (B, T, dim) instead of logits, without the
+    output projection (a reward model's scalar head reads them: llama_jax/reward.py).
     """
 
     cfg: LlamaConfig
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, return_hidden: bool = False):
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -240,6 +242,8 @@ class Llama(nn.Module):
             cache = jax.tree.map(lambda c: constrain(c, CACHE_AXES), cache)
 
         x = RMSNorm(cfg, name="norm")(x)
+        if return_hidden:
+            return x
         if cfg.tie_word_embeddings:  # Llama 3.2 1B/3B: the output projection is the embedding
             output = embedding.T
         else:

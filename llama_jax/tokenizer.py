@@ -253,6 +253,19 @@ class Tokenizer:
             out.append(ids[len(anchor):])
         return out
 
+    def encode_completion(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        """(ids, loss_mask) of a prompt and its answer: BOS + prompt (mask 0), answer + EOS (mask 1),
+        encoded as one text (the answer follows the prompt directly, as Alpaca's after "### Response:").
+
+        A tokenizer could merge a piece across the boundary; then only the ids the prompt alone and
+        the whole text share are masked, so no answer text escapes the loss."""
+        prompt_ids = self.encode(prompt, bos=True, eos=False)
+        full = self.encode(prompt + answer, bos=True, eos=True)
+        n_prompt = len(prompt_ids)
+        if full[:n_prompt] != prompt_ids:
+            n_prompt = next(i for i, (a, b) in enumerate(zip(prompt_ids, full)) if a != b)
+        return full, [0] * n_prompt + [1] * (len(full) - n_prompt)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`. Pad ids (-1) are skipped so padded rows decode; BOS/EOS (special tokens)
         decode to nothing and nothing is cut at EOS (callers that want that cut before decoding)."""

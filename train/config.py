@@ -31,12 +31,16 @@ class ModelConfig:
     attention: str = "xla"  # xla | cudnn (NVIDIA GPUs) | splash (TPUs)
 
 
-DATA_FORMATS = ("alpaca", "chat", "pretrain", "tokens", "auto")
+DATA_FORMATS = ("alpaca", "chat", "pretrain", "tokens", "auto", "preference")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "reward")  # sft: next-token loss on targets; the others: on pairs
+# The objectives' beta when preference.beta is unset: DPO's and ORPO's (lambda) 0.1 as in their papers and TRL,
+# SimPO's 2.0 (the paper's setting for its length-normalised rewards).
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
 
 
 @dataclasses.dataclass
 class DataConfig:
-    format: str = "alpaca"  # alpaca | chat | pretrain | tokens (python -m train.tokenize folders) | auto
+    format: str = "alpaca"  # alpaca | chat | pretrain | tokens (python -m train.tokenize folders) | auto | preference
     train: list = dataclasses.field(default_factory=list)  # files, globs, folders, hf:NAME, gs://... (train/data/formats.py)
     max_len: int = 512  # tokens per example/row (a row holds max_len inputs)
     pack: bool = False  # pack several examples per row (segment ids keep them apart)
@@ -88,6 +92,14 @@ class LoraConfig:
 
 
 @dataclasses.dataclass
+class PreferenceConfig:
+    beta: float | None = None  # dpo: KL weight; orpo: lambda (odds-ratio weight); simpo: reward scale; None: DEFAULT_BETA
+    simpo_gamma: float = 0.5  # simpo: the target reward margin gamma (TRL's default)
+    margin_key: str = "margin"  # reward: the record field holding the pair's margin m (0 when absent)
+    template: str = "chat"  # how a string prompt is laid out: chat (the tokenizer's chat format) | alpaca
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """A whole recipe: the top-level keys and one section per block (docs/reference/recipe.md lists them)."""
 
@@ -105,12 +117,19 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per-chip peak for MFU; 0 = look up the chip (unknown chip: no MFU)
     async_checkpointing: bool = True  # saves overlap the next steps (Orbax async)
     tensorboard: bool = True  # also write TensorBoard logs to output_dir/tb
+    objective: str = "sft"  # sft | dpo | orpo | simpo | reward (train/objectives.py); all but sft need data.format preference
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the architecture and how it runs
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # training data: files, format, rows
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW, clipping, schedule, z-loss
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # the device mesh (data, fsdp, tensor)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # validation loss and exact match
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # low-rank adapters on a frozen base
+    preference: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)  # DPO/ORPO/SimPO/reward settings
+
+    @property
+    def beta(self) -> float:
+        """The preference objective's beta: preference.beta, or the objective's default."""
+        return self.preference.beta if self.preference.beta is not None else DEFAULT_BETA.get(self.objective, 0.0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -233,6 +252,7 @@ RANGES = {
     "mesh.dcn_data": "[1, inf)", "mesh.dcn_fsdp": "[1, inf)",
     "eval.examples": "[0, inf)", "eval.max_new_tokens": "[1, inf)", "eval.every": "[0, inf)", "eval.batches": "[0, inf)",
     "lora.rank": "[0, inf)", "lora.alpha": "(0, inf)", "lora.dropout": "[0, 1)",
+    "preference.beta": "(0, inf)", "preference.simpo_gamma": "[0, inf)",
 }
 INT32_MAX = 2**31 - 1
 
@@ -292,6 +312,21 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {tuple(DTYPES)}, got {cfg.model.dtype!r}")
     need(cfg.model.attention in ATTENTION_IMPLEMENTATIONS,
          f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {cfg.model.attention!r}")
+    need(cfg.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
+    pairs = cfg.objective != "sft"
+    need(pairs == (cfg.data.format == "preference"),
+         f"objective {cfg.objective} needs data.format {'preference' if pairs else 'alpaca, chat, pretrain, tokens or auto'}"
+         f", got {cfg.data.format!r}" + ("" if pairs else " (preference pairs train with objective dpo, orpo, simpo or "
+                                                            "reward)"))
+    need(not (pairs and cfg.data.pack), "data.pack: preference pairs are not packed (each pair is two padded rows)")
+    need(cfg.preference.template in ("chat", "alpaca"),
+         f"preference.template must be chat or alpaca, got {cfg.preference.template!r}")
+    need(not (cfg.objective == "reward" and cfg.preference.beta is not None),
+         "preference.beta is not used by objective reward (its loss is -log sigmoid(r_chosen - r_rejected - margin))")
+    need(not (cfg.objective == "reward" and cfg.lora.rank), "objective reward trains the whole model: set lora.rank 0")
+    need(not (cfg.objective == "reward" and cfg.eval.data),
+         "eval.data (exact match of generated answers) needs a language model; a reward model is evaluated on "
+         "held-out pairs: eval.loss_data")
     lora = cfg.lora
     if lora.rank:
         need(cfg.init_from is not None, "lora.rank > 0 trains adapters on a base model: set init_from=CKPT")

@@ -1,6 +1,7 @@
-"""Evaluation during training: validation loss on held-out rows, and exact match of greedy answers
-on held-out Alpaca records (the demo's proof of learning), overall and per task (records grouped by
-their instruction), with a short printable report."""
+"""Evaluation during training: validation loss on held-out rows (for preference objectives also the
+held-out reward accuracy and margin), and exact match of greedy answers on held-out Alpaca records
+(the demo's proof of learning), overall and per task (records grouped by their instruction), with a
+short printable report."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ from llama_jax.config import LlamaConfig
 from llama_jax.generate import generate
 from llama_jax.tokenizer import Tokenizer, format_alpaca
 from sharding import global_batch
+from train.objectives import pair_sums
 from train.step import token_sums
 
 
-def make_validation_loss(cfg: LlamaConfig) -> Callable:
+def make_validation_loss(cfg: LlamaConfig, objective: str = "sft", beta: float = 0.0,
+                         simpo_gamma: float = 0.0) -> Callable:
     """The jitted (params, global batch) -> {"ce", "count", ...}: the train step's token sums (same
-    targets and masking), without z-loss and without an update."""
-    return jax.jit(lambda params, batch: token_sums(params, batch, cfg, 0.0)[1])
+    targets and masking), without z-loss and without an update; for a preference objective its pair
+    sums (train/objectives.py)."""
+    if objective == "sft":
+        return jax.jit(lambda params, batch: token_sums(params, batch, cfg, 0.0)[1])
+    return jax.jit(lambda params, batch: pair_sums(params, batch, cfg, objective, beta, simpo_gamma)[1])
 
 
 def validation_loss(loss_fn: Callable, params: Any, batches: Sequence[dict], mesh: Mesh) -> tuple[float, float]:
@@ -32,6 +38,20 @@ def validation_loss(loss_fn: Callable, params: Any, batches: Sequence[dict], mes
         raise ValueError("validation data has no target tokens")
     loss = sum(float(s["ce"]) for s in sums) / count
     return loss, math.exp(loss)
+
+
+def validation_metrics(loss_fn: Callable, params: Any, batches: Sequence[dict], mesh: Mesh,
+                       objective: str = "sft") -> dict[str, float]:
+    """{"eval_loss", "eval_ppl"} (sft), or for pairs the means over held-out pairs of the train step's
+    metrics: eval_loss, eval_reward_accuracy, eval_reward_margin, eval_rewards_chosen, ..."""
+    if objective == "sft":
+        loss, ppl = validation_loss(loss_fn, params, batches, mesh)
+        return {"eval_loss": loss, "eval_ppl": ppl}
+    sums = jax.device_get([loss_fn(params, global_batch(batch, mesh)) for batch in batches])
+    count = sum(float(s["count"]) for s in sums)
+    if count == 0:
+        raise ValueError("validation data has no pairs with answer tokens")
+    return {f"eval_{k}": sum(float(s[k]) for s in sums) / count for k in sums[0] if k not in ("count", "target_tokens")}
 
 
 def exact_match(params: Any, cfg: LlamaConfig, tokenizer: Tokenizer, records: Sequence[dict],

@@ -15,6 +15,12 @@ LoRA (`lora.rank > 0`): the init_from checkpoint is loaded as the frozen base (i
 `lora.base_dtype`, quantised while loading for int8/nf4) and never written; the step folders hold
 the adapters and their optimizer state only, and `lora.json` names the base, so
 lj.load_checkpoint(output_dir) returns the merged model.
+
+Preference objectives (`objective`: dpo | orpo | simpo | reward, train/objectives.py) train on
+pairs (data.format preference). DPO's reference log-probs are scored once, before the first step,
+and kept in the run folder (train/reference.py). A reward model's run folder records its head in
+config.json (lj.load_checkpoint(output_dir, head="reward") loads it); it starts from init_from's
+backbone (a language model; a reward model continues as it is) with a fresh head.
 """
 
 from __future__ import annotations
@@ -36,15 +42,18 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 import llama_jax as lj
-from llama_jax import flops, lora
-from llama_jax.checkpoint import RunCheckpoints, read_config, write_text
+from llama_jax import flops, lora, reward
+from llama_jax.checkpoint import RunCheckpoints, read_config, read_head, write_text
 from llama_jax.errors import note
 from sharding import batch_groups, chip_of, global_batch, is_main_process, make_mesh
 from train import data as data_lib
-from train import run_folder
+from train import reference, run_folder
 from train import step as step_lib
 from train.config import TrainConfig
-from train.evaluate import exact_match, make_validation_loss, per_task, report, validation_loss
+from train.data.pairs import pair_batch
+from train.data.spec import pair_rows
+from train.evaluate import exact_match, make_validation_loss, per_task, report, validation_metrics
+from train.objectives import make_reference_fn
 
 
 # what fixes the params' shapes: an init_from checkpoint's own values win over model.overrides
@@ -69,7 +78,7 @@ def model_config(cfg: TrainConfig) -> tuple[lj.LlamaConfig, str | None]:
     if cfg.lora.rank:
         run.update(lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, lora_targets=tuple(cfg.lora.targets))
     if cfg.init_from is not None:  # local or gs://...: read_config names a missing checkpoint
-        base = read_config(cfg.init_from)
+        base = read_config(cfg.init_from, None if cfg.objective == "reward" else "lm")
         # The checkpoint gives the architecture, so one recipe (e.g. configs/demo.yaml) serves any base.
         ignored = {k: v for k, v in cfg.model.overrides.items() if k in SHAPE_FIELDS and getattr(base, k) != v}
         if ignored:
@@ -101,6 +110,11 @@ class Setup:
     validation: list = dataclasses.field(default_factory=list)  # held-out batches for eval_loss (eval.loss_data)
     validation_fn: Callable | None = None
     base: Any = None  # LoRA: the frozen base params (float or quantised), else None
+    validation_rows: dict | None = None  # preference: the held-out pair rows (DPO scores them before batching)
+
+    @property
+    def objective(self) -> str:
+        return self.cfg.objective
 
 
 def set_up(cfg: TrainConfig) -> Setup:
@@ -118,23 +132,35 @@ def set_up(cfg: TrainConfig) -> Setup:
 
     tokenizer = lj.Tokenizer(cfg.tokenizer)
     batches, data_summary = data_lib.make_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed, jax.process_index(),
-                                                  jax.process_count())
+                                                  jax.process_count(), cfg.preference)
     steps = cfg.steps or int(math.ceil(cfg.epochs * batches.per_epoch))
-    say(f"data: {data_summary['examples']} examples -> {data_summary['rows']} rows of {data_summary['row_len']} "
-        f"tokens, {data_summary['truncated']} truncated to max_len {cfg.data.max_len}, "
-        f"{data_summary['skipped']} skipped (no target left); "
-        f"{batches.per_epoch} batches of {cfg.batch_size} per epoch; {steps} steps")
+    if cfg.objective == "sft":
+        say(f"data: {data_summary['examples']} examples -> {data_summary['rows']} rows of {data_summary['row_len']} "
+            f"tokens, {data_summary['truncated']} truncated to max_len {cfg.data.max_len}, "
+            f"{data_summary['skipped']} skipped (no target left); "
+            f"{batches.per_epoch} batches of {cfg.batch_size} per epoch; {steps} steps")
+    else:
+        say(f"data: {data_summary['examples']} preference pairs -> {data_summary['rows']} pairs of rows of "
+            f"{data_summary['row_len']} tokens, {data_summary['truncated']} with the prompt cut to max_len "
+            f"{cfg.data.max_len}, {data_summary['skipped']} skipped (an answer longer than max_len - 1); "
+            f"{batches.per_epoch} batches of {cfg.batch_size} pairs per epoch; {steps} steps; objective "
+            f"{cfg.objective}" + (f", beta {cfg.beta:g}" if cfg.objective != "reward" else ""))
     eval_records = []
     if cfg.eval.data:
         eval_records = data_lib.load_alpaca(cfg.eval.data)
         eval_records = eval_records[: cfg.eval.examples or len(eval_records)]
 
-    validation = []
+    validation, validation_rows = [], None
     if cfg.eval.loss_data:
         try:
-            validation = data_lib.held_out_batches(cfg.data, cfg.eval.loss_data, tokenizer, cfg.batch_size,
-                                                   cfg.eval.batches, cfg.seed, jax.process_index(),
-                                                   jax.process_count())
+            if cfg.objective == "sft":
+                validation = data_lib.held_out_batches(cfg.data, cfg.eval.loss_data, tokenizer, cfg.batch_size,
+                                                       cfg.eval.batches, cfg.seed, jax.process_index(),
+                                                       jax.process_count())
+            else:
+                validation_rows = pair_rows(cfg.data, [cfg.eval.loss_data], tokenizer, cfg.preference)[0]
+                if cfg.eval.batches:  # only the pairs validation reads (DPO scores them all first)
+                    validation_rows = {k: v[:cfg.eval.batches * cfg.batch_size] for k, v in validation_rows.items()}
         except ValueError as e:
             raise ValueError(f"eval.loss_data: {e}") from None
 
@@ -143,15 +169,28 @@ def set_up(cfg: TrainConfig) -> Setup:
                                                                                         o.warmup_ratio), o.min_lr_ratio)
     optimizer = step_lib.make_optimizer(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
     train_step = step_lib.make_train_step(model, optimizer, schedule, mesh, (cfg.batch_size, cfg.data.max_len),
-                                          cfg.grad_accum, o.z_loss, cfg.lora.base_dtype, cfg.seed)
+                                          cfg.grad_accum, o.z_loss, cfg.lora.base_dtype, cfg.seed, cfg.objective,
+                                          cfg.beta, cfg.preference.simpo_gamma)
     base = None
     if model.lora_rank:
         base = load_base(cfg, model, mesh)
         lora_step = train_step
         train_step = lambda state, batch: lora_step(state, batch, base)  # noqa: E731
-    return Setup(cfg, model, init_from, mesh, batches, data_summary, steps, optimizer,
-                 step_lib.state_shardings(model, optimizer, mesh), train_step, tokenizer, eval_records,
-                 validation, make_validation_loss(model) if validation else None, base)
+    run = Setup(cfg, model, init_from, mesh, batches, data_summary, steps, optimizer,
+                step_lib.state_shardings(model, optimizer, mesh, cfg.objective), train_step, tokenizer, eval_records,
+                validation, None, base, validation_rows)
+    if validation_rows is not None and cfg.objective != "dpo":  # DPO batches them once they are scored
+        pair_validation_batches(run)
+    if validation_rows is not None or validation:
+        run.validation_fn = make_validation_loss(model, cfg.objective, cfg.beta, cfg.preference.simpo_gamma)
+    return run
+
+
+def pair_validation_batches(run: Setup) -> None:
+    """The held-out pair rows as fixed batches (eval.batches of them; 0 = all)."""
+    cfg = run.cfg
+    run.validation = data_lib.validation_batches(run.validation_rows, cfg.batch_size, cfg.eval.batches,
+                                                 jax.process_index(), jax.process_count(), to_batch=pair_batch)
 
 
 def load_base(cfg: TrainConfig, model: lj.LlamaConfig, mesh: Mesh) -> Any:
@@ -177,7 +216,7 @@ def model_params(run: Setup, state: dict) -> Any:
 def resume_or_start(run: Setup, ckpts: RunCheckpoints) -> tuple[dict, jax.Array, int]:
     """(train state, RNG key, first step): the newest checkpoint that restores, else a fresh start."""
     cfg = run.cfg
-    trainable = step_lib.trainable_layout(run.model)[1]
+    trainable = step_lib.trainable_layout(run.model, cfg.objective)[1]
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             jax.eval_shape(lambda p: step_lib.init_state(p, run.optimizer), trainable),
                             run.state_shardings)
@@ -192,16 +231,64 @@ def resume_or_start(run: Setup, ckpts: RunCheckpoints) -> tuple[dict, jax.Array,
             say(f"resumed from step {train_state['step']} in {cfg.output_dir}")
             return state, jax.random.wrap_key_data(jnp.asarray(train_state["rng"], jnp.uint32)), int(train_state["step"])
         init_rng, rng = jax.random.split(jax.random.key(cfg.seed))
-        if run.base is not None:
-            params = lora.init_adapters(run.model, init_rng)
-        elif run.init_from is not None:
-            _, params = lj.load_checkpoint(run.init_from, mesh=run.mesh, dtype="float32")
-            say(f"initialised from {run.init_from}")
-        else:
-            params = lj.init_params(run.model, init_rng)
+        params = initial_params(run, init_rng, announce=True)
         state = jax.jit(lambda p: step_lib.init_state(p, run.optimizer), out_shardings=run.state_shardings,
                         donate_argnums=0)(params)
     return state, rng, 0
+
+
+def initial_params(run: Setup, init_rng: jax.Array, announce: bool = False) -> Any:
+    """What training starts from: fresh adapters (LoRA), init_from's weights, or a seeded random init; a
+    reward model gets its backbone from them and a fresh head (init_from a reward model: kept as it is)."""
+    if run.base is not None:
+        return lora.init_adapters(run.model, init_rng)
+    head_rng = jax.random.fold_in(init_rng, 1)
+    if run.init_from is not None:
+        head = read_head(run.init_from)
+        _, params = lj.load_checkpoint(run.init_from, mesh=run.mesh, dtype="float32", head=head)
+        if announce:
+            say(f"initialised from {run.init_from}" + (", a fresh reward head on its backbone"
+                                                      if run.objective == "reward" and head == "lm" else ""))
+        if run.objective == "reward" and head == "lm":
+            with jax.set_mesh(run.mesh):
+                params = reward.from_lm(params, run.model, head_rng)
+        return params
+    params = lj.init_params(run.model, init_rng)
+    if run.objective == "reward":
+        params = reward.from_lm(params, run.model, head_rng)
+    return params
+
+
+def attach_reference(run: Setup, state: dict, start: int) -> None:
+    """DPO: the reference log-probs of every training (and held-out) pair, scored by the starting model
+    before step 1 and stored in the run folder; a resumed run reads them back (train/reference.py)."""
+    if run.objective != "dpo":
+        return
+    cfg = run.cfg
+    tables = {"train": run.batches.rows}
+    if run.validation_rows is not None:
+        tables["eval"] = run.validation_rows
+    scores = reference.load(cfg.output_dir, tables) if start else None
+    if scores is None:
+        if run.base is not None:
+            params = run.base  # the LoRA base: the starting model (its adapters are zero)
+        elif start == 0:
+            params = state["params"]
+        else:
+            note(f"{cfg.output_dir} has no {reference.FILE}: scoring the reference again from the starting model")
+            params = initial_params(run, jax.random.split(jax.random.key(cfg.seed))[0])
+        t = time.time()
+        score = make_reference_fn(run.model, run.mesh)
+        with jax.set_mesh(run.mesh):
+            scores = {name: reference.score_rows(score, params, rows, cfg.batch_size // cfg.grad_accum, run.mesh)
+                      for name, rows in tables.items()}
+        reference.save(cfg.output_dir, scores, tables)
+        say(f"reference log-probs of {sum(len(s) for s in scores.values())} pairs scored in {time.time() - t:.1f} s "
+            f"(once; kept in {os.path.join(cfg.output_dir, reference.FILE)})")
+    for name, rows in tables.items():
+        rows["reference"] = scores[name]
+    if run.validation_rows is not None:
+        pair_validation_batches(run)
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -219,7 +306,7 @@ class MetricsLog:
         self.main = is_main_process()
         self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.pending: list[tuple[int, Any]] = []
-        self.tokens_per_step = cfg.batch_size * cfg.data.max_len
+        self.tokens_per_step = cfg.batch_size * cfg.data.max_len * (1 if cfg.objective == "sft" else 2)
         self.model, self.seq = run.model, cfg.data.max_len
         self.peak = cfg.peak_tflops * 1e12 or getattr(chip_of(jax.devices()[0]), "peak_bf16_flops", None)
         self.last_fetch: float | None = None  # None until the first fetch (which includes compiling)
@@ -228,6 +315,7 @@ class MetricsLog:
         self.loss: float | None = None
         self.recent: collections.deque = collections.deque(maxlen=50)  # loss_last50: less noisy than one step
         self.eval_loss: float | None = None  # the latest validation loss
+        self.eval_latest: dict = {}  # the latest validation metrics
         self.tb = None
         if not self.main:
             return
@@ -272,6 +360,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self.eval_loss = record.get("eval_loss", self.eval_loss)
+        if "eval_loss" in record:
+            self.eval_latest = {k: v for k, v in record.items() if k.startswith("eval_")}
         if not self.main:
             return
         self.file.write(json.dumps(record) + "\n")
@@ -374,13 +464,17 @@ def evaluate(run: Setup, params: Any, step: int, name: str, log: MetricsLog) -> 
     return acc, per_task(rows)
 
 
-def validate(run: Setup, params: Any, step: int, log: MetricsLog) -> float:
-    """eval_loss / eval_ppl on the held-out batches (eval.loss_data), logged: at step 0, every
-    eval.every steps and at the last step."""
+def validate(run: Setup, params: Any, step: int, log: MetricsLog) -> dict[str, float]:
+    """eval_loss / eval_ppl on the held-out batches (eval.loss_data; preference objectives: eval_loss,
+    eval_reward_accuracy, eval_reward_margin, ...), logged: at step 0, every eval.every steps and at
+    the last step."""
     with jax.set_mesh(run.mesh):
-        loss, ppl = validation_loss(run.validation_fn, params, run.validation, run.mesh)
-    log.write({"step": step, "eval_loss": loss, "eval_ppl": ppl})
-    return loss
+        metrics = validation_metrics(run.validation_fn, params, run.validation, run.mesh, run.objective)
+    log.write({"step": step, **metrics})
+    if run.objective != "sft":
+        say(f"held-out pairs at step {step}: loss {metrics['eval_loss']:.4f}, reward accuracy "
+            f"{metrics['eval_reward_accuracy']:.1%}, reward margin {metrics['eval_reward_margin']:.4f}")
+    return metrics
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -403,13 +497,16 @@ def _run_claimed(cfg: TrainConfig) -> dict:
                 "(raise steps= to train longer, or use a new output_dir)")
             return {"steps": setup.steps, "start_step": start, "finished": True}
         run_folder.record(cfg, setup.model, setup.tokenizer)
+        attach_reference(setup, state, start)
         log = MetricsLog(setup, start)
         summary: dict[str, Any] = {"steps": setup.steps, "start_step": start, "data": setup.data_summary}
         if setup.eval_records and start == 0:
             summary["eval_before"], summary["eval_before_per_task"] = evaluate(
                 setup, model_params(setup, state), 0, "before", log)
         if setup.validation and start == 0:
-            summary["eval_loss_before"] = validate(setup, model_params(setup, state), 0, log)
+            before = validate(setup, model_params(setup, state), 0, log)
+            summary["eval_loss_before"] = before["eval_loss"]
+            summary.update({f"{k}_before": v for k, v in before.items() if k.startswith("eval_reward_")})
         t_loop = time.time()
         state, preempted_at = train(setup, state, rng, start, ckpts, log)
     finally:
@@ -417,6 +514,8 @@ def _run_claimed(cfg: TrainConfig) -> dict:
     summary.update(train_s=time.time() - t_loop, first_step_s=log.first_step_s, first_loss=log.first_loss,
                    loss=log.loss, loss_last50=sum(log.recent) / len(log.recent) if log.recent else None,
                    eval_loss=log.eval_loss)
+    if cfg.objective != "sft":
+        summary.update({f"{k}_after": v for k, v in log.eval_latest.items() if k.startswith("eval_reward_")})
     if preempted_at is not None:
         say(f"\nSIGTERM: saved step {preempted_at} to {cfg.output_dir}; run the same command to resume")
         summary["preempted_at"] = preempted_at

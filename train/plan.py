@@ -2,6 +2,7 @@
 
     python -m train.plan --model llama2-70b --topology v5p-128 --mesh fsdp=-1 --batch 256 --seq 4096
     python -m train.plan --model llama2-7b --topology v5e-1 --batch 16 --seq 512 --lora-rank 16 --base-dtype nf4
+    python -m train.plan --model llama2-7b --topology v5e-1 --batch 8 --seq 512 --lora-rank 16 --base-dtype nf4 --objective dpo
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 
 from llama_jax.config import ATTENTION_IMPLEMENTATIONS, PROJECTIONS, REMAT_POLICIES
 from sharding import parse_mesh
+from train.config import OBJECTIVES
 from train.planner import plan
 
 
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LoRA: how the frozen base is stored (nf4 = QLoRA)")
     parser.add_argument("--lora-targets", default=",".join(PROJECTIONS),
                         help="LoRA: comma-separated projections to adapt (default: all seven)")
+    parser.add_argument("--objective", default="sft", choices=OBJECTIVES,
+                        help="the training objective: preference ones train on pairs (--batch pairs, two sequences "
+                             "each); dpo adds its reference pass")
     return parser
 
 
@@ -46,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         result = plan(args.model, args.topology, parse_mesh(args.mesh), args.batch, args.seq, args.remat, args.layers,
                       grad_accum=args.grad_accum, attention=args.attention,
                       say=lambda line: print(line, file=sys.stderr, flush=True), lora_rank=args.lora_rank,
-                      base_dtype=args.base_dtype, lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
+                      base_dtype=args.base_dtype, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+                      objective=args.objective)
     except ValueError as e:  # bad model / topology / mesh / batch: say what, no traceback
         parser.error(str(e))
     print(result.report())

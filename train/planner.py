@@ -11,6 +11,10 @@ Params, grads and both moments are float32, compute bfloat16, with the chosen re
 extrapolating the per-row memory linearly (printed as an estimate). The command line is train/plan.py.
 With `lora_rank > 0` the step is the LoRA one: fp32 adapters, their grads and moments, and the
 frozen base as a separate argument stored as bfloat16, float32, int8 or nf4 (QLoRA).
+Preference objectives (`objective` dpo | orpo | simpo | reward) compile the pair step: two sequences
+per batch row (chosen and rejected), a margin, and for DPO the reference log-probs as inputs; DPO's
+reference pass (train/reference.py: the starting model scores every pair once, before training) is
+compiled too and reported beside the step, since it must fit as well.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import tempfile
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -34,7 +37,8 @@ from llama_jax.config import PROJECTIONS, LlamaConfig
 from sharding import CHIPS, Chip, batch_groups, batch_sharding, make_mesh, tree_shardings
 from sharding.hardware import GiB, TPU_GENERATIONS
 from train import step as step_lib
-from train.config import OptimConfig
+from train.config import DEFAULT_BETA, OBJECTIVES, OptimConfig
+from train.objectives import make_reference_fn
 
 
 def _torus(chips: int, dims: int) -> tuple[int, ...]:
@@ -138,12 +142,14 @@ PLAN_STEPS = 1000  # the schedule's length; it changes the learning rate, not th
 
 
 def lower_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1,
-               base_dtype: str = "bfloat16") -> tuple[Any, dict]:
+               base_dtype: str = "bfloat16", objective: str = "sft") -> tuple[Any, dict]:
     """Lower train.step's sharded step for `mesh` exactly as train.loop builds it.
 
     Returns the jax Lowered object and the per-chip bytes of params (the trained ones) /
     optimizer state / batch, and for LoRA of the frozen base (stored as `base_dtype`).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"--objective must be one of {OBJECTIVES}, got {objective!r}")
     if batch % grad_accum or (batch // grad_accum) % batch_groups(mesh):
         raise ValueError(f"--batch {batch} must split into --grad-accum {grad_accum} microbatches each divisible "
                          f"by data x fsdp = {batch_groups(mesh)}")
@@ -151,16 +157,12 @@ def lower_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1,
     warmup = step_lib.warmup_steps_for(PLAN_STEPS, o.warmup_steps, o.warmup_ratio)
     schedule = step_lib.lr_schedule(o.lr, PLAN_STEPS, o.schedule, warmup, o.min_lr_ratio)
     optimizer = step_lib.make_optimizer(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
-    step = step_lib.make_train_step(cfg, optimizer, schedule, mesh, (batch, seq), grad_accum, o.z_loss, base_dtype)
+    step = step_lib.make_train_step(cfg, optimizer, schedule, mesh, (batch, seq), grad_accum, o.z_loss, base_dtype,
+                                    objective=objective, beta=DEFAULT_BETA.get(objective, 0.0))
 
-    def placed(shapes: Any, shardings: Any) -> Any:
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-    shardings = step_lib.state_shardings(cfg, optimizer, mesh)
-    shapes = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer), step_lib.trainable_layout(cfg)[1])
-    rows = batch_sharding(mesh, 2)  # the loop's batches: int32, weights float32
-    batch_sds = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "weights" else jnp.int32, sharding=rows)
-                 for k in step_lib.BATCH_KEYS}
+    shardings = step_lib.state_shardings(cfg, optimizer, mesh, objective)
+    shapes = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer), step_lib.trainable_layout(cfg, objective)[1])
+    batch_sds = _batch(objective, batch, seq, mesh)
     sizes = {"params": _bytes_per_device(shapes["params"], shardings["params"]),
              "optimizer": _bytes_per_device(shapes["opt_state"], shardings["opt_state"]),
              "batch": _bytes_per_device(batch_sds, jax.tree.map(lambda s: s.sharding, batch_sds))}
@@ -174,10 +176,30 @@ def lower_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1,
         return step.lower(*args), sizes
 
 
-def compile_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1,
-                 base_dtype: str = "bfloat16") -> tuple[Compiled, dict]:
-    """AOT-compile the sharded train step for `mesh` (any devices, compile-only ones included)."""
-    lowered, sizes = lower_step(cfg, mesh, batch, seq, grad_accum, base_dtype)
+def placed(shapes: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _batch(objective: str, batch: int, seq: int, mesh: Mesh) -> dict:
+    """The loop's global batch (train.step.batch_layout) placed as the loop places it: rows split over data x fsdp."""
+    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding(mesh, len(s.shape)))
+            for k, s in step_lib.batch_layout(objective, batch, seq).items()}
+
+
+def lower_reference(cfg: Any, mesh: Mesh, batch: int, seq: int, base_dtype: str = "bfloat16") -> Any:
+    """Lower DPO's reference pass (train.objectives.make_reference_fn) on one batch of pairs: the starting
+    model (fp32 params; LoRA: the frozen base as `base_dtype`) scoring chosen and rejected, forward only."""
+    if cfg.lora_rank:
+        axes, shapes = lora.base_layout(cfg, base_dtype)
+    else:
+        axes, shapes = step_lib.trainable_layout(cfg)
+    params = placed(shapes, tree_shardings(axes, shapes, mesh))
+    with jax.set_mesh(mesh):
+        return make_reference_fn(cfg, mesh).lower(params, _batch("dpo", batch, seq, mesh))
+
+
+def _compiled(lowered: Any, batch: int, argument_bytes: int) -> Compiled:
+    """Memory and FLOPs of a lowered program, or (XLA refused: temporaries exceed HBM) the size it asked for."""
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -186,13 +208,19 @@ def compile_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1
         if "RESOURCE_EXHAUSTED" not in str(e) or not found:
             raise
         temp = float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024
-        return Compiled(batch, sum(sizes.values()), 0, 0, int(temp), 0, float("nan"), oom=True), sizes
+        return Compiled(batch, argument_bytes, 0, 0, int(temp), 0, float("nan"), oom=True)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    result = Compiled(batch, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
-                      mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, float(cost.get("flops", 0.0)))
-    return result, sizes
+    return Compiled(batch, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                    mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, float(cost.get("flops", 0.0)))
+
+
+def compile_step(cfg: Any, mesh: Mesh, batch: int, seq: int, grad_accum: int = 1,
+                 base_dtype: str = "bfloat16", objective: str = "sft") -> tuple[Compiled, dict]:
+    """AOT-compile the sharded train step for `mesh` (any devices, compile-only ones included)."""
+    lowered, sizes = lower_step(cfg, mesh, batch, seq, grad_accum, base_dtype, objective)
+    return _compiled(lowered, batch, sum(sizes.values())), sizes
 
 
 # --- the plan -------------------------------------------------------------------------------
@@ -216,10 +244,19 @@ class Plan:
     flops: float  # model FLOPs per step, all chips (flops.compiled_train_step_flops)
     n_layers: int
     lora: str = ""  # "" for full fine-tuning, else e.g. "LoRA rank 16 on wq wk wv wo w1 w2 w3, base nf4"
+    objective: str = "sft"  # preference objectives: a batch row is a pair (chosen + rejected)
+    reference: Compiled | None = None  # DPO: the reference pass over one microbatch of pairs (before training)
+
+    @property
+    def reference_peak(self) -> int:
+        """DPO's reference pass with the train state resident beside it (the optimizer moments, and for LoRA
+        the adapters, are not arguments of that program but exist while it runs)."""
+        return self.reference.peak_bytes + self.sizes["optimizer"] + (self.sizes["params"] if self.lora else 0)
 
     @property
     def fits(self) -> bool:
-        return not self.at_batch.oom and self.at_batch.peak_bytes <= self.hbm_bytes
+        fits_step = not self.at_batch.oom and self.at_batch.peak_bytes <= self.hbm_bytes
+        return fits_step and (self.reference is None or (not self.reference.oom and self.reference_peak <= self.hbm_bytes))
 
     @property
     def at_min(self) -> Compiled:
@@ -245,17 +282,20 @@ class Plan:
         c, gib = self.at_batch, lambda b: f"{b / GiB:8.2f} GiB"
         mesh = " ".join(f"{k}={v}" for k, v in self.mesh.items())
         activations = c.temp_bytes
+        row = "pair" if self.objective != "sft" else "batch row"
+        pairs = {"dpo": "DPO", "orpo": "ORPO", "simpo": "SimPO", "reward": "reward-model"}.get(self.objective)
         lines = [
             f"plan: {self.model} on {self.topology} ({self.n_chips} chips, {gib(self.hbm_bytes).strip()} HBM each), "
             f"mesh {mesh}, batch {c.batch} x seq {self.seq}, remat {self.remat}"
             + (f", grad-accum {self.grad_accum} (microbatch {c.batch // self.grad_accum})" if self.grad_accum > 1 else "")
-            + (f", {self.lora}" if self.lora else ""),
+            + (f", {self.lora}" if self.lora else "")
+            + (f", objective {self.objective} ({c.batch} pairs = {2 * c.batch} sequences)" if pairs else ""),
             "  per-chip memory of train.step's compiled step (clip + adamw, fp32 "
             + ("adapters/grads/moments, frozen base" if self.lora else "params/grads/moments") + ", bf16 compute):",
             *([f"    base (frozen)        {gib(self.sizes['base'])}"] if self.lora else []),
             f"    {'adapters' if self.lora else 'params  '}             {gib(self.sizes['params'])}",
             f"    optimizer (2 moments){gib(self.sizes['optimizer'])}",
-            f"    batch (5 arrays)     {gib(self.sizes['batch'])}",
+            f"    {'batch (pairs)' if pairs else 'batch (5 arrays)':<21}{gib(self.sizes['batch'])}",
             f"    temp (activations, grads, scratch){gib(activations)}",
             f"    code                 {gib(c.code_bytes)}",
             f"    total (peak)         {gib(c.peak_bytes)}   of {gib(self.hbm_bytes).strip()}  "
@@ -266,9 +306,16 @@ class Plan:
             f"{self.peak_flops / 1e12:.0f} TFLOP/s/chip)"
             + (f"; XLA's count for the compiled program is {c.xla_flops:.3e} per chip with the "
                f"{self.n_layers}-layer scan body counted once" if not c.oom else ""),
-            f"  memory per extra batch row (from compiling batch {self.other.batch} and {c.batch}): "
+            f"  memory per extra {row} (from compiling batch {self.other.batch} and {c.batch}): "
             f"{self.bytes_per_row / GiB:.3f} GiB per chip",
         ]
+        if self.reference is not None:
+            r = self.reference
+            lines.append(f"  DPO reference pass (once before training; forward of {r.batch} pairs per call, the "
+                         f"{'frozen base' if self.lora else 'starting params'}): peak {gib(r.peak_bytes).strip()} "
+                         f"+ train state {gib(self.reference_peak - r.peak_bytes).strip()} = "
+                         f"{gib(self.reference_peak).strip()} ({100 * self.reference_peak / self.hbm_bytes:.0f}%)"
+                         + ("  [XLA refused to compile it]" if r.oom else ""))
         verdict = "FITS" if self.fits else "DOES NOT FIT"
         unit = "data x fsdp" + (" x grad-accum" if self.grad_accum > 1 else "")
         if self.max_batch:
@@ -284,13 +331,15 @@ class Plan:
 def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, remat: str = "full",
          n_layers: int | None = None, devices: list[Any] | None = None, chip: Chip | None = None,
          grad_accum: int = 1, attention: str = "xla", say: Callable[[str], None] = lambda _: None,
-         lora_rank: int = 0, base_dtype: str = "bfloat16", lora_targets: tuple = PROJECTIONS) -> Plan:
+         lora_rank: int = 0, base_dtype: str = "bfloat16", lora_targets: tuple = PROJECTIONS,
+         objective: str = "sft") -> Plan:
     """Compile the train step at `batch` and at the smallest batch, and judge the fit.
 
     `devices`/`chip` default to libtpu's compile-only devices of `topology`. `n_layers` replaces
     the preset's depth (for quick experiments; the report then describes that smaller model).
     `say` receives a line before each compile (they take a minute or more for big models).
     `lora_rank > 0` plans LoRA (adapters on `lora_targets`, the base stored as `base_dtype`).
+    `objective` dpo | orpo | simpo | reward plans the pair step (`batch` pairs), DPO with its reference pass.
     """
     overrides = dict(dtype="bfloat16", param_dtype="float32", remat=remat, attention=attention,
                      lora_rank=lora_rank, lora_targets=tuple(lora_targets))
@@ -309,11 +358,18 @@ def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, 
     groups = batch_groups(mesh_obj) * grad_accum  # the smallest batch: one row per data x fsdp group per microbatch
     second = groups if batch > groups else 2 * groups
     shape = f"{model} on {topology}, mesh {' '.join(f'{k}={v}' for k, v in mesh_obj.shape.items())}"
-    say(f"compiling the train step for {shape} at batch {batch} x seq {seq} (1 of 2)...")
-    at_batch, sizes = compile_step(cfg, mesh_obj, batch, seq, grad_accum, base_dtype)
-    say(f"compiling it again at batch {second} to measure memory per row (2 of 2)...")
-    other, _ = compile_step(cfg, mesh_obj, second, seq, grad_accum, base_dtype)
+    count = 3 if objective == "dpo" else 2
+    say(f"compiling the train step for {shape} at batch {batch} x seq {seq} (1 of {count})...")
+    at_batch, sizes = compile_step(cfg, mesh_obj, batch, seq, grad_accum, base_dtype, objective)
+    say(f"compiling it again at batch {second} to measure memory per row (2 of {count})...")
+    other, _ = compile_step(cfg, mesh_obj, second, seq, grad_accum, base_dtype, objective)
+    reference = None
+    if objective == "dpo":
+        micro = batch // grad_accum  # the loop scores the reference in microbatches
+        say(f"compiling DPO's reference pass at {micro} pairs (3 of 3)...")
+        reference = _compiled(lower_reference(cfg, mesh_obj, micro, seq, base_dtype), micro, 0)
     described = f"LoRA rank {lora_rank} on {' '.join(cfg.lora_targets)}, base {base_dtype}" if lora_rank else ""
     return Plan(model, topology, dict(mesh_obj.shape), seq, remat, chip.hbm_bytes, sizes, at_batch, other, groups,
-                grad_accum, len(devices), chip.peak_bf16_flops, flops.compiled_train_step_flops(cfg, batch, seq),
-                cfg.n_layers, described)
+                grad_accum, len(devices), chip.peak_bf16_flops,
+                flops.compiled_train_step_flops(cfg, batch * (1 if objective == "sft" else 2), seq),
+                cfg.n_layers, described, objective, reference)

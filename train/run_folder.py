@@ -6,7 +6,7 @@
 - `check_resume(cfg, model)`: a run folder's saved recipe (train_config.yaml) and model
   (config.json) against the new ones. Only the keys in CHANGEABLE_ON_RESUME may differ; every
   other difference is refused, naming the key with its old and new value.
-- `record(cfg, model, tokenizer)`: writes config.json (and a LoRA run's lora.json), train_config.yaml and the
+- `record(cfg, model, tokenizer)`: writes config.json (with a reward model's head; a LoRA run's lora.json), train_config.yaml and the
   tokenizer's files, called only once the resume was accepted (or the run starts fresh), so a refused
   resume leaves the folder as it was.
 """
@@ -70,7 +70,7 @@ def check_output_dir(output_dir: str) -> None:
                          "folder; train from it with init_from=" + output_dir + " and a new output_dir")
     if os.path.isfile(os.path.join(output_dir, "config.json")):
         try:
-            read_config(output_dir)
+            read_config(output_dir, head=None)
         except ValueError as e:
             raise ValueError(f"output_dir {output_dir} holds a config.json that is not a llama_jax run's ({e}); "
                              "choose a new output_dir") from None
@@ -129,7 +129,7 @@ def check_resume(cfg: TrainConfig, model: lj.LlamaConfig) -> None:
             if before != after and not changeable(key):
                 changes.append(f"{key}: {before!r} -> {after!r}")
     if os.path.isfile(os.path.join(output_dir, "config.json")):
-        before_model, after_model = read_config(output_dir).architecture(), model.architecture()
+        before_model, after_model = read_config(output_dir, head=None).architecture(), model.architecture()
         changes += [f"model {key}: {before_model[key]!r} -> {after_model[key]!r}" for key in before_model
                     if before_model[key] != after_model[key]]
     if changes:
@@ -145,7 +145,7 @@ def record(cfg: TrainConfig, model: lj.LlamaConfig, tokenizer: lj.Tokenizer) -> 
     which generate and export-hf find there)."""
     if not is_main_process():
         return
-    write_config(cfg.output_dir, model.replace(dtype="float32"))
+    write_config(cfg.output_dir, model.replace(dtype="float32"), "reward" if cfg.objective == "reward" else "lm")
     if model.lora_rank:
         write_lora_base(cfg.output_dir, cfg.init_from, cfg.lora.base_dtype)
     write_text(os.path.join(cfg.output_dir, RECIPE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -14,6 +14,10 @@
   quantised) is a separate, non-donated argument `step(state, batch, base)`, so no gradient,
   moment or checkpoint of it exists. Dropout keys are fold_in(key(seed), step, microbatch): a
   resumed run draws the same masks.
+- Preference objectives (`objective` dpo | orpo | simpo | reward, train/objectives.py): the batch
+  holds pairs of sequences, (B, 2, T) each (+ margin (B,), DPO's reference log-probs (B, 2)); the
+  loss is the mean over pairs of the objective's per-pair loss, accumulated the same way (sums over
+  microbatches / pairs in the global batch). A reward model's params are the backbone + its head.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax import lora
+from llama_jax import lora, reward
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, param_axes, param_shapes
 from sharding import batch_sharding, tree_shardings
+from train import objectives
 
 State = dict  # {"params": pytree (the adapters for LoRA), "opt_state": optax state, "step": int32 scalar}
 BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
@@ -87,42 +92,47 @@ def token_sums(params: Any, batch: dict, cfg: LlamaConfig, z_loss: float, base: 
 
 def train_step(state: State, batch: dict, base: Any = None, *, cfg: LlamaConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int = 1,
-               z_loss: float = 0.0, seed: int = 0) -> tuple[State, dict]:
+               z_loss: float = 0.0, seed: int = 0, objective: str = "sft", beta: float = 0.0,
+               simpo_gamma: float = 0.0) -> tuple[State, dict]:
     """One optimizer update on a global batch, as `grad_accum` microbatches (LoRA: of the adapters on `base`)."""
     params = state["params"]
-    grad_fn = jax.grad(token_sums, has_aux=True)
+    if objective == "sft":
+        def loss_sums(p, mb, rng):
+            return token_sums(p, mb, cfg, z_loss, base, rng)
+    else:
+        def loss_sums(p, mb, rng):
+            return objectives.pair_sums(p, mb, cfg, objective, beta, simpo_gamma, base, rng)
+    grad_fn = jax.grad(loss_sums, has_aux=True)
     step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
 
     def dropout_rng(j: Any) -> jax.Array | None:
         return jax.random.fold_in(step_key, j) if cfg.lora_rank and cfg.lora_dropout else None
 
     if grad_accum == 1:
-        grads, sums = grad_fn(params, batch, cfg, z_loss, base, dropout_rng(0))
+        grads, sums = grad_fn(params, batch, dropout_rng(0))
     else:
         # Microbatch j = rows j, j+A, j+2A, ...: each device keeps its own rows (no reshuffle).
         micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch)
 
         def body(carry, j_mb):
             j, mb = j_mb
-            g, s = grad_fn(params, mb, cfg, z_loss, base, dropout_rng(j))
+            g, s = grad_fn(params, mb, dropout_rng(j))
             return jax.tree.map(jnp.add, carry, (g, s)), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, params),
-                 {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "correct", "count")})
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, first, None))
         (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
     count = jnp.maximum(sums["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    metrics = {
-        "loss": sums["ce"] / count,
-        "z_loss": sums["z"] / count,
-        "accuracy": sums["correct"] / count,
-        "target_tokens": sums["count"],
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(new_params),
-        "lr": schedule(state["step"]),
-    }
+    if objective == "sft":
+        metrics = {"loss": sums["ce"] / count, "z_loss": sums["z"] / count, "accuracy": sums["correct"] / count,
+                   "target_tokens": sums["count"]}
+    else:
+        metrics = objectives.pair_metrics(sums)
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(new_params),
+                   lr=schedule(state["step"]))
     return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
@@ -130,17 +140,33 @@ def init_state(params: Any, optimizer: optax.GradientTransformation) -> State:
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def trainable_layout(cfg: LlamaConfig) -> tuple[Any, Any]:
-    """(logical axes, shapes) of what the step trains: every param, or (LoRA) the adapters."""
+def trainable_layout(cfg: LlamaConfig, objective: str = "sft") -> tuple[Any, Any]:
+    """(logical axes, shapes) of what the step trains: every param (a reward model's: backbone and
+    head), or (LoRA) the adapters."""
+    if objective == "reward":
+        return reward.param_layout(cfg)
     if cfg.lora_rank:
         return lora.adapter_layout(cfg)
     return param_axes(cfg), param_shapes(cfg)
 
 
-def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> State:
+def batch_layout(objective: str, batch: int, seq: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype of each array of a global batch: (batch, seq) rows for SFT, (batch, 2, seq)
+    pairs (+ margin, and DPO's reference log-probs) for the preference objectives."""
+    rows = (batch, seq) if objective == "sft" else (batch, 2, seq)
+    out = {k: jax.ShapeDtypeStruct(rows, jnp.float32 if k == "weights" else jnp.int32) for k in BATCH_KEYS}
+    if objective != "sft":
+        out["margin"] = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    if objective == "dpo":
+        out["reference"] = jax.ShapeDtypeStruct((batch, 2), jnp.float32)
+    return out
+
+
+def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    objective: str = "sft") -> State:
     """NamedShardings of the whole train state: moments like their params, scalars replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    axes, shapes = trainable_layout(cfg)
+    axes, shapes = trainable_layout(cfg, objective)
     params = tree_shardings(axes, shapes, mesh)
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
     opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, params,
@@ -150,18 +176,20 @@ def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
 
 def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, batch_shape: tuple, grad_accum: int = 1, z_loss: float = 0.0,
-                    base_dtype: str = "bfloat16", seed: int = 0) -> Callable:
+                    base_dtype: str = "bfloat16", seed: int = 0, objective: str = "sft", beta: float = 0.0,
+                    simpo_gamma: float = 0.0) -> Callable:
     """The jit-compiled step with explicit in/out shardings and the state donated.
 
     Full fine-tuning: step(state, batch). LoRA: step(state, batch, base), the base laid out as
     `lora.base_layout(cfg, base_dtype)` says (lj.load_checkpoint(..., mesh=) places it so).
+    batch_shape is (batch, seq); a preference objective's batch is `batch_layout`'s pairs.
     Call it inside `with jax.set_mesh(mesh):` so the model's activation constraints apply.
     """
-    state_sh = state_shardings(cfg, optimizer, mesh)
-    batch_sh = {k: batch_sharding(mesh, len(batch_shape)) for k in BATCH_KEYS}
+    state_sh = state_shardings(cfg, optimizer, mesh, objective)
+    batch_sh = {k: batch_sharding(mesh, len(s.shape)) for k, s in batch_layout(objective, *batch_shape).items()}
     replicated = NamedSharding(mesh, PartitionSpec())
-    fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
-                           grad_accum=grad_accum, z_loss=z_loss, seed=seed)
+    fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule, grad_accum=grad_accum,
+                           z_loss=z_loss, seed=seed, objective=objective, beta=beta, simpo_gamma=simpo_gamma)
     in_shardings = (state_sh, batch_sh)
     if cfg.lora_rank:
         in_shardings += (tree_shardings(*lora.base_layout(cfg, base_dtype), mesh),)

@@ -1,7 +1,9 @@
 """The llama_jax checkpoint format: `path/config.json` + `path/params/` (an Orbax PyTree of the
 params), or a training run folder (its newest complete step); saving, loading (optionally quantised
 layer by layer), opening leaf by leaf. A LoRA run's folder holds only adapters and `lora.json`
-naming its base checkpoint: loading or opening it gives the merged model."""
+naming its base checkpoint: loading or opening it gives the merged model. A reward model
+(llama_jax/reward.py) says so in config.json ("head": "reward"); it loads only when asked for by
+`head="reward"`, so no reward model is ever taken for a language model."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import layout, lora, quant
+from llama_jax import layout, lora, quant, reward
 from llama_jax.checkpoint.files import Staging, is_remote, join, parse_json, read_bytes, read_text, write_text
 from llama_jax.checkpoint.integrity import verify
 from llama_jax.checkpoint.orbax_glue import leaf_paths, open_leaves, restore_pytree, save_pytree, stored_arrays
@@ -22,16 +24,53 @@ from llama_jax.checkpoint.runs import complete_steps
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.errors import note
 from llama_jax.model import check_params, param_axes, param_shapes
-from sharding import tree_shardings
+from sharding import check_shapes, tree_shardings
 
 FORMAT = {"format": "llama_jax", "version": 1}
 
 
-def write_config(folder: str, cfg: LlamaConfig) -> None:
-    write_text(join(folder, "config.json"), json.dumps({**cfg.to_dict(), **FORMAT}, indent=2))
+def write_config(folder: str, cfg: LlamaConfig, head: str = "lm") -> None:
+    """config.json: the model config, the format, and (for a reward model) the head."""
+    extra = {} if head == "lm" else {"head": head}
+    write_text(join(folder, "config.json"), json.dumps({**cfg.to_dict(), **FORMAT, **extra}, indent=2))
 
 
-def read_config(folder: str) -> LlamaConfig:
+def read_head(folder: str) -> str:
+    """What a checkpoint's (or run folder's) params compute: "lm" or "reward" (llama_jax/reward.py)."""
+    return _config_json(folder).get("head", "lm")
+
+
+def _refuse_head(folder: str, stored: str, head: str) -> None:
+    if stored == head:
+        return
+    if stored == "reward":
+        raise ValueError(f"{folder} is a reward model (a scalar head, no next-token output), not a language model; "
+                         "score pairs with `python -m llama_jax.eval reward`, or load it with "
+                         "lj.load_checkpoint(path, head='reward')")
+    raise ValueError(f"{folder} is a language model, not a reward model (train one with objective: reward)")
+
+
+def read_config(folder: str, head: str | None = "lm") -> LlamaConfig:
+    """The model config of a checkpoint or run folder; one whose head is not `head` is refused (None: any)."""
+    d = _config_json(folder)
+    stored = d.get("head", "lm")
+    for name, value in (("config.json", stored), ("head", head)):
+        if value not in reward.HEADS and not (name == "head" and value is None):
+            raise ValueError(f"{join(folder, 'config.json')}: {name} head {value!r} is not one of {reward.HEADS}")
+    if head is not None:
+        _refuse_head(folder, stored, head)
+    try:
+        return LlamaConfig.from_dict({k: v for k, v in d.items() if k not in FORMAT and k != "head"})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{join(folder, 'config.json')}: {e}") from None
+
+
+def head_layout(cfg: LlamaConfig, head: str = "lm") -> tuple[Any, Any]:
+    """(logical axes, shapes) of the params of a model with this head."""
+    return reward.param_layout(cfg) if head == "reward" else (param_axes(cfg), param_shapes(cfg))
+
+
+def _config_json(folder: str) -> dict:
     path = join(folder, "config.json")
     text = read_text(path)
     if text is None:
@@ -43,10 +82,7 @@ def read_config(folder: str) -> LlamaConfig:
                          "(a Hugging Face folder? convert it with `python -m llama_jax.convert hf`)")
     if d.get("version") != FORMAT["version"]:
         raise ValueError(f"{path}: version {d.get('version')!r}, expected {FORMAT['version']}")
-    try:
-        return LlamaConfig.from_dict({k: v for k, v in d.items() if k not in FORMAT})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    return d
 
 
 def checkpoint_tokenizer(path: str) -> str | None:
@@ -60,10 +96,13 @@ def checkpoint_tokenizer(path: str) -> str | None:
     return None if base is None else checkpoint_tokenizer(base["base"])
 
 
-def save_checkpoint(path: str, cfg: LlamaConfig, params: Any, overwrite: bool = False) -> None:
+def save_checkpoint(path: str, cfg: LlamaConfig, params: Any, overwrite: bool = False, head: str = "lm") -> None:
     """Write `path/config.json` + `path/params/` (Orbax PyTree) + `checksums.json`, via a temporary
-    sibling. config.json records the dtype the arrays have (param_dtype)."""
-    check_params(params, cfg, f"save_checkpoint({path})")
+    sibling. config.json records the dtype the arrays have (param_dtype), and a reward model's head."""
+    if head == "lm":
+        check_params(params, cfg, f"save_checkpoint({path})")
+    else:
+        check_shapes(params, head_layout(cfg, head)[1], f"save_checkpoint({path}, head={head!r})")
     dtypes = {jax.numpy.dtype(leaf.dtype).name for leaf in jax.tree.leaves(params)}
     if len(dtypes) != 1 or not dtypes <= set(DTYPES):
         raise ValueError(f"save_checkpoint({path}): params must all have one of {sorted(DTYPES)}, got {sorted(dtypes)}")
@@ -71,7 +110,7 @@ def save_checkpoint(path: str, cfg: LlamaConfig, params: Any, overwrite: bool = 
     with Staging(path, overwrite) as stage:
         save_pytree(join(stage.path, "params"), params)
         if stage.main:
-            write_config(stage.path, cfg)
+            write_config(stage.path, cfg, head)
 
 
 def params_dir(path: str) -> str:
@@ -139,7 +178,7 @@ def _shardings(shapes: Any, axes: Any, mesh: jax.sharding.Mesh | None) -> Any:
 
 
 def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
-                    quantize: str | None = None) -> tuple[LlamaConfig, Any]:
+                    quantize: str | None = None, head: str = "lm") -> tuple[LlamaConfig, Any]:
     """Load (cfg, params) from a checkpoint or a training run folder (its newest complete step).
 
     mesh: restore every leaf straight into its NamedSharding from the logical-axis rules (each
@@ -148,10 +187,12 @@ def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str
     time as they are read, so the float model never exists whole. A LoRA run folder loads merged:
     its base (lora.json) plus the newest adapters, folded in (lora.merge), then quantised (there
     the merged float model exists once, placed on `mesh`).
+    head: "reward" loads a reward model (llama_jax/reward.py; any other checkpoint is refused, and a
+    reward model is refused without it).
     """
     path = _absolute(path)
     folder = params_dir(path)  # names a missing folder before anything else
-    cfg = read_config(path)
+    cfg = read_config(path, head)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if quantize is not None:
@@ -159,12 +200,14 @@ def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str
     run_base = read_lora_base(path) if cfg.lora_rank else None
     if run_base is not None:
         return _load_lora_run(path, cfg, run_base, mesh, dtype, quantize)
-    check_params_dir(folder, cfg)
+    if head != "lm" and quantize is not None:
+        raise ValueError(f"{path}: a reward model loads unquantised (quantize={quantize!r} is for language models)")
+    check_params_dir(folder, cfg, head_layout(cfg, head)[1])  # the stored dtype
     cfg = cfg.replace(param_dtype=dtype or cfg.param_dtype)
     if quantize is not None:
         return cfg, _load_quantized(path, cfg, mesh, quantize)
-    shapes = param_shapes(cfg)
-    shardings = _shardings(shapes, param_axes(cfg), mesh)
+    axes, shapes = head_layout(cfg, head)
+    shardings = _shardings(shapes, axes, mesh)
     return cfg, restore_pytree(folder, shapes, shardings, None if dtype is None else DTYPES[dtype])
 
 

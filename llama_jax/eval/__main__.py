@@ -1,4 +1,5 @@
-"""`python -m llama_jax.eval perplexity|harness`: perplexity of held-out text, or lm-evaluation-harness tasks."""
+"""`python -m llama_jax.eval perplexity|harness|reward`: perplexity of held-out text, lm-evaluation-harness
+tasks, or a reward model's accuracy on held-out preference pairs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Sequence
 from llama_jax.checkpoint import is_remote, write_text
 from llama_jax.eval.loading import eval_mesh, load_for_eval, tokenizer_path
 from llama_jax.eval.perplexity import perplexity, read_texts
+from llama_jax.eval.reward import RewardScorer, score_pairs
 from llama_jax.eval.scoring import Scorer
+from llama_jax.preference import TEMPLATES, pair_of, read_records
 from llama_jax.tokenizer import Tokenizer
 
 
@@ -47,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     harness.add_argument("--limit", type=float, default=None, help="at most this many documents per task "
                                                                    "(a fraction < 1: that share)")
     harness.add_argument("--output", default=None, help="write the results JSON (the harness's own shape) here")
+
+    pairs = commands.add_parser("reward", parents=[common], help="a reward model's accuracy on preference pairs",
+                                description="Score both answers of each held-out pair with a reward model (objective: "
+                                            "reward); the last line printed is "
+                                            '{"accuracy": .., "margin": .., "pairs": .., "skipped": ..}.')
+    pairs.add_argument("--data", required=True, help="preference pairs: .json, .jsonl, .parquet or hf:NAME[:SPLIT] "
+                                                     "(the schemas of data.format preference)")
+    pairs.add_argument("--template", choices=TEMPLATES, default="chat",
+                       help="how a string prompt is laid out: the model's training recipe's preference.template")
+    pairs.add_argument("--max-len", type=int, default=None,
+                       help="tokens per side, the prompt cut first (default: the model's context)")
     return p
 
 
@@ -57,10 +71,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse(argv)
     try:
-        if args.command == "perplexity":
-            _perplexity(args)
-        else:
-            _harness(args)
+        {"perplexity": _perplexity, "harness": _harness, "reward": _reward}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -77,6 +88,19 @@ def _perplexity(args: argparse.Namespace) -> None:
     result = perplexity(Scorer(params, cfg, args.batch_size, mesh), documents, args.max_len, args.stride,
                         progress=True)
     print(json.dumps(result))
+
+
+def _reward(args: argparse.Namespace) -> None:
+    tokenizer = Tokenizer(tokenizer_path(args.checkpoint, args.tokenizer))
+    pairs = [(where, pair_of(record, where)) for where, record in read_records(args.data)]  # bad data fails first
+    if not pairs:
+        raise ValueError(f"{args.data}: no preference pairs")
+    mesh = eval_mesh(args.tensor_parallel, args.fsdp)
+    cfg, params = load_for_eval(args.checkpoint, args.dtype, mesh, head="reward")
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is {cfg.vocab_size}")
+    print(json.dumps(score_pairs(RewardScorer(params, cfg, args.batch_size, mesh), tokenizer, pairs, args.template,
+                                 args.max_len)))
 
 
 def _harness(args: argparse.Namespace) -> None:

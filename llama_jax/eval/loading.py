@@ -15,11 +15,11 @@ from sharding import inference_mesh
 eval_mesh = inference_mesh
 
 
-def load_for_eval(checkpoint: str, dtype: str | None = None,
-                  mesh: jax.sharding.Mesh | None = None) -> tuple[LlamaConfig, Any]:
-    """(cfg, params) of a checkpoint (or training run), placed on `mesh`. `dtype` sets both the
-    params and the compute dtype (bfloat16 on accelerators); logits stay float32."""
-    cfg, params = load_checkpoint(checkpoint, mesh=mesh, dtype=dtype)
+def load_for_eval(checkpoint: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                  head: str = "lm") -> tuple[LlamaConfig, Any]:
+    """(cfg, params) of a checkpoint (or training run; head "reward": a reward model), placed on `mesh`.
+    `dtype` sets both the params and the compute dtype (bfloat16 on accelerators); logits stay float32."""
+    cfg, params = load_checkpoint(checkpoint, mesh=mesh, dtype=dtype, head=head)
     return (cfg if dtype is None else cfg.replace(dtype=dtype)), params
 
 

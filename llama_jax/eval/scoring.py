@@ -56,6 +56,15 @@ def length_bucket(n: int, max_len: int) -> int:
     return min(bucket, max_len)
 
 
+def check_batch_size(batch_size: Any, mesh: jax.sharding.Mesh | None) -> None:
+    """A scorer's rows per forward pass: an int >= 1, a multiple of the mesh's data x fsdp."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if mesh is not None and batch_size % batch_groups(mesh):
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's data x fsdp = "
+                         f"{batch_groups(mesh)}")
+
+
 class Scorer:
     """Batched, bucketed log-likelihoods of token spans under one model (optionally on a mesh).
 
@@ -65,11 +74,7 @@ class Scorer:
 
     def __init__(self, params: Any, cfg: LlamaConfig, batch_size: int = 8,
                  mesh: jax.sharding.Mesh | None = None) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if mesh is not None and batch_size % batch_groups(mesh):
-            raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's data x fsdp = "
-                             f"{batch_groups(mesh)}")
+        check_batch_size(batch_size, mesh)
         self.params, self.cfg, self.batch_size, self.mesh = params, cfg, batch_size, mesh
 
     def __call__(self, sequences: Sequence[Sequence[int]], n_scored: Sequence[int],

@@ -1552,6 +1552,109 @@ case("train-data", "eval record without output")(lambda t, b: (
 case("train-data", "eval data missing")(lambda t, b: _train(t, f"eval.data={t / 'nope.json'}", names=("nope.json",)))
 
 
+# --- preference tuning: pairs, reward models, rejection sampling ------------------------------------
+
+GOOD_PAIR = b'{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}\n'
+for _name, _content, _names in (
+    ("pair without rejected", GOOD_PAIR + b'{"prompt": "Hi", "chosen": "Hello."}\n', ("pairs.jsonl:2",)),
+    ("pair margin not a number", b'{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}\n',
+     ("pairs.jsonl:1",)),
+    ("pair dialogs differ before the answers",
+     b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: c\\n\\nAssistant: d"}\n',
+     ("pairs.jsonl:1",)),
+    ("pair with neither prompt nor HH dialog", b'{"chosen": "b", "rejected": "c"}\n', ("pairs.jsonl:1",)),
+    ("pair prompt a number", b'{"prompt": 7, "chosen": "b", "rejected": "c"}\n', ("pairs.jsonl:1",)),
+):
+    @case("preference", _name)
+    def _(t, b, content=_content, names=_names):
+        data = _data_file(t, "pairs.jsonl", content)
+        return Run("train", train_args(str(t / "run"), "objective=dpo", "data.max_len=64", data=data, fmt="preference"),
+                   names, keep=(data,), absent=(str(t / "run"),))
+
+
+case("preference", "objective dpo on alpaca data")(lambda t, b: _train(
+    t, "objective=dpo", names=("data.format",), data=str(ROOT / "data" / "demo_alpaca_train.json"), fmt="alpaca"))
+case("preference", "preference data with objective sft")(lambda t, b: _train(
+    t, names=("data.format",), data=str(ROOT / "data" / "demo_preference_eval.json"), fmt="preference"))
+case("preference", "reward objective with lora")(lambda t, b: _train(
+    t, "objective=reward", "lora.rank=4", f"init_from={b.ckpt}", names=("lora.rank",),
+    data=str(ROOT / "data" / "demo_preference_eval.json"), fmt="preference"))
+
+
+def _reward_model(t: Path, b: Base) -> str:
+    import llama_jax as lj
+    from llama_jax import reward
+
+    cfg, params = lj.load_checkpoint(b.ckpt)
+    path = str(t / "rm")
+    lj.save_checkpoint(path, cfg, reward.from_lm(params, cfg), head="reward")
+    return path
+
+
+def _exit_of(main: Callable, argv: list) -> Callable:
+    def call() -> None:
+        status = main(argv)
+        if status:
+            raise SystemExit(status)
+    return call
+
+
+@case("preference", "reward model loaded as a language model")
+def _(t, b):
+    import llama_jax as lj
+
+    rm = _reward_model(t, b)
+    return Run("api", call=lambda: lj.load_checkpoint(rm), names=("is a reward model",), keep=(rm,))
+
+
+@case("preference", "generate with a reward model")
+def _(t, b):
+    rm = _reward_model(t, b)
+    return Run("llama_jax.generate", ["--checkpoint", rm, "--tokenizer", TOKENIZER, "--prompt", "hi",
+                                      "--max-new-tokens", "2"], ("is a reward model",), keep=(rm,))
+
+
+@case("preference", "eval reward on a language model")
+def _(t, b):
+    from llama_jax.eval.__main__ import main
+
+    argv = ["reward", "--checkpoint", b.ckpt, "--tokenizer", TOKENIZER, "--data",
+            str(ROOT / "data" / "demo_preference_eval.json")]
+    return Run("api", call=_exit_of(main, argv), names=("not a reward model",), keep=(b.ckpt,))
+
+
+@case("preference", "eval reward pairs file missing")
+def _(t, b):
+    from llama_jax.eval.__main__ import main
+
+    rm = _reward_model(t, b)
+    argv = ["reward", "--checkpoint", rm, "--tokenizer", TOKENIZER, "--data", str(t / "nope.jsonl")]
+    return Run("api", call=_exit_of(main, argv), names=("nope.jsonl",), keep=(rm,))
+
+
+@case("preference", "rejection sampling prompt without its field")
+def _(t, b):
+    from train.rejection_sample.__main__ import main
+
+    rm = _reward_model(t, b)
+    prompts = _data_file(t, "prompts.jsonl", b'{"prompt": "Hi"}\n{"question": "what?"}\n')
+    out = str(t / "out.jsonl")
+    argv = ["--policy", b.ckpt, "--reward", rm, "--tokenizer", TOKENIZER, "--prompts", prompts, "--k", "2",
+            "--output", out, "--max-new-tokens", "2"]
+    return Run("api", call=_exit_of(main, argv), names=("prompts.jsonl:2",), keep=(prompts, rm), absent=(out,))
+
+
+@case("preference", "rejection sampling with a language model as the reward model")
+def _(t, b):
+    from train.rejection_sample.__main__ import main
+
+    prompts = _data_file(t, "prompts.jsonl", b'{"prompt": "Hi"}\n')
+    out = str(t / "out.jsonl")
+    argv = ["--policy", b.ckpt, "--reward", b.ckpt, "--tokenizer", TOKENIZER, "--prompts", prompts, "--k", "2",
+            "--output", out, "--max-new-tokens", "2"]
+    return Run("api", call=_exit_of(main, argv), names=("not a reward model",), keep=(prompts,), absent=(out,))
+
+
 def _init_from(make: Callable, names: tuple, *extra: str):
     def build(t, b):
         ckpt = make(t, b)

@@ -62,6 +62,9 @@ BATCHER, APP = "llama_jax/generate/batcher.py", "llama_jax/serve/app.py"
 ISOLATION = "tests/test_batcher.py::test_a_failing_request_ends_alone_and_the_others_equal_generate_alone"
 T_FAM = "tests/test_family.py::"
 PRETOK, T_PRETOK = "train/data/pretokenize.py", "tests/test_tokenize_safety.py::"
+OBJ, PREF = "train/objectives.py", "llama_jax/preference.py"
+T_PREF, T_PREF_DATA = "tests/test_preference.py::", "tests/test_preference_data.py::"
+PREF_HF = T_PREF + "test_losses_and_gradients_equal_the_papers_formulas_on_hf"
 HF_GQA = T_MODEL + "test_logits_match_hf_transformers[tiny-gqa-10000.0]"
 LAYOUTS = T_SHARD + "test_every_parameter_kind_gets_the_hand_written_layout"
 TRAIN_RUN = T_RUN + "test_train_cli_alpaca_eval_epochs_warmup_keep_mfu_and_init_from"
@@ -150,7 +153,7 @@ MUTATIONS = [
       T_STEP + "test_loss_and_adamw_update_match_hf_and_torch"),
     M("z-loss-not-squared", "loss/mask", STEP, "z = jnp.sum(jnp.square(lse) * w)", "z = jnp.sum(lse * w)",
       T_STEP + "test_z_loss_value_and_gradient_match_torch"),
-    M("alpaca-last-prompt-token-a-target", "loss/mask", "train/data/formats.py", "[0] * n_prompt + [1] * (len(full) - n_prompt)",
+    M("alpaca-last-prompt-token-a-target", "loss/mask", TOK, "[0] * n_prompt + [1] * (len(full) - n_prompt)",
       "[0] * (n_prompt - 1) + [1] * (len(full) - n_prompt + 1)",
       T_DATA + "test_alpaca_example_masks_bos_and_prompt_and_keeps_eos"),
     M("accumulation-keeps-last-microbatch", "loss/mask", STEP, "return jax.tree.map(jnp.add, carry, (g, s)), None",
@@ -284,6 +287,28 @@ MUTATIONS = [
       "tests/test_serve.py::test_health_answers_while_big_prompts_arrive"),
     M("api-key-prefix-accepted", "server auth", APP, "hmac.compare_digest(token.encode(\"latin-1\"), key_bytes)",
       "token.encode(\"latin-1\").startswith(key_bytes)", "tests/test_serve.py::test_api_key"),
+    # --- preference tuning (issue 23)
+    M("dpo-ignores-reference", "preference", OBJ, "rewards = beta * (logp - reference)", "rewards = beta * logp",
+      PREF_HF),
+    M("simpo-not-length-normalised", "preference", OBJ, "rewards = beta * logp / safe", "rewards = beta * logp",
+      PREF_HF),
+    M("orpo-drops-its-sft-term", "preference", OBJ, "return -mean[:, 0] - beta * ratio, beta * mean",
+      "return -beta * ratio, beta * mean", PREF_HF),
+    M("padding-pairs-counted", "preference", OBJ, "valid = jnp.all(counts > 0, axis=-1).astype(jnp.float32)",
+      "valid = jnp.ones(counts.shape[:1], jnp.float32)", PREF_HF),
+    M("reward-margin-ignored", "preference", OBJ, "logp[:, 0] - logp[:, 1] - margin", "logp[:, 0] - logp[:, 1]",
+      T_PREF + "test_reward_loss_and_accuracy_equal_torch"),
+    M("reward-read-at-the-first-token", "preference", "llama_jax/reward.py", "(lengths - 1)[:, None, None]",
+      "(lengths * 0)[:, None, None]", T_PREF + "test_reward_loss_and_accuracy_equal_torch"),
+    M("chat-pair-trains-on-earlier-answers", "preference", PREF, "return ids, [0] * n_prompt + mask[n_prompt:]",
+      "return ids, mask", T_PREF_DATA + "test_schemas_give_the_chat_and_alpaca_layouts"),
+    M("long-pairs-lose-the-answer-end", "preference", PREF,
+      "cut.append((ids[:1] + ids[1 + over:], mask[:1] + mask[1 + over:]))", "cut.append((ids[:-over], mask[:-over]))",
+      T_PREF_DATA + "test_long_prompts_are_cut_first_and_long_answers_skipped"),
+    M("reference-scored-again-on-resume", "preference", "train/loop.py",
+      "scores = reference.load(cfg.output_dir, tables) if start else None", "scores = None",
+      T_PREF + "test_dpo_run_resumes_exactly_after_kill9"),
+
 ]
 
 

@@ -280,15 +280,7 @@ def alpaca_fields(record: Any, where: str) -> dict[str, str]:
 def alpaca_tokens(tokenizer: Tokenizer, record: Any, where: str = "example") -> Example:
     """BOS + Stanford's prompt (masked) + output + EOS (targets) of one Alpaca record."""
     fields = alpaca_fields(record, where)
-    prompt_text = format_alpaca(fields["instruction"], fields["input"])
-    prompt = tokenizer.encode(prompt_text, bos=True, eos=False)
-    full = tokenizer.encode(prompt_text + fields["output"], bos=True, eos=True)
-    # The target follows "### Response:" directly, so a tokenizer could merge across the boundary.
-    # Then only the ids the prompt and the full text share are masked: no output text escapes the loss.
-    n_prompt = len(prompt)
-    if full[:n_prompt] != prompt:
-        n_prompt = next(i for i, (a, b) in enumerate(zip(prompt, full)) if a != b)
-    return full, [0] * n_prompt + [1] * (len(full) - n_prompt)
+    return tokenizer.encode_completion(format_alpaca(fields["instruction"], fields["input"]), fields["output"])
 
 
 def dialog_of(record: Any, where: str) -> list[dict]:

@@ -16,7 +16,7 @@ table and keeps only its slice of every global batch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -152,11 +152,13 @@ class Batches:
     """Global batch number k -> this host's rows, the same on every run with the same seed.
 
     Epoch e visits rows in np.random.default_rng([seed, e]).permutation order; the last partial
-    batch of an epoch is dropped. The data-iterator state is the next batch index.
+    batch of an epoch is dropped. The data-iterator state is the next batch index. `to_batch` turns
+    the selected rows into the step's arrays (model_batch; train/data/pairs.py's pair_batch for pairs).
     """
 
-    def __init__(self, rows: Rows, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+    def __init__(self, rows: Rows, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+                 to_batch: Callable[[Rows], dict] = model_batch):
+        self.rows, self.batch_size, self.seed, self.to_batch = rows, batch_size, seed, to_batch
         self.num_rows = len(rows["tokens"])
         if self.num_rows < batch_size:
             raise ValueError(f"the data set has {self.num_rows} rows, fewer than batch_size {batch_size}")
@@ -175,11 +177,11 @@ class Batches:
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         idx = self.global_indices(k)[self.offset: self.offset + self.local]
-        return model_batch({name: a[idx] for name, a in self.rows.items()})
+        return self.to_batch({name: a[idx] for name, a in self.rows.items()})
 
 
 def validation_batches(rows: Rows, batch_size: int, limit: int = 0, process_index: int = 0,
-                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                       process_count: int = 1, to_batch: Callable[[Rows], dict] = model_batch) -> list[dict[str, np.ndarray]]:
     """Held-out rows in their order, as this host's share of global batches of `batch_size` (the
     last one padded with empty rows, which hold no targets); the first `limit` batches (0 = all).
     The same rows every time: validation numbers depend only on the params."""
@@ -191,5 +193,5 @@ def validation_batches(rows: Rows, batch_size: int, limit: int = 0, process_inde
         chunk = {k: np.zeros((local,) + a.shape[1:], a.dtype) for k, a in rows.items()}
         for k, a in rows.items():
             chunk[k][index < n] = a[index[index < n]]
-        batches.append(model_batch(chunk))
+        batches.append(to_batch(chunk))
     return batches

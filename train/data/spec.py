@@ -8,6 +8,7 @@ from typing import Any
 from llama_jax.checkpoint.files import join
 from llama_jax.tokenizer import Tokenizer
 from train.data import storage
+from train.data.pairs import build_pair_rows, pair_batch
 from train.data.rows import Batches, build_rows, validation_batches
 from train.data.shards import MANIFEST
 from train.data.stream import StreamBatches, open_rows
@@ -18,9 +19,10 @@ def is_tokenized(path: str) -> bool:
 
 
 def make_batches(data: Any, tokenizer: Tokenizer, batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1) -> tuple[Batches | StreamBatches, dict]:
+                 process_count: int = 1, preference: Any = None) -> tuple[Batches | StreamBatches, dict]:
     """(batches, summary) for a data block (train.config.DataConfig: format, train, max_len, pack,
     text_key, weights); batches(k) is this host's slice of global batch k, a pure function of (seed, k).
+    Format preference reads pairs with the recipe's preference block (template, margin_key).
 
     summary: examples, truncated (cut to max_len), skipped (no target left), rows, row_len.
     """
@@ -41,6 +43,9 @@ def make_batches(data: Any, tokenizer: Tokenizer, batch_size: int, seed: int, pr
     if data.weights:
         raise ValueError("data.weights (a mixture) needs tokenized data sets: data.format: tokens "
                          "(python -m train.tokenize makes them)")
+    if fmt == "preference":
+        rows, summary = pair_rows(data, data.train, tokenizer, preference)
+        return Batches(rows, batch_size, seed, process_index, process_count, to_batch=pair_batch), summary
     rows, summary = build_rows(fmt, data.train, tokenizer, data.max_len, data.pack, seed, data.text_key)
     return Batches(rows, batch_size, seed, process_index, process_count), summary
 
@@ -56,3 +61,8 @@ def held_out_batches(data: Any, path: str, tokenizer: Tokenizer, batch_size: int
         return [stream(k) for k in range(min(limit, stream.per_epoch) if limit else stream.per_epoch)]
     rows, _ = build_rows(fmt, [path], tokenizer, data.max_len, data.pack, seed, data.text_key)
     return validation_batches(rows, batch_size, limit, process_index, process_count)
+
+
+def pair_rows(data: Any, paths: list, tokenizer: Tokenizer, preference: Any) -> tuple[dict, dict]:
+    """The pair-row table (train/data/pairs.py) of preference files, read as the recipe says."""
+    return build_pair_rows(paths, tokenizer, data.max_len, preference.template, preference.margin_key)

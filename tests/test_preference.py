@@ -1,0 +1,365 @@
+"""Preference tuning against independent references: DPO, SimPO and ORPO losses and gradients equal the
+papers' formulas written out in torch on HF's LlamaForCausalLM (same weights); the reward loss
+and accuracy equal torch on HF's LlamaForSequenceClassification; the reference log-probs
+equal HF's sums over answer tokens; a sharded LoRA DPO step equals one device; LoRA and QLoRA DPO learn;
+a full DPO run killed with -9 resumes exactly; a reward model is refused as a language model and scored by
+`llama_jax.eval reward` as torch scores it; rejection sampling keeps what the reward model prefers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from jax.sharding import Mesh
+
+import llama_jax as lj
+from llama_jax import lora, quant
+from llama_jax.layout import params_from_state_dict
+from reference import hf_model, hf_params
+from sharding import batch_sharding, tree_shardings
+from train import objectives, reference
+from train import step as step_lib
+from train.data.pairs import build_pair_rows, pair_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = lj.LlamaConfig.preset("tiny-gqa")
+TOK = lj.Tokenizer(os.path.join(ROOT, "data", "tokenizer.model"))
+BETA, GAMMA = 0.7, 0.3  # away from the defaults, so a beta or gamma that is not passed through shows
+RECORDS = [  # answers of different lengths, one multi-turn prompt: padding and masks differ per row
+    {"prompt": "Sort the digits 4 1 3.", "chosen": "1 3 4", "rejected": "4 3 1 and more words", "margin": 1.0},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                  {"role": "user", "content": "Name a colour."}], "chosen": "Blue.", "rejected": "No."},
+    {"prompt": "Reverse 1234.", "chosen": "4321", "rejected": "1234", "margin": 0.5},
+    {"prompt": "Say yes.", "chosen": "Yes.", "rejected": "I would rather not say anything at all."},
+]
+
+
+def one_device():
+    return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    rows, _ = build_pair_rows([str(path)], TOK, 40)
+    return str(path), rows
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The policy and a different reference model (HF float32) and the policy's weights as our params."""
+    policy, ref = hf_model(CFG, seed=5), hf_model(CFG, seed=6)
+    return policy, ref, hf_params(policy, CFG), hf_params(ref, CFG)
+
+
+def torch_logps(model, batch):
+    """Sums of log-softmax at the targets over the answer tokens, and their counts, (B, 2) each."""
+    b, _, t = batch["tokens"].shape
+    tokens = torch.as_tensor(batch["tokens"].reshape(2 * b, t), dtype=torch.long)
+    targets = torch.as_tensor(batch["targets"].reshape(2 * b, t), dtype=torch.long)
+    weights = torch.as_tensor(batch["weights"].reshape(2 * b, t))
+    logp = torch.log_softmax(model(tokens).logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+    return (logp * weights).sum(-1).reshape(b, 2), weights.sum(-1).reshape(b, 2)
+
+
+def torch_loss(objective, logp, counts, ref_logp):
+    """The papers' losses (means over pairs)."""
+    c, r = logp[:, 0], logp[:, 1]
+    if objective == "dpo":  # Rafailov et al. 2023, eq. 7
+        return -F.logsigmoid(BETA * ((c - ref_logp[:, 0]) - (r - ref_logp[:, 1]))).mean()
+    ac, ar = c / counts[:, 0], r / counts[:, 1]
+    if objective == "simpo":  # Meng et al. 2024, eq. 6
+        return -F.logsigmoid(BETA * ac - BETA * ar - GAMMA).mean()
+    # ORPO, Hong et al. 2024, eq. 6-8: odds(y) = P / (1 - P) with P the length-normalised likelihood
+    log_odds = (ac - torch.log1p(-torch.exp(ac))) - (ar - torch.log1p(-torch.exp(ar)))
+    return (-ac - BETA * F.logsigmoid(log_odds)).mean()
+
+
+def grads_as_ours(model, cfg=CFG):
+    state = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().numpy()
+             for k, p in model.named_parameters()}
+    return params_from_state_dict(state, cfg, "hf")
+
+
+def assert_tree_close(got, want, rtol=1e-5):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = max(np.abs(b).max(), 1e-12)
+        assert np.abs(a - b).max() <= rtol * scale, f"{jax.tree_util.keystr(path)}: {np.abs(a - b).max() / scale:.2e}"
+
+
+def test_losses_and_gradients_equal_the_papers_formulas_on_hf(pairs, models):
+    """For each objective: pair_sums' loss, and its gradient (the chain rule through the log-probs: one
+    compiled vector-Jacobian product serves the three) equal torch's on HF's model."""
+    _, rows = pairs
+    policy, ref, params, _ = models
+    with torch.no_grad():
+        ref_logp = torch_logps(ref, pair_batch(rows))[0]
+    batch = dict(pair_batch(rows), reference=ref_logp.numpy())
+
+    @jax.jit
+    def logps_and_vjp(p, cotangent):
+        (logp, counts), vjp = jax.vjp(lambda q: objectives.sequence_logps(q, batch, CFG), p)
+        return logp, counts, vjp((cotangent, jnp.zeros_like(counts)))[0]
+
+    padded = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in batch.items()}  # + an empty pair
+
+    @jax.jit
+    def summed(p):  # the train step's loss sums, every objective, over the batch + a padding pair
+        return {o: objectives.pair_sums(p, padded, CFG, o, BETA, GAMMA)[1] for o in ("dpo", "simpo", "orpo")}
+
+    logp, counts, _ = logps_and_vjp(params, jnp.zeros((len(RECORDS), 2)))
+    sums = summed(params)
+    for objective in ("dpo", "simpo", "orpo"):
+        policy.zero_grad()
+        t_logp, t_counts = torch_logps(policy, batch)
+        want = torch_loss(objective, t_logp, t_counts, ref_logp)
+        want.backward()
+        assert float(sums[objective]["count"]) == len(RECORDS)
+        np.testing.assert_allclose(float(sums[objective]["loss"]) / len(RECORDS), want.item(), rtol=1e-5)
+        mean_loss = lambda lp: jnp.mean(objectives.pair_losses(objective, lp, counts, BETA, GAMMA,  # noqa: E731
+                                                               batch["reference"], batch["margin"])[0])
+        _, _, grads = logps_and_vjp(params, jax.grad(mean_loss)(logp))
+        assert_tree_close(grads, grads_as_ours(policy))
+    # TRL's DPO metrics: implicit rewards beta * (logp - ref), accuracy r_c > r_r, margin r_c - r_r
+    rewards = BETA * (t_logp.detach().numpy() - ref_logp.numpy())
+    metrics = objectives.pair_metrics(sums["dpo"])
+    atol = 1e-5 * BETA * float(np.abs(rewards / BETA).max() + np.abs(ref_logp.numpy()).max())  # the rewards are differences of log-prob sums
+    np.testing.assert_allclose(metrics["rewards_chosen"], rewards[:, 0].mean(), atol=atol)
+    np.testing.assert_allclose(metrics["reward_margin"], (rewards[:, 0] - rewards[:, 1]).mean(), atol=atol)
+    assert float(metrics["reward_accuracy"]) == np.mean(rewards[:, 0] > rewards[:, 1])
+
+
+def test_reference_logps_equal_hf_sums_over_answer_tokens(pairs, models):
+    """The loop's reference pass (batches of 2 pairs, the last one padded) = HF's sums, pair by pair."""
+    _, rows = pairs
+    _, ref, _, ref_params = models
+    mesh = one_device()
+    with jax.set_mesh(mesh):
+        got = reference.score_rows(objectives.make_reference_fn(CFG, mesh), ref_params, rows, 3, mesh)
+    with torch.no_grad():
+        want = torch_logps(ref, pair_batch(rows))[0].numpy()
+    assert got.shape == (len(RECORDS), 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reward_model(models):
+    """HF's LlamaForSequenceClassification (1 label, pad id 0) on the policy's backbone, and our reward params."""
+    policy = models[0]
+    config = transformers.LlamaConfig(**{**policy.config.to_dict(), "num_labels": 1, "pad_token_id": 0})
+    config._attn_implementation = "eager"
+    torch.manual_seed(7)
+    model = transformers.LlamaForSequenceClassification(config).float().eval()
+    model.model.load_state_dict(policy.model.state_dict())
+    params = {k: v for k, v in models[2].items() if k != "output"}
+    params["score"] = model.score.weight.detach().numpy()[0].copy()
+    return model, params
+
+
+def torch_rewards(model, batch):
+    b, _, t = batch["tokens"].shape
+    return model(torch.as_tensor(batch["tokens"].reshape(2 * b, t), dtype=torch.long)).logits[:, 0].reshape(b, 2)
+
+
+def test_reward_loss_and_accuracy_equal_torch(pairs, reward_model):
+    _, rows = pairs
+    model, params = reward_model
+    batch = pair_batch(rows)
+    assert not np.any(batch["tokens"][batch["segment_ids"] > 0] == 0)  # HF pools at the last non-pad (id 0) token
+    with torch.no_grad():
+        r = torch_rewards(model, batch)
+    want = -F.logsigmoid(r[:, 0] - r[:, 1] - torch.as_tensor(batch["margin"])).mean()  # Llama 2, eq. 2
+    sums = jax.jit(lambda p: objectives.pair_sums(p, batch, CFG, "reward", 0.0)[1])(params)
+    metrics = objectives.pair_metrics(sums)
+    np.testing.assert_allclose(float(metrics["loss"]), want.item(), rtol=1e-5)
+    r = r.numpy()
+    assert float(metrics["reward_accuracy"]) == np.mean(r[:, 0] > r[:, 1])
+    np.testing.assert_allclose(float(metrics["rewards_chosen"]), r[:, 0].mean(), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, models, reward_model):
+    """The policy and the reward model as checkpoints."""
+    root = tmp_path_factory.mktemp("saved")
+    lj.save_checkpoint(str(root / "policy"), CFG, models[2])
+    lj.save_checkpoint(str(root / "rm"), CFG, reward_model[1], head="reward")
+    return str(root / "policy"), str(root / "rm")
+
+
+def test_reward_checkpoint_is_no_lm_and_eval_reward_scores_as_torch(pairs, reward_model, saved, capsys):
+    from llama_jax.eval.__main__ import main as eval_main
+
+    path, rows = pairs
+    model = reward_model[0]
+    ckpt = saved[1]
+    with pytest.raises(ValueError, match="is a reward model"):
+        lj.load_checkpoint(ckpt)
+    with pytest.raises(SystemExit) as exit_:
+        eval_main(["perplexity", "--checkpoint", ckpt, "--tokenizer", "data/tokenizer.model", "--data", "README.md"])
+    assert exit_.value.code == 2 and "is a reward model" in capsys.readouterr().err
+    eval_main(["reward", "--checkpoint", ckpt, "--tokenizer", "data/tokenizer.model", "--data", path,
+               "--max-len", "40", "--batch-size", "2"])
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with torch.no_grad():
+        r = torch_rewards(model, pair_batch(rows)).numpy()
+    assert got["pairs"] == len(RECORDS) and got["accuracy"] == np.mean(r[:, 0] > r[:, 1])
+    np.testing.assert_allclose(got["margin"], np.mean(r[:, 0] - r[:, 1]), rtol=1e-5)
+
+
+def train_steps(cfg, state_params, batch, mesh, steps, grad_accum=1, lr=0.1, base=None, base_dtype="bfloat16"):
+    """`steps` DPO updates by the real train step, with plain SGD (Adam would divide rounding-level
+    differences of tiny gradients by |g|, so two meshes could only be compared to lr-sized tolerances)."""
+    schedule = step_lib.lr_schedule(lr, 10, "constant")
+    opt = optax.sgd(schedule)
+    fn = step_lib.make_train_step(cfg, opt, schedule, mesh, (len(batch["tokens"]), batch["tokens"].shape[-1]),
+                                  grad_accum, base_dtype=base_dtype, seed=3, objective="dpo", beta=BETA)
+    shardings = step_lib.state_shardings(cfg, opt, mesh)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda p: step_lib.init_state(p, opt), out_shardings=shardings)(state_params)
+        placed = {k: jax.device_put(v, batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
+        base = jax.device_put(base, tree_shardings(*lora.base_layout(cfg, base_dtype), mesh))
+        metrics, params = [], []
+        for _ in range(steps):
+            state, m = fn(state, placed, base)
+            metrics.append(jax.device_get(m))
+            params.append(jax.device_get(state["params"]))
+    return params, metrics
+
+
+def test_lora_and_qlora_dpo_learn_and_sharded_equals_one_device(pairs, models):
+    """LoRA (bf16 base) and QLoRA (nf4 base) DPO learn on one device; the reference is the frozen base alone
+    (the adapters start at zero), so step 1's loss is log 2. The LoRA step on data=2 x fsdp=2 x tensor=2
+    with 2 microbatches equals one device with one."""
+    _, rows = pairs
+    cfg = CFG.replace(lora_rank=4, lora_alpha=8.0)
+    bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), models[2])
+    adapters = jax.device_get(lora.init_adapters(cfg, 1))
+    mesh = one_device()
+    runs = {}
+    for base_dtype, base in (("bfloat16", bf16), ("nf4", quant.quantize_params(bf16, CFG, "nf4"))):
+        with jax.set_mesh(mesh):
+            ref = reference.score_rows(objectives.make_reference_fn(cfg, mesh), base, rows, 4, mesh)
+        batch = pair_batch({k: np.concatenate([v, v]) for k, v in rows.items()})
+        batch["reference"] = np.concatenate([ref, ref])
+        params, metrics = train_steps(cfg, adapters, batch, mesh, 4, base=base, base_dtype=base_dtype)
+        np.testing.assert_allclose(metrics[0]["loss"], np.log(2), rtol=1e-6)
+        assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.05 and metrics[-1]["reward_accuracy"] > 0.5, base_dtype
+        runs[base_dtype] = batch, params, metrics
+    batch, want, want_m = runs["bfloat16"]
+    eight = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    got, got_m = train_steps(cfg, adapters, batch, eight, 4, grad_accum=2, base=bf16)
+    assert_tree_close(got, want, rtol=1e-5)  # every step's adapters, to 1e-5 of each leaf's largest entry
+    for k, (a, b) in enumerate(zip(got_m, want_m)):
+        np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]], rtol=1e-5)
+        for key in ("rewards_chosen", "reward_margin", "logps_chosen"):  # differences of sums of ~100
+            np.testing.assert_allclose(a[key], b[key], atol=1e-5 * abs(b["logps_chosen"]))
+        assert k == 0 or a["reward_accuracy"] == b["reward_accuracy"]  # step 1's rewards are 0 +- rounding
+
+
+def test_planner_lays_out_the_pair_step():
+    """The planner lowers the loop's own pair step ((B, 2, T) batches, margins, DPO's reference) and the
+    reference pass (forward only, the frozen nf4 base for QLoRA)."""
+    from sharding import make_mesh
+    from train import planner
+
+    cfg = CFG.replace(dtype="bfloat16", lora_rank=4)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    lowered, sizes = planner.lower_step(cfg, mesh, batch=8, seq=64, base_dtype="nf4", objective="dpo")
+    (_, batch, _), _ = lowered.args_info
+    assert {k: a.shape for k, a in batch.items()} == {
+        **{k: (8, 2, 64) for k in ("tokens", "targets", "weights", "positions", "segment_ids")},
+        "margin": (8,), "reference": (8, 2)}
+    assert sizes["batch"] == 8 * 2 * 64 * 4 * 5 + 8 * 4 + 8 * 2 * 4
+    (params, pairs), _ = planner.lower_reference(cfg, mesh, 4, 64, "nf4").args_info
+    assert quant.is_quantized(params["layers"]["attention"]["wq"]) and pairs["tokens"].shape == (4, 2, 64)
+    with pytest.raises(ValueError, match="--objective must be one of"):
+        planner.lower_step(cfg, mesh, 8, 64, objective="ppo")
+
+
+def test_rejection_sampling_keeps_what_the_reward_model_prefers(tmp_path, reward_model, saved, capsys):
+    from train.rejection_sample.__main__ import main as sample_main
+
+    model = reward_model[0]
+    policy_dir, rm_dir = saved
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say yes.", "Count to three.")))
+    out = str(tmp_path / "pairs.jsonl")
+    assert sample_main(["--policy", policy_dir, "--reward", rm_dir, "--tokenizer", "data/tokenizer.model",
+                        "--prompts", str(prompts), "--k", "2", "--output", out, "--keep", "pairs",
+                        "--max-new-tokens", "6", "--batch-size", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["prompts"], summary["samples"]) == (2, 4)
+    records = [json.loads(line) for line in open(out)]
+    assert len(records) == summary["kept"] >= 1
+    rows, _ = build_pair_rows([out], TOK, 64)  # the trainer reads them back as preference pairs
+    with torch.no_grad():
+        r = torch_rewards(model, pair_batch(rows)).numpy()
+    for record, (chosen, rejected) in zip(records, r):
+        assert record["reward_chosen"] > record["reward_rejected"]
+        np.testing.assert_allclose([record["reward_chosen"], record["reward_rejected"]], [chosen, rejected],
+                                   rtol=1e-5, atol=1e-6)
+
+
+# --- resume after kill -9 (one end-to-end run of `python -m train`) ---------------------------------------
+
+STEPS = 12
+
+
+def command(out, base, data):
+    """Full DPO from `base` on 24 demo pairs, a checkpoint every 4 steps: a resumed run no longer has its
+    starting model, so its reference log-probs can only come from the run folder."""
+    return [sys.executable, "-m", "train", "--config", "configs/demo-dpo.yaml", f"output_dir={out}", f"steps={STEPS}",
+            "checkpoint_every=4", "log_every=1", "batch_size=4", f"init_from={base}", "model.preset=null",
+            "model.overrides={}", f"data.train=[{data}]",
+            "data.max_len=40", "eval.data=null", "eval.loss_data=null", "tensorboard=false", "optim.warmup_steps=2",
+            "async_checkpointing=false"]
+
+
+def env():
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+
+
+def metrics_of(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: (r["loss"], r["reward_margin"]) for r in map(json.loads, f) if "reward_margin" in r}
+
+
+def test_dpo_run_resumes_exactly_after_kill9(tmp_path, saved):
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(json.load(open(os.path.join(ROOT, "data", "demo_preference_train.json")))[:24]))
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    uninterrupted = subprocess.Popen(command(ref_dir, saved[0], data), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command(run_dir, saved[0], data), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline, path = time.time() + 300, os.path.join(run_dir, "metrics.jsonl")
+    while not (os.path.exists(path) and max([json.loads(x).get("step", 0) for x in open(path) if x.endswith("\n")]
+                                            or [0]) >= 5):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(os.path.join(run_dir, reference.FILE))  # written before step 1
+    again = subprocess.run(command(run_dir, saved[0], data), cwd=ROOT, env=env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step" in again.stdout and "scored" not in again.stdout  # read back, not scored again
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err[-3000:]
+    want, got = metrics_of(ref_dir), metrics_of(run_dir)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-6, atol=0)
+    assert want[1][0] == pytest.approx(np.log(2), rel=1e-5)  # step 1: the policy is the reference
+    assert want[STEPS][0] < want[1][0] and want[STEPS][1] > 0.1  # it learned: the margin grew
