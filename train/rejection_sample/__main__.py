@@ -12,7 +12,8 @@ import sys
 from llama_jax.errors import run_cli
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (docs/reference/cli.md is generated from this parser)."""
     p = argparse.ArgumentParser(prog="python -m train.rejection_sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="the policy: a llama_jax checkpoint or training run folder")
     p.add_argument("--reward", required=True, help="the reward model: a checkpoint or run of objective reward")
@@ -26,14 +27,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="best: the best answer as SFT data; pairs: best and worst as a preference pair")
     p.add_argument("--template", choices=("chat", "alpaca"), default="chat",
                    help="how a string prompt is laid out (for the policy and the reward model)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per sampled answer at most")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy, K equal answers)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the tokens whose preceding mass is <= p")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same answers")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generation call and reward batch")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast both models (default: as saved)")
-    return p.parse_args(argv)
+    return p
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -71,7 +72,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(_run, _parse(argv))
+    return run_cli(_run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
