@@ -1,7 +1,8 @@
 """Start-up is quiet on a machine without TPU chips (sharding/platforms.py), TPU compile-only devices
 still work, and the user's platform choice and attached TPU chips are left alone.
 
-The checks run fresh interpreters without the JAX_PLATFORMS=cpu that conftest sets, as a user would.
+The checks run fresh interpreters without the JAX_PLATFORMS=cpu and compile settings that conftest sets,
+as a user would.
 """
 
 import os
@@ -18,7 +19,8 @@ NOISE = re.compile(r"^[IWEF]\d{4} |InitGoogle|Source Location Trace|tpu", re.IGN
 
 
 def _user_env():
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS", "JAX_COMPILATION_CACHE_DIR")}
     env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # another process holding libtpu's lockfile must not hide the noise
     return env
 

@@ -111,7 +111,11 @@ def _harness(args: argparse.Namespace) -> None:
     from llama_jax.eval.harness import LlamaJaxLM
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    manager = TaskManager(include_path=args.include_path)
+    manager = None
+    if args.include_path:  # only tasks of --include-path: skip indexing lm-eval's ~20,000 built-in files (10 s)
+        local = TaskManager(include_path=args.include_path, include_defaults=False)
+        manager = local if all(t in local.all_subtasks for t in tasks) else None
+    manager = manager or TaskManager(include_path=args.include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; see `lm_eval ls tasks`, or give --include-path for your YAMLs")
