@@ -14,6 +14,9 @@ Layout decisions that matter for checkpoints and sharding:
   names; `sharding/` maps them to mesh axes. Outside a mesh the constraints do nothing.
 - The layers are one `nn.scan` over a stacked "layers" axis, so compile time does not grow
   with depth; `scan_layers=False` unrolls the same loop (same parameters).
+- Under a mesh with a `context` axis (long context) the blocks see the sequence in causal
+  load-balanced order (sharding/context.py): `Llama` reorders tokens and positions on entry and the
+  hidden states back before the output projection; attention gathers K/V over `context`.
 - Every projection goes through `project`: its weight is a float array or an int8/nf4 one
   (llama_jax/quant.py, multiplied by `quant.matmul` right there), and with `cfg.lora_rank > 0` the targeted ones
   add a LoRA update from their adapters `{name}_lora_a` / `{name}_lora_b` (llama_jax/lora.py).
@@ -36,6 +39,7 @@ from llama_jax import quant
 from llama_jax.attention import attend
 from llama_jax.config import LlamaConfig
 from sharding import active_mesh, check_shapes, constrain, param_layout, param_shardings  # no-ops outside a mesh
+from sharding.context import context_shards, from_balanced, to_balanced
 
 Array = jax.Array
 KVCache = dict  # {"k": (layers, batch, slots, kv_heads, head_dim), "v": same}
@@ -145,6 +149,7 @@ def _write_cache(cache: Array, new: Array, start: Array) -> Array:
 
 class Attention(nn.Module):
     cfg: LlamaConfig
+    context: int = 1  # context shards: the sequence is in their load-balanced order (sharding/context.py)
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, segment_ids: Array | None, cache: KVCache | None):
@@ -158,7 +163,8 @@ class Attention(nn.Module):
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
 
         if cache is None:  # training / full forward: causal by index, never across segments
-            out = attend(q, k, v, None, causal=True, implementation=cfg.attention, segment_ids=segment_ids)
+            out = attend(q, k, v, None, causal=True, implementation=cfg.attention, segment_ids=segment_ids,
+                         context_shards=self.context)
         else:  # decoding: slot = position; attend to every slot at or before the query position
             cache = {"k": _write_cache(cache["k"], k, positions[:, 0]),
                      "v": _write_cache(cache["v"], v, positions[:, 0])}
@@ -187,10 +193,11 @@ class Block(nn.Module):
     """Pre-norm transformer block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
 
     cfg: LlamaConfig
+    context: int = 1
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, segment_ids: Array | None, cache: KVCache | None):
-        h, cache = Attention(self.cfg, name="attention")(
+        h, cache = Attention(self.cfg, self.context, name="attention")(
             RMSNorm(self.cfg, name="attention_norm")(x), positions, segment_ids, cache)
         x = x + h
         x = x + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
@@ -221,8 +228,14 @@ class Llama(nn.Module):
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        shards = context_shards(tokens.shape[1]) if cache is None else 1  # context parallelism (long sequences)
+        tokens, positions = to_balanced(tokens, shards), to_balanced(positions, shards)
+        segment_ids = None if segment_ids is None else to_balanced(segment_ids, shards)
         embedding = _param(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), ("vocab", "embed"))
-        x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+        # The lookup reads a table whole along `embed` (split over vocab only): a table split over fsdp /
+        # context would give rows split along embed, which XLA can only re-split by gathering all of them.
+        table = constrain(embedding.astype(cfg.compute_dtype), ("vocab", None))
+        x = jnp.take(table, tokens, axis=0)
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
 
         block = Block
@@ -237,7 +250,8 @@ class Llama(nn.Module):
             unroll=1 if cfg.scan_layers else cfg.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, cache = stack(cfg, name="layers")(x, positions, segment_ids, cache)
+        x, cache = stack(cfg, shards, name="layers")(x, positions, segment_ids, cache)
+        x = constrain(from_balanced(x, shards), ("act_batch", "act_seq", "act_embed"))
         if cache is not None:
             cache = jax.tree.map(lambda c: constrain(c, CACHE_AXES), cache)
 

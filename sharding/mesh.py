@@ -1,7 +1,8 @@
-"""Building the (data, fsdp, tensor) device mesh, with the checks users most often need.
+"""Building the (data, fsdp, context, tensor) device mesh, with the checks users most often need.
 
 One mesh shape picks the parallelism: `data` copies the model and splits the batch, `fsdp`
-splits the batch AND every parameter / gradient / optimizer state along `embed`, `tensor`
+splits the batch AND every parameter / gradient / optimizer state along `embed`, `context` splits
+each sequence (long context: sharding/context.py) and, like fsdp, the parameters, `tensor`
 splits attention heads and MLP columns inside each layer. Devices are ordered by
 `mesh_utils.create_device_mesh`, which on TPU puts the last (tensor) axis on the fastest
 links; with several pod slices (`dcn_*` > 1) the slow data-centre network is only crossed by
@@ -49,30 +50,30 @@ def _show(sizes: dict[str, int]) -> str:
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None, *,
-              dcn_data: int = 1, dcn_fsdp: int = 1, dcn_tensor: int = 1,
-              cfg: Any = None, batch: int | None = None) -> Mesh:
-    """A Mesh with axes ("data", "fsdp", "tensor"); -1 on one axis fills the rest.
+              context: int = 1, dcn_data: int = 1, dcn_fsdp: int = 1, dcn_context: int = 1, dcn_tensor: int = 1,
+              cfg: Any = None, batch: int | None = None, seq: int | None = None) -> Mesh:
+    """A Mesh with axes ("data", "fsdp", "context", "tensor"); -1 on one axis fills the rest.
 
-    `data`/`fsdp`/`tensor` are per slice when `dcn_*` are given (several TPU slices joined by
-    the data-centre network; total size of an axis = ici size x dcn size). `devices` defaults to
-    all devices of all processes. With `cfg` (a LlamaConfig) and/or `batch` the mesh is also
-    checked against the model (`check_mesh`).
+    `data`/`fsdp`/`context`/`tensor` are per slice when `dcn_*` are given (several TPU slices joined
+    by the data-centre network; total size of an axis = ici size x dcn size). `devices` defaults to
+    all devices of all processes. With `cfg` (a LlamaConfig), `batch` and/or `seq` (the sequence
+    length) the mesh is also checked against the model (`check_mesh`).
     """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("make_mesh: no devices given")
     n_slices = _num_slices(devices)
-    dcn = _resolve({"dcn_data": dcn_data, "dcn_fsdp": dcn_fsdp, "dcn_tensor": dcn_tensor}, n_slices,
-                   "slices (device.slice_index)")
-    ici = _resolve({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices) // n_slices,
+    dcn = _resolve({"dcn_data": dcn_data, "dcn_fsdp": dcn_fsdp, "dcn_context": dcn_context, "dcn_tensor": dcn_tensor},
+                   n_slices, "slices (device.slice_index)")
+    ici = _resolve({"data": data, "fsdp": fsdp, "context": context, "tensor": tensor}, len(devices) // n_slices,
                    "devices" if n_slices == 1 else "devices per slice")
     if n_slices == 1:
         device_array = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
     else:
         device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
     mesh = Mesh(device_array, MESH_AXES)
-    if cfg is not None or batch is not None:
-        check_mesh(mesh, cfg=cfg, batch=batch)
+    if cfg is not None or batch is not None or seq is not None:
+        check_mesh(mesh, cfg=cfg, batch=batch, seq=seq)
     return mesh
 
 
@@ -96,13 +97,15 @@ def _num_slices(devices: Sequence[Any]) -> int:
     return len({getattr(d, "slice_index", 0) or 0 for d in devices})
 
 
-def check_mesh(mesh: Mesh, cfg: Any = None, batch: int | None = None) -> None:
+def check_mesh(mesh: Mesh, cfg: Any = None, batch: int | None = None, seq: int | None = None) -> None:
     """Raise a clear error when a model or batch cannot be split over `mesh` as asked.
 
     - tensor must divide n_heads and the FFN width (they are what tensor parallelism splits);
       if it does not divide n_kv_heads (GQA, e.g. 70B has 8 kv heads), the small K/V
       projections are replicated over `tensor` instead (correct, a little more memory).
     - the global batch must divide data x fsdp (every batch row lives on one group).
+    - the sequence length must divide 2 x context (context parallelism cuts it into 2 x context
+      chunks, two per shard: sharding/context.py).
     """
     shape = dict(mesh.shape)
     tensor = shape.get("tensor", 1)
@@ -115,6 +118,11 @@ def check_mesh(mesh: Mesh, cfg: Any = None, batch: int | None = None) -> None:
                           f"are replicated over the tensor axis (correct, a little more memory)", stacklevel=3)
         if cfg.hidden_dim % tensor:
             raise ValueError(f"tensor={tensor} does not divide the FFN width hidden_dim={cfg.hidden_dim}")
+    context = shape.get("context", 1)
+    if seq is not None and context > 1 and seq % (2 * context):
+        raise ValueError(f"sequence length {seq} is not divisible by 2 x context = {2 * context}: context "
+                         f"parallelism gives each of the {context} shards two chunks of the sequence; use a "
+                         f"length that is a multiple of {2 * context}")
     if batch is not None:
         groups = batch_groups(mesh)
         if batch % groups:
@@ -124,7 +132,7 @@ def check_mesh(mesh: Mesh, cfg: Any = None, batch: int | None = None) -> None:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """'data=2,fsdp=-1,tensor=1' -> {'data': 2, 'fsdp': -1, 'tensor': 1} (missing axes: data=-1 rule)."""
+    """'data=2,fsdp=-1,context=2' -> {'data': 2, 'fsdp': -1, 'context': 2} (missing axes: data=-1 rule)."""
     sizes: dict[str, int] = {}
     for part in filter(None, text.replace(" ", "").split(",")):
         name, sep, value = part.partition("=")

@@ -1,7 +1,8 @@
 """The ONE table that maps logical axis names to mesh axes, and the helpers that apply it.
 
 Parameters and optimizer state use the parameter names (embed, vocab, heads, ...); activations
-use the act_* names. A logical axis is left unsharded where its size does not divide the mesh
+use the act_* names. The `context` axis splits the sequence (act_seq, sharding/context.py) and, like
+fsdp, every parameter along `embed`: its devices would otherwise each hold a whole copy. A logical axis is left unsharded where its size does not divide the mesh
 axes it maps to (e.g. a 32001-token vocabulary), so odd shapes still run, just replicated.
 
 This floor knows no model: a model library registers how to get its parameters' logical axes
@@ -21,11 +22,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding.compat import current_mesh
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")  # the device order: tensor on the fastest links
 
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     # parameters
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "context"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -35,7 +36,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "lora_rank": (),  # LoRA adapters: A shards like its weight's input axes, B like its outputs, rank never
     # activations
     "act_batch": ("data", "fsdp"),
-    "act_seq": (),
+    "act_seq": ("context",),
     "act_embed": (),
     "act_heads": ("tensor",),
     "act_kv_heads": ("tensor",),

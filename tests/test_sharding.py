@@ -183,7 +183,7 @@ def test_bad_meshes_give_clear_errors():
     assert parse_mesh("fsdp=-1") == {"fsdp": -1, "data": 1}
     assert parse_mesh("data=2, fsdp=-1, tensor=2") == {"data": 2, "fsdp": -1, "tensor": 2}
     mesh = make_mesh(fsdp=4, tensor=2)  # data=-1 fills: 1
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "context": 1, "tensor": 2}
     check_mesh(mesh, cfg=GQA, batch=4)  # kv heads 2 with tensor 2: fine
 
 
@@ -241,13 +241,18 @@ def test_aot_compile_for_tpu_topology(capsys):
     from train import planner as plan
     from train import step as step_lib
 
-    # The CLI end to end: a tiny model on a v5p-8 slice (4 chips), fsdp over all of them, 2 microbatches.
-    assert plan_cli.main(["--model", "tiny-gqa", "--topology", "v5p:2x2x1", "--mesh", "fsdp=-1",
-                      "--batch", "16", "--seq", "64", "--grad-accum", "2"]) == 0
+    # The CLI end to end: a tiny model on a v5p-8 slice (4 chips), fsdp 2 x context 2 (each sequence split
+    # over 2 chips), 2 microbatches.
+    assert plan_cli.main(["--model", "tiny-gqa", "--topology", "v5p:2x2x1", "--mesh", "fsdp=-1", "--context", "2",
+                          "--batch", "16", "--seq", "64", "--grad-accum", "2"]) == 0
     out = capsys.readouterr().out
-    assert ("tiny-gqa on v5p:2x2x1 (4 chips, 95.00 GiB HBM each), mesh data=1 fsdp=4 tensor=1, batch 16 x seq 64, "
-            "remat full, grad-accum 2 (microbatch 8)") in out
-    assert "verdict: FITS" in out and "multiple of data x fsdp x grad-accum = 8" in out
+    assert ("tiny-gqa on v5p:2x2x1 (4 chips, 95.00 GiB HBM each), mesh data=1 fsdp=2 context=2 tensor=1, batch 16 x "
+            "seq 64, remat full, grad-accum 2 (microbatch 8)") in out
+    assert "verdict: FITS" in out and "multiple of data x fsdp x grad-accum = 4" in out
+    with pytest.raises(SystemExit):
+        plan_cli.main(["--model", "tiny-gqa", "--topology", "v5p-8", "--mesh", "context=4", "--context", "2",
+                       "--batch", "4"])
+    assert "--context 2 and --mesh context=4 disagree" in capsys.readouterr().err
 
     # The program compiled is train.step's: its arguments are the loop's state (params, the
     # optimizer state of make_optimizer: clipping, AdamW moments, decay mask, schedule count; the

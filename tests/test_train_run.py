@@ -114,11 +114,13 @@ def test_train_cli_alpaca_eval_epochs_warmup_keep_mfu_and_init_from(tmp_path, al
     assert accuracy == summary["eval_after"] and len(rows) == 3
 
     # init_from: the architecture and the weights of the first run (its newest step). One step at lr 0
-    # (the whole run is warmup) leaves the weights exactly as loaded.
+    # (the whole run is warmup) leaves the weights exactly as loaded. This run splits every sequence over 2
+    # devices (mesh.context, long context): its held-out answers must be the first run's.
     second = str(tmp_path / "second")
     argv = [f"output_dir={second}", "steps=1", "batch_size=8", "model.preset=null", f"init_from={out}",
             f"data.train=[{train_file}]", "data.max_len=80", f"eval.data={eval_file}", "eval.examples=3",
-            "eval.max_new_tokens=4", "optim.warmup_steps=1", "tensorboard=false", "async_checkpointing=false"]
+            "eval.max_new_tokens=4", "optim.warmup_steps=1", "tensorboard=false", "async_checkpointing=false",
+            "mesh.context=2"]
     # demo.yaml's model.overrides (dim 128 ...) do not fit the 64-wide checkpoint: the checkpoint gives
     # the architecture, and the run names the overrides it did not apply.
     assert main(["--config", "configs/demo.yaml", *argv]) == 0

@@ -67,9 +67,11 @@ class OptimConfig:
 class MeshConfig:
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1  # split batch rows AND every parameter and Adam moment (-1: fill)
+    context: int = 1  # split each sequence (long context; data.max_len a multiple of 2 x context) and the params
     tensor: int = 1  # split attention heads and MLP columns inside each layer (-1: fill)
     dcn_data: int = 1  # several TPU slices: copies of the model across the data-centre network
     dcn_fsdp: int = 1  # ... or parameters split across slices (rarely worth the slow network)
+    dcn_context: int = 1  # ... or sequences split across slices
 
 
 @dataclasses.dataclass
@@ -121,7 +123,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the architecture and how it runs
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # training data: files, format, rows
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW, clipping, schedule, z-loss
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # the device mesh (data, fsdp, tensor)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # the device mesh (data, fsdp, context, tensor)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # validation loss and exact match
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # low-rank adapters on a frozen base
     preference: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)  # DPO/ORPO/SimPO/reward settings
@@ -248,8 +250,9 @@ RANGES = {
     "optim.lr": "(0, inf)", "optim.warmup_steps": "[0, inf)", "optim.warmup_ratio": "[0, 1)",
     "optim.min_lr_ratio": "[0, 1]", "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "(0, inf)",
     "optim.weight_decay": "[0, inf)", "optim.clip_norm": "[0, inf)", "optim.z_loss": "[0, inf)",
-    "mesh.data": "[-1, inf)", "mesh.fsdp": "[-1, inf)", "mesh.tensor": "[-1, inf)",  # -1 fills; 0 refused below
-    "mesh.dcn_data": "[1, inf)", "mesh.dcn_fsdp": "[1, inf)",
+    "mesh.data": "[-1, inf)", "mesh.fsdp": "[-1, inf)", "mesh.context": "[-1, inf)",  # -1 fills; 0 refused below
+    "mesh.tensor": "[-1, inf)",
+    "mesh.dcn_data": "[1, inf)", "mesh.dcn_fsdp": "[1, inf)", "mesh.dcn_context": "[1, inf)",
     "eval.examples": "[0, inf)", "eval.max_new_tokens": "[1, inf)", "eval.every": "[0, inf)", "eval.batches": "[0, inf)",
     "lora.rank": "[0, inf)", "lora.alpha": "(0, inf)", "lora.dropout": "[0, 1)",
     "preference.beta": "(0, inf)", "preference.simpo_gamma": "[0, inf)",
@@ -289,7 +292,7 @@ def validate(cfg: TrainConfig) -> None:
         need(_in_range(value, RANGES[key]), f"{key} must be in {RANGES[key]}, got {value}")
         need(not isinstance(value, int) or key == "seed" or value <= INT32_MAX,
              f"{key} = {value} is too large (at most {INT32_MAX})")
-    for axis in ("data", "fsdp", "tensor"):
+    for axis in ("data", "fsdp", "context", "tensor"):
         need(getattr(cfg.mesh, axis) != 0, f"mesh.{axis} must be -1 (fill) or >= 1, got 0")
     need(cfg.steps > 0 or cfg.epochs > 0,
          f"set steps (> 0) or epochs (> 0); got steps={cfg.steps}, epochs={cfg.epochs}")

@@ -122,8 +122,9 @@ def set_up(cfg: TrainConfig) -> Setup:
     model, init_from = model_config(cfg)
     if cfg.data.max_len > model.max_seq_len:
         raise ValueError(f"data.max_len {cfg.data.max_len} exceeds the model's max_seq_len {model.max_seq_len}")
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, dcn_data=cfg.mesh.dcn_data,
-                     dcn_fsdp=cfg.mesh.dcn_fsdp, cfg=model, batch=cfg.batch_size)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, context=cfg.mesh.context,
+                     dcn_data=cfg.mesh.dcn_data, dcn_fsdp=cfg.mesh.dcn_fsdp, dcn_context=cfg.mesh.dcn_context,
+                     cfg=model, batch=cfg.batch_size, seq=cfg.data.max_len)
     micro = cfg.batch_size // cfg.grad_accum
     if micro % batch_groups(mesh):
         raise ValueError(f"microbatch {micro} (batch_size / grad_accum) is not divisible by data x fsdp = "

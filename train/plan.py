@@ -3,6 +3,7 @@
     python -m train.plan --model llama2-70b --topology v5p-128 --mesh fsdp=-1 --batch 256 --seq 4096
     python -m train.plan --model llama2-7b --topology v5e-1 --batch 16 --seq 512 --lora-rank 16 --base-dtype nf4
     python -m train.plan --model llama2-7b --topology v5e-1 --batch 8 --seq 512 --lora-rank 16 --base-dtype nf4 --objective dpo
+    python -m train.plan --model llama3.1-8b --topology v5p-16 --mesh fsdp=1 --context 8 --batch 1 --seq 131072 --attention splash
 """
 
 from __future__ import annotations
@@ -25,8 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="a LlamaConfig preset, e.g. llama2-7b, llama2-70b")
     parser.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v4-256, v5e-8, v5p:4x4x4")
     parser.add_argument("--mesh", default="fsdp=-1", help="mesh axes, e.g. fsdp=-1 or data=2,fsdp=-1,tensor=4")
+    parser.add_argument("--context", type=int, default=None,
+                        help="context parallelism: split every sequence over N chips (the mesh's context axis; "
+                             "--seq a multiple of 2N)")
     parser.add_argument("--batch", type=int, required=True, help="global batch (sequences per step)")
     parser.add_argument("--seq", type=int, default=2048, help="sequence length")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="override the preset's context length (a long-context fine-tune, e.g. Llama-2-70B at "
+                             "32768; memory only, the RoPE settings stay the preset's)")
     parser.add_argument("--remat", default="full", choices=REMAT_POLICIES, help="what the backward pass recomputes")
     parser.add_argument("--attention", default="xla", choices=ATTENTION_IMPLEMENTATIONS,
                         help="attention implementation (splash: the Pallas TPU kernel; needs seq %% 128 == 0)")
@@ -48,11 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = plan(args.model, args.topology, parse_mesh(args.mesh), args.batch, args.seq, args.remat, args.layers,
+        mesh = parse_mesh(args.mesh)
+        if args.context is not None:
+            if mesh.get("context", args.context) != args.context:
+                raise ValueError(f"--context {args.context} and --mesh context={mesh['context']} disagree; give one")
+            mesh["context"] = args.context
+        result = plan(args.model, args.topology, mesh, args.batch, args.seq, args.remat, args.layers,
                       grad_accum=args.grad_accum, attention=args.attention,
                       say=lambda line: print(line, file=sys.stderr, flush=True), lora_rank=args.lora_rank,
                       base_dtype=args.base_dtype, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
-                      objective=args.objective)
+                      objective=args.objective, max_seq_len=args.max_seq_len)
     except ValueError as e:  # bad model / topology / mesh / batch: say what, no traceback
         parser.error(str(e))
     print(result.report())

@@ -332,7 +332,7 @@ def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, 
          n_layers: int | None = None, devices: list[Any] | None = None, chip: Chip | None = None,
          grad_accum: int = 1, attention: str = "xla", say: Callable[[str], None] = lambda _: None,
          lora_rank: int = 0, base_dtype: str = "bfloat16", lora_targets: tuple = PROJECTIONS,
-         objective: str = "sft") -> Plan:
+         objective: str = "sft", max_seq_len: int | None = None) -> Plan:
     """Compile the train step at `batch` and at the smallest batch, and judge the fit.
 
     `devices`/`chip` default to libtpu's compile-only devices of `topology`. `n_layers` replaces
@@ -340,6 +340,7 @@ def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, 
     `say` receives a line before each compile (they take a minute or more for big models).
     `lora_rank > 0` plans LoRA (adapters on `lora_targets`, the base stored as `base_dtype`).
     `objective` dpo | orpo | simpo | reward plans the pair step (`batch` pairs), DPO with its reference pass.
+    `mesh` may split sequences (`context`, long context); `max_seq_len` replaces the preset's context length.
     """
     overrides = dict(dtype="bfloat16", param_dtype="float32", remat=remat, attention=attention,
                      lora_rank=lora_rank, lora_targets=tuple(lora_targets))
@@ -347,6 +348,10 @@ def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, 
         if n_layers < 1:
             raise ValueError(f"--layers must be >= 1, got {n_layers}")
         overrides["n_layers"] = n_layers
+    if max_seq_len is not None:
+        if max_seq_len < 1:
+            raise ValueError(f"--max-seq-len must be >= 1, got {max_seq_len}")
+        overrides["max_seq_len"] = max_seq_len
     cfg = LlamaConfig.preset(model, **overrides)
     if seq > cfg.max_seq_len:
         raise ValueError(f"--seq {seq} exceeds {model}'s max_seq_len {cfg.max_seq_len}")
@@ -354,7 +359,7 @@ def plan(model: str, topology: str, mesh: dict[str, int], batch: int, seq: int, 
         chip, devices = tpu_devices(topology)
     if grad_accum < 1:
         raise ValueError(f"--grad-accum must be >= 1, got {grad_accum}")
-    mesh_obj = make_mesh(devices=devices, cfg=cfg, batch=batch, **mesh)
+    mesh_obj = make_mesh(devices=devices, cfg=cfg, batch=batch, seq=seq, **mesh)
     groups = batch_groups(mesh_obj) * grad_accum  # the smallest batch: one row per data x fsdp group per microbatch
     second = groups if batch > groups else 2 * groups
     shape = f"{model} on {topology}, mesh {' '.join(f'{k}={v}' for k, v in mesh_obj.shape.items())}"

@@ -60,7 +60,7 @@ T_STEP, T_DATA, T_SHARD = "tests/test_train_step.py::", "tests/test_train_data.p
 T_RUN, T_TOK = "tests/test_train_run.py::", "tests/test_tokenizer.py::"
 BATCHER, APP = "llama_jax/generate/batcher.py", "llama_jax/serve/app.py"
 ISOLATION = "tests/test_batcher.py::test_a_failing_request_ends_alone_and_the_others_equal_generate_alone"
-T_FAM = "tests/test_family.py::"
+T_FAM, T_CTX = "tests/test_family.py::", "tests/test_context.py::"
 PRETOK, T_PRETOK = "train/data/pretokenize.py", "tests/test_tokenize_safety.py::"
 OBJ, PREF = "train/objectives.py", "llama_jax/preference.py"
 T_PREF, T_PREF_DATA = "tests/test_preference.py::", "tests/test_preference_data.py::"
@@ -109,8 +109,8 @@ MUTATIONS = [
       "q = q.reshape(b, t, h // kv, kv, hd).swapaxes(2, 3)", HF_GQA),
     M("attention-scale", "model", ATTN, "preferred_element_type=jnp.float32) * hd**-0.5",
       "preferred_element_type=jnp.float32) * hd**-0.25", "tests/test_attention.py::test_xla_matches_reference_with_gqa_and_segments"),
-    M("causal-mask-excludes-self", "model", ATTN, "(jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])",
-      "(jnp.arange(s)[None, :] < jnp.arange(t)[:, None])", "tests/test_attention.py::test_xla_matches_reference_with_gqa_and_segments"),
+    M("causal-mask-excludes-self", "model", ATTN, "(jnp.arange(s)[None, :] <= query_index[:, None])",
+      "(jnp.arange(s)[None, :] < query_index[:, None])", "tests/test_attention.py::test_xla_matches_reference_with_gqa_and_segments"),
     M("swiglu-gate-swapped", "model", MODEL,
       'gate = jax.nn.silu(project(self, "w1", x, embed, mlp)) * project(self, "w3", x, embed, mlp)',
       'gate = jax.nn.silu(project(self, "w3", x, embed, mlp)) * project(self, "w1", x, embed, mlp)', HF_GQA),
@@ -215,7 +215,26 @@ MUTATIONS = [
     # --- sharding rules
     M("vocab-not-sharded", "sharding rules", RULES, '"vocab": ("tensor",),', '"vocab": (),', LAYOUTS),
     M("kv-heads-not-sharded", "sharding rules", RULES, '"kv_heads": ("tensor",),', '"kv_heads": (),', LAYOUTS),
-    M("embed-not-fsdp", "sharding rules", RULES, '"embed": ("fsdp",),', '"embed": (),', LAYOUTS),
+    M("embed-not-fsdp", "sharding rules", RULES, '"embed": ("fsdp", "context"),', '"embed": ("context",),', LAYOUTS),
+    # --- context parallelism (sharding/context.py, attention's gathered K/V)
+    M("context-causal-by-shard-index", "context parallelism", ATTN,
+      "query_index = jnp.asarray(balanced_order(t, context_shards))", "query_index = jnp.arange(t)",
+      T_CTX + "test_context_parallel_equals_one_device[data=4,context=2]"),
+    M("context-kv-left-balanced", "context parallelism", ATTN,
+      "k, v = (from_balanced(constrain(x, KV_GATHERED), context_shards) for x in (k, v))",
+      "k, v = (constrain(x, KV_GATHERED) for x in (k, v))",
+      T_CTX + "test_context_parallel_equals_one_device[data=4,context=2]"),
+    M("context-splash-natural-query-order", "context parallelism", ATTN,
+      "full.q_sequence = balanced_order(t, context_shards).astype(np.int32)", "pass",
+      T_CTX + "test_attention_under_context_equals_numpy[splash]"),
+    M("context-hidden-left-balanced", "context parallelism", MODEL,
+      "x = constrain(from_balanced(x, shards), (", "x = constrain((x), (",
+      T_CTX + "test_context_parallel_equals_one_device[fsdp=2,context=4]"),
+    M("context-params-replicated", "sharding rules", RULES, '"embed": ("fsdp", "context"),', '"embed": ("fsdp",),',
+      T_CTX + "test_context_splits_parameters_like_fsdp"),
+    M("context-chunks-not-mirrored", "context parallelism", "sharding/context.py",
+      "for j in (i, 2 * shards - 1 - i)]", "for j in (2 * i, 2 * i + 1)]",
+      T_CTX + "test_balanced_order_gives_every_shard_the_same_causal_work"),
     M("batch-over-data-only", "sharding rules", RULES, '"act_batch": ("data", "fsdp"),', '"act_batch": ("data",),',
       T_SHARD + "test_batch_cache_and_logits_layout"),
     M("uneven-dims-split-anyway", "sharding rules", RULES, "while axes and size %", "while False and size %", LAYOUTS),
