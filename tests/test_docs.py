@@ -1,5 +1,6 @@
 """The docs as tests: `mkdocs build --strict`, a doc line for every flag, recipe key and public name,
-the README's first screen, the plots, and every block marked runnable in README.md and docs/.
+the README's first screen, the plots, a line on docs/architecture.md for every module, and every block
+marked runnable in README.md and docs/.
 
 A runnable block is a ```bash or ```python fence with `<!-- runnable -->` on the line directly above
 it. The blocks of one page run in order, from a scratch copy of the repo root (data/ and configs/
@@ -230,3 +231,42 @@ def test_plots_are_drawn_from_the_bench_sources_and_every_one_the_docs_show_exis
     assert shown == drawn
     assert all(os.path.getsize(tmp_path / name) > 10_000 for name in drawn)
     assert all(os.path.isfile(os.path.join(ROOT, "docs", "img", name)) for name in drawn)
+
+
+ARCHITECTURE_FLOORS = ("sharding", "llama_jax", "train", "bench", "scripts")
+
+
+def modules_not_on_architecture(root: str = ROOT) -> list[str]:
+    """Every .py under the floors and scripts/ (package __init__.py aside: the page names a package's
+    modules, not its __init__) that docs/architecture.md does not name: by its path in backticks
+    (`train/step.py`), or by its file name in backticks on a table row whose first cell is its folder
+    (`llama_jax/checkpoint/` | ... `files.py` ...)."""
+    text = open(os.path.join(root, "docs", "architecture.md"), encoding="utf-8").read()
+    named = set(re.findall(r"`([^`\s]+\.py)`", text))
+    for line in text.splitlines():
+        cells = line.strip().strip("|").split("|") if line.lstrip().startswith("|") else []
+        if len(cells) < 2:
+            continue
+        folders = re.findall(r"`([^`\s]+/)`", cells[0])
+        names = re.findall(r"`([\w.]+\.py)`", "|".join(cells[1:]))
+        named.update(folder + name for folder in folders for name in names)
+    found = [os.path.relpath(p, root).replace(os.sep, "/") for floor in ARCHITECTURE_FLOORS
+             for p in glob.glob(os.path.join(root, floor, "**", "*.py"), recursive=True)]
+    return sorted(p for p in found if os.path.basename(p) != "__init__.py" and p not in named)
+
+
+def test_architecture_names_every_module():
+    assert modules_not_on_architecture() == [], "add a line per module to docs/architecture.md"
+
+
+def test_a_module_architecture_does_not_name_is_found(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "architecture.md").write_text(
+        "| module | its one job |\n|---|---|\n| `train/step.py` | the step |\n"
+        "| `llama_jax/eval/` | `scoring.py` scores; `__main__.py` the CLI |\n")
+    for path in ("train/step.py", "train/new.py", "train/__init__.py", "llama_jax/eval/scoring.py",
+                 "llama_jax/eval/__main__.py", "llama_jax/eval/reward.py", "llama_jax/reward.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text('"""x."""\n')
+    assert modules_not_on_architecture(str(tmp_path)) == ["llama_jax/eval/reward.py", "llama_jax/reward.py",
+                                                         "train/new.py"]
