@@ -6,10 +6,11 @@ in memory: the query heads that share a kv head are grouped on their own axis.
 
 Context parallelism (a `context` mesh axis, sharding/context.py) splits the sequence of q, k and v
 in causal load-balanced order. Each shard keeps its queries and all-gathers K/V (put back in natural
-order), then masks by the queries' original indices: the Llama 3 paper's all-gather scheme. It was
-picked over ring attention because with grouped-query heads K/V are 4-8x smaller than Q, one
-all-gather per layer moves the same bytes as a ring's c-1 steps and XLA overlaps it with compute,
-and the same code serves the einsum path, the splash kernel and packed (segment-masked) sequences.
+order), then masks by the queries' original indices: the Llama 3 paper's all-gather scheme. Picked
+over ring attention by measurement (bench/context.py, docs/guides/long-context.md): with grouped-query
+heads K/V are 4-8x smaller than Q, and a layer's gather needs 4-33 GB/s to keep pace with its attention
+at a v5p's peak (its links carry 1,200 GB/s), so a ring's overlap has almost nothing to win; one
+gathered attention serves the einsum path, the splash kernel and packed (segment-masked) sequences.
 """
 
 from __future__ import annotations

@@ -157,3 +157,23 @@ def test_context_mesh_errors_and_parsing():
 
     with pytest.raises(ValueError, match="mesh.context must be -1 \\(fill\\) or >= 1, got 0"):
         load_config("configs/demo.yaml", ["mesh.context=0"])
+
+
+def test_context_across_slices_on_a_two_slice_topology():
+    """dcn_context (a hybrid mesh over slices, libtpu's compile-only devices of two v5p-8 slices): the
+    context axis joins 4 chips of each slice; dcn_data keeps each slice one data replica instead."""
+    pytest.importorskip("libtpu", reason="libtpu is not installed: no compile-only TPU devices")
+    import os
+
+    from jax.experimental import topologies
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1", chip_config_name="megacore",
+                                           chips_per_host_bounds=(2, 2, 1), num_slices=2).devices
+    slice_of = np.vectorize(lambda d: d.slice_index)
+    mesh = make_mesh(data=1, context=4, dcn_context=2, devices=devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "context": 8, "tensor": 1}
+    np.testing.assert_array_equal(slice_of(mesh.devices).reshape(8), [0, 0, 0, 0, 1, 1, 1, 1])
+    mesh = make_mesh(data=1, context=4, dcn_data=2, devices=devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}
+    np.testing.assert_array_equal(slice_of(mesh.devices).reshape(2, 4), [[0] * 4, [1] * 4])
