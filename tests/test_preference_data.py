@@ -1,19 +1,26 @@
 """Preference data: the record schemas (TRL, chat prompts, UltraFeedback's whole dialogs, Anthropic-HH
 texts) give the token ids of Meta's Llama-2-chat layout and Stanford's Alpaca prompt, written out here
-by hand; only answer tokens are targets; prompts are cut first; the demo data regenerates byte for byte."""
+by hand, from JSONL, Parquet and `hf:NAME:SPLIT` data sets alike; only answer tokens are targets; prompts
+are cut first; the demo data regenerates byte for byte."""
 
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
-import numpy as np
-import pytest
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # no Hub here: the hf: path runs on local Parquet
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf-datasets-"))
 
-import llama_jax as lj
-from llama_jax.preference import Pair, pair_of, pair_sequences, prompt_of
-from train.config import load_config
-from train.data.pairs import build_pair_rows, pair_batch
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+
+import llama_jax as lj  # noqa: E402
+from llama_jax.preference import Pair, pair_of, pair_sequences, prompt_of  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.data.pairs import build_pair_rows, pair_batch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = lj.Tokenizer(os.path.join(ROOT, "data", "tokenizer.model"))
@@ -41,7 +48,7 @@ ALPACA = ("Below is an instruction that describes a task, paired with an input t
           "\n\n### Response:")
 
 
-def test_schemas_give_the_chat_and_alpaca_layouts():
+def test_schemas_give_the_chat_and_alpaca_layouts(tmp_path):
     trl = {"prompt": "Sort the digits 4 1 3.", "chosen": "1 3 4", "rejected": "4 3 1"}
     want_c, want_r = hand_chat([], trl["prompt"], "1 3 4"), hand_chat([], trl["prompt"], "4 3 1")
     ultrafeedback = {"prompt": trl["prompt"], "score_chosen": 8.0,
@@ -52,6 +59,20 @@ def test_schemas_give_the_chat_and_alpaca_layouts():
     for record in (trl, ultrafeedback, conversational):
         c, r, cut = pair_sequences(TOK, pair_of(record, "r"), "chat", 512)
         assert (c, r, cut) == (want_c, want_r, False)
+
+    # hf:NAME:SPLIT (the recipes' UltraFeedback): `datasets.load_dataset` on a local folder laid out like a
+    # Hub repository of Parquet files; the split named is the one read, its message lists the hand layout.
+    hub = tmp_path / "hub" / "data"
+    os.makedirs(hub)
+    swapped = {**ultrafeedback, "chosen": ultrafeedback["rejected"], "rejected": ultrafeedback["chosen"]}
+    for split, record in (("train_prefs", ultrafeedback), ("test_prefs", swapped)):
+        pq.write_table(pa.Table.from_pylist([record]), hub / f"{split}-00000-of-00001.parquet")
+    for split, (c, r) in (("train_prefs", (want_c, want_r)), ("test_prefs", (want_r, want_c))):
+        rows, summary = build_pair_rows([f"hf:{tmp_path / 'hub'}:{split}"], TOK, 64)
+        assert summary["rows"] == 1
+        for side, (ids, mask) in enumerate((c, r)):
+            assert rows["tokens"][0, side, :len(ids)].tolist() == ids and not rows["tokens"][0, side, len(ids):].any()
+            assert rows["loss_mask"][0, side, :len(ids)].tolist() == mask
 
     # Anthropic-HH: whole texts that share all turns but the last answer -> a two-turn Llama-2 dialog.
     hh = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: It is 4.",
@@ -124,9 +145,6 @@ def test_long_prompts_are_cut_first_and_long_answers_skipped(tmp_path):
     # weights = the answer tokens (as targets of the previous position); nothing of the prompt
     np.testing.assert_array_equal(batch["weights"][0, 1], np.asarray(r_mask[1:] + [0], np.float32))
     assert build_pair_rows([str(path)], TOK, n_answer)[1]["skipped"] == 1
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "pairs.parquet")
     again, _ = build_pair_rows([str(tmp_path / "pairs.parquet")], TOK, max_len)
