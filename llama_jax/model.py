@@ -38,8 +38,8 @@ from jax.experimental.layout import Layout, with_layout_constraint
 from llama_jax import quant
 from llama_jax.attention import attend
 from llama_jax.config import LlamaConfig
-from sharding import active_mesh, check_shapes, constrain, param_layout, param_shardings  # no-ops outside a mesh
-from sharding.context import context_shards, from_balanced, to_balanced
+from sharding import (active_mesh, check_shapes, constrain, context_shards, from_balanced,  # no-ops outside a mesh
+                      param_layout, param_shardings, to_balanced)
 
 Array = jax.Array
 KVCache = dict  # {"k": (layers, batch, slots, kv_heads, head_dim), "v": same}

@@ -13,7 +13,7 @@ from sharding.rules import (LOGICAL_RULES, MESH_AXES, active_mesh, batch_groups,
                             check_shapes, constrain, logical_to_spec, param_layout, param_shardings, shard_params,
                             tree_shardings)
 
-__all__ = ["CHIPS", "Chip", "LOGICAL_RULES", "MESH_AXES", "active_mesh", "balanced_order", "batch_groups", "batch_sharding",
-           "check_mesh", "check_shapes", "chip_of", "constrain", "context_shards", "from_balanced", "global_batch", "initialize", "is_main_process",
-           "inference_mesh", "logical_to_spec", "make_mesh", "param_layout", "param_shardings", "parse_mesh", "shard_params",
-           "to_balanced", "tree_shardings"]
+__all__ = ["CHIPS", "Chip", "LOGICAL_RULES", "MESH_AXES", "active_mesh", "balanced_order", "batch_groups",
+           "batch_sharding", "check_mesh", "check_shapes", "chip_of", "constrain", "context_shards", "from_balanced",
+           "global_batch", "initialize", "is_main_process", "inference_mesh", "logical_to_spec", "make_mesh",
+           "param_layout", "param_shardings", "parse_mesh", "shard_params", "to_balanced", "tree_shardings"]
