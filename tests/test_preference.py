@@ -2,9 +2,12 @@
 papers' formulas written out in torch on HF's LlamaForCausalLM (same weights); the reward loss
 and accuracy equal torch on HF's LlamaForSequenceClassification; the reference log-probs
 equal HF's sums over answer tokens; a sharded LoRA DPO step equals one device; LoRA and QLoRA DPO learn;
-a full DPO run killed with -9 resumes exactly; a reward model is refused as a language model and scored by
-`llama_jax.eval reward` as torch scores it; rejection sampling keeps what the reward model prefers."""
+a full DPO run killed with -9 resumes exactly and its
+held-out metrics equal HF's; a reward model is refused as a language model and scored by
+`llama_jax.eval reward` as torch scores it; a reward model trained by `python -m train` logs and scores
+its held-out pairs as HF does; rejection sampling keeps what the reward model prefers."""
 
+import copy
 import json
 import os
 import signal
@@ -23,7 +26,7 @@ import transformers
 from jax.sharding import Mesh
 
 import llama_jax as lj
-from llama_jax import lora, quant
+from llama_jax import layout, lora, quant
 from llama_jax.layout import params_from_state_dict
 from reference import hf_model, hf_params
 from sharding import batch_sharding, tree_shardings
@@ -73,11 +76,11 @@ def torch_logps(model, batch):
     return (logp * weights).sum(-1).reshape(b, 2), weights.sum(-1).reshape(b, 2)
 
 
-def torch_loss(objective, logp, counts, ref_logp):
+def torch_loss(objective, logp, counts, ref_logp, beta=BETA):
     """The papers' losses (means over pairs)."""
     c, r = logp[:, 0], logp[:, 1]
     if objective == "dpo":  # Rafailov et al. 2023, eq. 7
-        return -F.logsigmoid(BETA * ((c - ref_logp[:, 0]) - (r - ref_logp[:, 1]))).mean()
+        return -F.logsigmoid(beta * ((c - ref_logp[:, 0]) - (r - ref_logp[:, 1]))).mean()
     ac, ar = c / counts[:, 0], r / counts[:, 1]
     if objective == "simpo":  # Meng et al. 2024, eq. 6
         return -F.logsigmoid(BETA * ac - BETA * ar - GAMMA).mean()
@@ -90,6 +93,24 @@ def grads_as_ours(model, cfg=CFG):
     state = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().numpy()
              for k, p in model.named_parameters()}
     return params_from_state_dict(state, cfg, "hf")
+
+
+def as_hf(params, cfg, model):
+    """`model` (HF LlamaForCausalLM or LlamaForSequenceClassification, float32) holding our params, written
+    into HF's layout by hand from layout.py's table (a reward model's head is `score`, HF's too)."""
+    state = {}
+    for entry, i, name in layout.names(cfg, "hf"):
+        if entry.path == ("output",) and "output" not in params:
+            continue
+        node = params
+        for key in entry.path:
+            node = node[key]
+        leaf = np.asarray(node if i is None else node[i], np.float32)
+        state[name] = torch.tensor(layout.from_ours(entry, leaf, cfg))
+    if "score" in params:
+        state["score.weight"] = torch.tensor(np.asarray(params["score"], np.float32)[None])
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 def assert_tree_close(got, want, rtol=1e-5):
@@ -218,6 +239,62 @@ def test_reward_checkpoint_is_no_lm_and_eval_reward_scores_as_torch(pairs, rewar
     np.testing.assert_allclose(got["margin"], np.mean(r[:, 0] - r[:, 1]), rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def demo_pairs(tmp_path_factory):
+    """24 of the demo's training pairs and 8 of its held-out pairs (Alpaca records), as files."""
+    folder = tmp_path_factory.mktemp("demo_pairs")
+    for name, n in (("train", 24), ("eval", 8)):
+        with open(os.path.join(ROOT, "data", f"demo_preference_{name}.json")) as f:
+            (folder / f"{name}.json").write_text(json.dumps(json.load(f)[:n]))
+    return str(folder / "train.json"), str(folder / "eval.json")
+
+
+def held_out_batch(path):
+    """The held-out pairs as the loop lays them out (demo-dpo.yaml's alpaca template, max_len 40)."""
+    return pair_batch(build_pair_rows([path], TOK, 40, template="alpaca")[0])
+
+
+def eval_records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f) if "eval_loss" in r}
+
+
+def test_reward_run_from_an_lm_checkpoint_scores_as_hf(tmp_path, demo_pairs, reward_model, saved, capsys):
+    """`python -m train` with objective reward on data=2 x fsdp=2 x tensor=2: a fresh head on init_from's
+    LM backbone, 3 steps, saved as a reward model. Its held-out numbers in metrics.jsonl (eval.loss_data)
+    and `llama_jax.eval reward`'s equal HF's LlamaForSequenceClassification holding the saved weights."""
+    from llama_jax.eval.__main__ import main as eval_main
+    from train.__main__ import main as train_main
+
+    train_file, eval_file = demo_pairs
+    out = str(tmp_path / "rm")
+    assert train_main(["--config", "configs/demo-dpo.yaml", f"output_dir={out}", "steps=3", "log_every=1",
+                       "batch_size=4", f"init_from={saved[0]}", "model.preset=null", "model.overrides={}",
+                       "objective=reward", "preference.beta=null", f"data.train=[{train_file}]", "data.max_len=40",
+                       f"eval.loss_data={eval_file}", "eval.every=0", "eval.batches=0", "optim.lr=1e-2",
+                       "optim.warmup_steps=1", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "tensorboard=false",
+                       "async_checkpointing=false"]) == 0
+    assert "a fresh reward head on its backbone" in capsys.readouterr().out
+    cfg, params = lj.load_checkpoint(out, head="reward")
+    model = as_hf(params, cfg, copy.deepcopy(reward_model[0]))  # HF's reward model class, the run's weights
+    batch = held_out_batch(eval_file)
+    with torch.no_grad():
+        r = torch_rewards(model, batch)
+    loss = -F.logsigmoid(r[:, 0] - r[:, 1] - torch.as_tensor(batch["margin"])).mean().item()
+    r = r.numpy()
+    accuracy, margin = np.mean(r[:, 0] > r[:, 1]), np.mean(r[:, 0] - r[:, 1])
+    logged = eval_records(out)
+    assert sorted(logged) == [0, 3]  # before training and at the last step
+    np.testing.assert_allclose([logged[3][k] for k in ("eval_loss", "eval_reward_margin", "eval_rewards_chosen")],
+                               [loss, margin, r[:, 0].mean()], rtol=1e-5, atol=1e-6)
+    assert logged[3]["eval_reward_accuracy"] == accuracy
+    eval_main(["reward", "--checkpoint", out, "--tokenizer", "data/tokenizer.model", "--data", eval_file,
+               "--template", "alpaca", "--max-len", "40", "--batch-size", "4"])
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["pairs"] == 8 and got["accuracy"] == accuracy
+    np.testing.assert_allclose(got["margin"], margin, rtol=1e-5, atol=1e-6)
+
+
 def train_steps(cfg, state_params, batch, mesh, steps, grad_accum=1, lr=0.1, base=None, base_dtype="bfloat16"):
     """`steps` DPO updates by the real train step, with plain SGD (Adam would divide rounding-level
     differences of tiny gradients by |g|, so two meshes could only be compared to lr-sized tolerances)."""
@@ -317,14 +394,15 @@ def test_rejection_sampling_keeps_what_the_reward_model_prefers(tmp_path, reward
 STEPS = 12
 
 
-def command(out, base, data):
+def command(out, base, data, held_out):
     """Full DPO from `base` on 24 demo pairs, a checkpoint every 4 steps: a resumed run no longer has its
-    starting model, so its reference log-probs can only come from the run folder."""
+    starting model, so its reference log-probs (of the training and the held-out pairs) can only come
+    from the run folder. The held-out pairs are scored at steps 0 and 12."""
     return [sys.executable, "-m", "train", "--config", "configs/demo-dpo.yaml", f"output_dir={out}", f"steps={STEPS}",
             "checkpoint_every=4", "log_every=1", "batch_size=4", f"init_from={base}", "model.preset=null",
-            "model.overrides={}", f"data.train=[{data}]",
-            "data.max_len=40", "eval.data=null", "eval.loss_data=null", "tensorboard=false", "optim.warmup_steps=2",
-            "async_checkpointing=false"]
+            "model.overrides={}", f"data.train=[{data}]", "data.max_len=40", "eval.data=null",
+            f"eval.loss_data={held_out}", "eval.every=0", "eval.batches=0", "tensorboard=false",
+            "optim.warmup_steps=2", "async_checkpointing=false"]
 
 
 def env():
@@ -336,13 +414,15 @@ def metrics_of(out):
         return {r["step"]: (r["loss"], r["reward_margin"]) for r in map(json.loads, f) if "reward_margin" in r}
 
 
-def test_dpo_run_resumes_exactly_after_kill9(tmp_path, saved):
-    data = tmp_path / "pairs.json"
-    data.write_text(json.dumps(json.load(open(os.path.join(ROOT, "data", "demo_preference_train.json")))[:24]))
+def test_dpo_run_resumes_exactly_after_kill9(tmp_path, models, saved, demo_pairs):
+    """A full DPO run killed with -9 and resumed logs what an uninterrupted one logs, held-out pairs included;
+    those held-out numbers (eval.loss_data: loss, reward accuracy, margin) at the last step equal DPO's
+    formulas on HF's model holding the final weights, with HF's starting model as the reference."""
+    data, held_out = demo_pairs
     ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
-    uninterrupted = subprocess.Popen(command(ref_dir, saved[0], data), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen(command(run_dir, saved[0], data), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+    uninterrupted = subprocess.Popen(command(ref_dir, saved[0], data, held_out), cwd=ROOT, env=env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command(run_dir, saved[0], data, held_out), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline, path = time.time() + 300, os.path.join(run_dir, "metrics.jsonl")
     while not (os.path.exists(path) and max([json.loads(x).get("step", 0) for x in open(path) if x.endswith("\n")]
@@ -352,8 +432,8 @@ def test_dpo_run_resumes_exactly_after_kill9(tmp_path, saved):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert os.path.exists(os.path.join(run_dir, reference.FILE))  # written before step 1
-    again = subprocess.run(command(run_dir, saved[0], data), cwd=ROOT, env=env(), capture_output=True, text=True,
-                           timeout=300)
+    again = subprocess.run(command(run_dir, saved[0], data, held_out), cwd=ROOT, env=env(), capture_output=True,
+                           text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step" in again.stdout and "scored" not in again.stdout  # read back, not scored again
     _, err = uninterrupted.communicate(timeout=300)
@@ -363,3 +443,24 @@ def test_dpo_run_resumes_exactly_after_kill9(tmp_path, saved):
     np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-6, atol=0)
     assert want[1][0] == pytest.approx(np.log(2), rel=1e-5)  # step 1: the policy is the reference
     assert want[STEPS][0] < want[1][0] and want[STEPS][1] > 0.1  # it learned: the margin grew
+
+    logged, resumed = eval_records(ref_dir), eval_records(run_dir)
+    assert sorted(logged) == sorted(resumed) == [0, STEPS]
+    for step in logged:
+        assert logged[step].keys() == resumed[step].keys()
+        np.testing.assert_allclose([resumed[step][k] for k in logged[step]], list(logged[step].values()), rtol=1e-6)
+    assert logged[0]["eval_loss"] == pytest.approx(np.log(2), rel=1e-5)
+    cfg, params = lj.load_checkpoint(ref_dir)
+    final = as_hf(params, cfg, copy.deepcopy(models[0]))
+    batch = held_out_batch(held_out)
+    with torch.no_grad():
+        logp, counts = torch_logps(final, batch)
+        ref_logp = torch_logps(models[0], batch)[0]  # saved[0], the run's starting model
+    beta = 0.1  # demo-dpo.yaml's
+    rewards = (beta * (logp - ref_logp)).numpy()
+    np.testing.assert_allclose(logged[STEPS]["eval_loss"], torch_loss("dpo", logp, counts, ref_logp, beta).item(),
+                               rtol=1e-5)
+    atol = 1e-5 * beta * float(np.abs(ref_logp.numpy()).max())  # the rewards are differences of log-prob sums
+    np.testing.assert_allclose([logged[STEPS]["eval_reward_margin"], logged[STEPS]["eval_rewards_chosen"]],
+                               [np.mean(rewards[:, 0] - rewards[:, 1]), rewards[:, 0].mean()], atol=atol)
+    assert logged[STEPS]["eval_reward_accuracy"] == np.mean(rewards[:, 0] > rewards[:, 1])
