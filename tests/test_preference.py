@@ -5,7 +5,7 @@ equal HF's sums over answer tokens; a sharded LoRA DPO step equals one device; L
 a full DPO run killed with -9 resumes exactly and its
 held-out metrics equal HF's; a reward model is refused as a language model and scored by
 `llama_jax.eval reward` as torch scores it; a reward model trained by `python -m train` logs and scores
-its held-out pairs as HF does; rejection sampling keeps what the reward model prefers."""
+its held-out pairs as HF does; rejection sampling keeps what the reward model prefers (as pairs or best)."""
 
 import copy
 import json
@@ -379,7 +379,7 @@ def test_rejection_sampling_keeps_what_the_reward_model_prefers(tmp_path, reward
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["prompts"], summary["samples"]) == (2, 4)
     records = [json.loads(line) for line in open(out)]
-    assert len(records) == summary["kept"] >= 1
+    assert len(records) == summary["kept"] == 2  # K = 2: each pair holds both of its prompt's samples
     rows, _ = build_pair_rows([out], TOK, 64)  # the trainer reads them back as preference pairs
     with torch.no_grad():
         r = torch_rewards(model, pair_batch(rows)).numpy()
@@ -387,6 +387,22 @@ def test_rejection_sampling_keeps_what_the_reward_model_prefers(tmp_path, reward
         assert record["reward_chosen"] > record["reward_rejected"]
         np.testing.assert_allclose([record["reward_chosen"], record["reward_rejected"]], [chosen, rejected],
                                    rtol=1e-5, atol=1e-6)
+
+    # --keep best, same seed (the same samples): the sample HF scores highest, as chat SFT data
+    best = str(tmp_path / "best.jsonl")
+    assert sample_main(["--policy", policy_dir, "--reward", rm_dir, "--tokenizer", "data/tokenizer.model",
+                        "--prompts", str(prompts), "--k", "2", "--output", best, "--keep", "best",
+                        "--max-new-tokens", "6", "--batch-size", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kept"] == 2
+    kept = [json.loads(line) for line in open(best)]
+    for record, pair, scores in zip(kept, records, r):
+        answer = (pair["chosen"], pair["rejected"])[int(np.argmax(scores))]
+        assert record["messages"] == [{"role": "user", "content": pair["prompt"]},
+                                      {"role": "assistant", "content": answer}]
+        np.testing.assert_allclose(record["reward"], scores.max(), rtol=1e-5, atol=1e-6)
+    from train import data as data_lib
+
+    assert data_lib.build_rows("chat", [best], TOK, 64, pack=False)[1]["examples"] == 2  # SFT data as it is
 
 
 # --- resume after kill -9 (one end-to-end run of `python -m train`) ---------------------------------------
