@@ -2,7 +2,7 @@
 papers' formulas written out in torch on HF's LlamaForCausalLM (same weights); the reward loss
 and accuracy equal torch on HF's LlamaForSequenceClassification; the reference log-probs
 equal HF's sums over answer tokens; a sharded LoRA DPO step equals one device; LoRA and QLoRA DPO learn;
-a full DPO run killed with -9 resumes exactly and its
+full DPO steps on a 2x2x2 mesh equal torch's SGD; a full DPO run killed with -9 resumes exactly and its
 held-out metrics equal HF's; a reward model is refused as a language model and scored by
 `llama_jax.eval reward` as torch scores it; a reward model trained by `python -m train` logs and scores
 its held-out pairs as HF does; rejection sampling keeps what the reward model prefers (as pairs or best)."""
@@ -306,10 +306,11 @@ def train_steps(cfg, state_params, batch, mesh, steps, grad_accum=1, lr=0.1, bas
     with jax.set_mesh(mesh):
         state = jax.jit(lambda p: step_lib.init_state(p, opt), out_shardings=shardings)(state_params)
         placed = {k: jax.device_put(v, batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
-        base = jax.device_put(base, tree_shardings(*lora.base_layout(cfg, base_dtype), mesh))
+        base = () if base is None else (  # full fine-tuning: step(state, batch)
+            jax.device_put(base, tree_shardings(*lora.base_layout(cfg, base_dtype), mesh)),)
         metrics, params = [], []
         for _ in range(steps):
-            state, m = fn(state, placed, base)
+            state, m = fn(state, placed, *base)
             metrics.append(jax.device_get(m))
             params.append(jax.device_get(state["params"]))
     return params, metrics
@@ -343,6 +344,36 @@ def test_lora_and_qlora_dpo_learn_and_sharded_equals_one_device(pairs, models):
         for key in ("rewards_chosen", "reward_margin", "logps_chosen"):  # differences of sums of ~100
             np.testing.assert_allclose(a[key], b[key], atol=1e-5 * abs(b["logps_chosen"]))
         assert k == 0 or a["reward_accuracy"] == b["reward_accuracy"]  # step 1's rewards are 0 +- rounding
+
+
+def test_full_dpo_on_a_2x2x2_mesh_steps_as_torch_sgd(pairs, models):
+    """Full fine-tuning DPO, 2 steps of the train step on data=2 x fsdp=2 x tensor=2 with 2 microbatches:
+    each step's loss, gradient norm and update equal torch's (SGD on HF's model, the formula written out),
+    so the sharded full step equals one device (whose gradient equals torch's, the first test)."""
+    _, rows = pairs
+    policy, ref, params, _ = models
+    lr = 1.0  # updates the size of the weights: their float32 rounding (~1e-7) stays far below 1e-5 of an update
+    with torch.no_grad():
+        ref_logp = torch_logps(ref, pair_batch(rows))[0]
+    batch = pair_batch({k: np.concatenate([v, v]) for k, v in rows.items()})  # 2 microbatches of 4 pairs
+    batch["reference"] = np.concatenate([ref_logp.numpy()] * 2)
+    eight = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    got, got_m = train_steps(CFG, params, batch, eight, 2, grad_accum=2, lr=lr)
+    model, before = copy.deepcopy(policy), params
+    for step in range(2):
+        model.zero_grad()
+        logp, counts = torch_logps(model, batch)
+        loss = torch_loss("dpo", logp, counts, torch.as_tensor(batch["reference"]))
+        loss.backward()
+        grads = grads_as_ours(model)
+        norm = np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in jax.tree.leaves(grads)))
+        np.testing.assert_allclose([got_m[step]["loss"], got_m[step]["grad_norm"]], [loss.item(), norm], rtol=1e-5)
+        update = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), got[step], before)
+        assert_tree_close(update, jax.tree.map(lambda g: -lr * g, grads), rtol=1e-5)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * p.grad
+        before = got[step]
 
 
 def test_planner_lays_out_the_pair_step():
