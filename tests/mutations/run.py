@@ -303,7 +303,7 @@ MUTATIONS = [
     M("body-read-whole", "server limits", APP, "if size > max_body_bytes:", "if False:",
       "tests/test_serve.py::test_body_limits_are_kept_while_reading"),
     M("parse-on-the-event-loop", "server limits", APP, "await run_in_threadpool(prepare, raw)", "prepare(raw)",
-      "tests/test_serve.py::test_health_answers_while_big_prompts_arrive"),
+      "tests/test_serve.py::test_health_and_a_live_stream_go_on_while_big_prompts_arrive"),
     M("api-key-prefix-accepted", "server auth", APP, "hmac.compare_digest(token.encode(\"latin-1\"), key_bytes)",
       "token.encode(\"latin-1\").startswith(key_bytes)", "tests/test_serve.py::test_api_key"),
     # --- preference tuning (issue 23)
