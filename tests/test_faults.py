@@ -1,6 +1,8 @@
 """A fast slice of the fault sweep (tests/faults/sweep.py): two cases of every family that runs
 in-process, each checking exit status 2, one error line naming the file / tensor / key, and that
-nothing was lost. The full sweep (441 cases, full disks included) is `python tests/faults/sweep.py`."""
+nothing was lost. The full sweep is `python tests/faults/sweep.py`: 580 cases in 22 families, full
+disks included, all 580 passing on 2026-12-07 (175 s on the 2-core CPU shared with other developers'
+jobs; the count of each family: docs/safety.md)."""
 
 import pytest
 
