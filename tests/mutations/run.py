@@ -59,6 +59,9 @@ T_MODEL, T_GEN, T_CONV = "tests/test_model.py::", "tests/test_generate.py::", "t
 T_STEP, T_DATA, T_SHARD = "tests/test_train_step.py::", "tests/test_train_data.py::", "tests/test_sharding.py::"
 T_RUN, T_TOK = "tests/test_train_run.py::", "tests/test_tokenizer.py::"
 BATCHER, APP = "llama_jax/generate/batcher.py", "llama_jax/serve/app.py"
+PROTOCOL = "llama_jax/serve/protocol.py"
+BAD_REQUEST = "tests/test_serve.py::test_bad_requests_get_openai_errors_and_the_server_keeps_answering"
+SHORT_ERRORS = "tests/test_serve.py::test_short_errors_and_one_log_line_per_client_gone_mid_body"
 ISOLATION = "tests/test_batcher.py::test_a_failing_request_ends_alone_and_the_others_equal_generate_alone"
 T_FAM, T_CTX = "tests/test_family.py::", "tests/test_context.py::"
 PRETOK, T_PRETOK = "train/data/pretokenize.py", "tests/test_tokenize_safety.py::"
@@ -293,6 +296,16 @@ MUTATIONS = [
     M("output-file-not-checked", "offline tokenizer", PRETOK,
       "if os.path.lexists(output) and not os.path.isdir(output):", "if False:",
       T_PRETOK + "test_output_that_is_a_file_or_holds_the_input_is_refused"),
+    M("shard-tokens-no-upper-bound", "offline tokenizer", PRETOK,
+      "or not 1024 <= shard_tokens <= MAX_SHARD_TOKENS:", "or not 1024 <= shard_tokens:",
+      T_PRETOK + "test_numeric_flags_are_range_checked_before_anything_is_allocated"),
+    M("hub-offline-not-caught", "offline tokenizer", "train/data/formats.py",
+      "    except ConnectionError:  # what `datasets` raises offline",
+      "    except datasets.exceptions.DatasetGenerationError:  # what `datasets` raises offline",
+      T_PRETOK + "test_hub_data_set_offline_is_one_line"),
+    M("jsonl-surrogates-unchecked", "offline tokenizer", "train/data/formats.py",
+      '        _check_surrogates(value, where, "")', "        pass",
+      T_PRETOK + "test_lone_surrogate_escape_names_file_line_and_field"),
     # --- the server under hostile load (issue 22)
     M("settings-not-clamped", "server isolation", BATCHER, "np.int32(min(int(request.top_k), self.cfg.vocab_size))",
       "np.int32(int(request.top_k))", ISOLATION + "[top_k 2**31]"),
@@ -306,6 +319,18 @@ MUTATIONS = [
       "tests/test_serve.py::test_health_and_a_live_stream_go_on_while_big_prompts_arrive"),
     M("api-key-prefix-accepted", "server auth", APP, "hmac.compare_digest(token.encode(\"latin-1\"), key_bytes)",
       "token.encode(\"latin-1\").startswith(key_bytes)", "tests/test_serve.py::test_api_key"),
+    M("json-nesting-a-500", "server limits", PROTOCOL,
+      "    except RecursionError:\n        raise APIError(400, \"the request body's JSON nests too deeply to parse\") from None\n",
+      "", BAD_REQUEST + "[32]", BAD_REQUEST + "[33]"),
+    M("prompt-surrogate-reaches-the-tokenizer", "server limits", PROTOCOL, 'return len(text.encode("utf-8"))',
+      'return len(text.encode("utf-8", "surrogatepass"))', BAD_REQUEST + "[30]", BAD_REQUEST + "[31]", SHORT_ERRORS),
+    M("model-name-echoed-whole", "server limits", APP, 'f"the model {wire.short(name)} does not exist',
+      'f"the model \\"{name}\\" does not exist', SHORT_ERRORS),
+    M("disconnect-caught-as-connection-reset", "server limits", APP, "except ClientDisconnect:",
+      "except ConnectionResetError:", SHORT_ERRORS),
+    M("kv-cache-checked-on-devices-only", "server limits", BATCHER,
+      'return int(meminfo["MemAvailable"].split()[0]) * 1024, "available host RAM (MemAvailable)"',
+      'return None, "unknown"', "tests/test_serve.py::test_cli_serves_a_checkpoint_and_refuses_bad_flags"),
     # --- preference tuning (issue 23)
     M("dpo-ignores-reference", "preference", OBJ, "rewards = beta * (logp - reference)", "rewards = beta * logp",
       PREF_HF),
