@@ -53,3 +53,13 @@ def tiny_export(tmp_path_factory):
     shutil.copyfile(os.path.join(ROOT, "data", "tokenizer.model"), ckpt / "tokenizer.model")
     export_hf(str(ckpt), str(hf_dir), progress=False)
     return cfg, params, str(ckpt), str(hf_dir)
+
+
+# The suite runs on 2 workers (`-n 2 --dist loadfile`: a file's tests stay in one process, so module and
+# session fixtures are built once per worker). The notebook's smoke run is the longest file (~2 min of
+# subprocesses); started first, it runs beside the rest instead of after it.
+LONGEST_FIRST = ("test_notebook.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: every other test keeps its order
