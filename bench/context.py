@@ -25,16 +25,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import llama_jax as lj
 from bench.common import row, sig, write_result
 from llama_jax import flops
-from sharding import balanced_order, batch_sharding, make_mesh, param_shardings
-from train import step as step_lib
-from train.planner import PLAN_STEPS, tpu_devices
+from sharding import balanced_order, make_mesh
+from train.planner import lower_step, tpu_devices
 
 BLOCK = 512  # the splash block the model uses for these lengths (llama_jax/attention.py)
 BYTES = {"bf16": 2, "f32": 4, "s32": 4}
@@ -54,19 +51,11 @@ def shard_blocks(seq: int, shards: int, balanced: bool) -> list[int]:
 
 
 def sequence_collectives(cfg: lj.LlamaConfig, devices: list, shards: int, seq: int) -> tuple[float, int]:
-    """Bytes per chip moved by the collectives over the whole sequence in one layer's train step, and
-    how many such collectives the compiled program holds."""
+    """Bytes per chip moved by the collectives over the whole sequence in one layer's train step (the
+    planner's program: train.step as the loop builds it), and how many such collectives it holds."""
     mesh = make_mesh(data=1, fsdp=len(devices) // shards, context=shards, devices=devices)
-    optimizer = step_lib.make_optimizer(step_lib.lr_schedule(1e-5, PLAN_STEPS))
-    step = step_lib.make_train_step(cfg, optimizer, optimizer and step_lib.lr_schedule(1e-5, PLAN_STEPS), mesh,
-                                    (mesh.shape["fsdp"], seq))
-    shapes = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer), lj.param_shapes(cfg))
-    shardings = step_lib.state_shardings(cfg, optimizer, mesh)
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding(mesh))
-             for k, s in step_lib.batch_layout("sft", mesh.shape["fsdp"], seq).items()}
-    with jax.set_mesh(mesh):
-        text = step.lower(state, batch).compile().as_text()
+    lowered, _ = lower_step(cfg, mesh, mesh.shape["fsdp"], seq)
+    text = lowered.compile().as_text()
     moved, count = 0.0, 0
     for line in text.splitlines():
         op = re.search(r"(all-gather|reduce-scatter|all-reduce)(-start)?\(", line)
