@@ -3,9 +3,11 @@ papers' formulas written out in torch on HF's LlamaForCausalLM (same weights); t
 and accuracy equal torch on HF's LlamaForSequenceClassification; the reference log-probs
 equal HF's sums over answer tokens; a sharded LoRA DPO step equals one device; LoRA and QLoRA DPO learn;
 full DPO steps on a 2x2x2 mesh equal torch's SGD; a full DPO run killed with -9 resumes exactly and its
-held-out metrics equal HF's; a reward model is refused as a language model and scored by
-`llama_jax.eval reward` as torch scores it; a reward model trained by `python -m train` logs and scores
-its held-out pairs as HF does; rejection sampling keeps what the reward model prefers (as pairs or best)."""
+held-out metrics equal HF's; a QLoRA DPO run (nf4 base) killed with -9 resumes exactly, its reference
+scored again from the frozen base with the adapters off, as HF scores the nf4-rounded base; a reward
+model is refused as a language model and scored by `llama_jax.eval reward` as torch scores it; a reward
+model trained by `python -m train` logs and scores its held-out pairs as HF does; rejection sampling
+keeps what the reward model prefers (as pairs or best)."""
 
 import copy
 import json
@@ -441,11 +443,11 @@ def test_rejection_sampling_keeps_what_the_reward_model_prefers(tmp_path, reward
 STEPS = 12
 
 
-def command(out, base, data, held_out):
+def command(out, base, data, held_out, steps=STEPS):
     """Full DPO from `base` on 24 demo pairs, a checkpoint every 4 steps: a resumed run no longer has its
     starting model, so its reference log-probs (of the training and the held-out pairs) can only come
-    from the run folder. The held-out pairs are scored at steps 0 and 12."""
-    return [sys.executable, "-m", "train", "--config", "configs/demo-dpo.yaml", f"output_dir={out}", f"steps={STEPS}",
+    from the run folder. The held-out pairs are scored at steps 0 and 12 (held_out "null": none)."""
+    return [sys.executable, "-m", "train", "--config", "configs/demo-dpo.yaml", f"output_dir={out}", f"steps={steps}",
             "checkpoint_every=4", "log_every=1", "batch_size=4", f"init_from={base}", "model.preset=null",
             "model.overrides={}", f"data.train=[{data}]", "data.max_len=40", "eval.data=null",
             f"eval.loss_data={held_out}", "eval.every=0", "eval.batches=0", "tensorboard=false",
@@ -511,3 +513,103 @@ def test_dpo_run_resumes_exactly_after_kill9(tmp_path, models, saved, demo_pairs
     np.testing.assert_allclose([logged[STEPS]["eval_reward_margin"], logged[STEPS]["eval_rewards_chosen"]],
                                [np.mean(rewards[:, 0] - rewards[:, 1]), rewards[:, 0].mean()], atol=atol)
     assert logged[STEPS]["eval_reward_accuracy"] == np.mean(rewards[:, 0] > rewards[:, 1])
+
+
+# --- QLoRA DPO through `python -m train`: an nf4 base, killed with -9, resumed --------------------------
+
+# All seven projections held as nf4, adapters on two of them (all seven: +4 s of compiling); lora.dropout left
+# at its default (0.05), so the dropout masks must resume too
+QLORA = ["lora.rank=4", "lora.alpha=8", "lora.targets=[wq,wv]", "lora.base_dtype=nf4", "optim.lr=3e-2", "mesh.data=2",
+         "mesh.fsdp=2", "mesh.tensor=2"]
+# `python -m train` with a SIGKILL of its own right after step 6's line reaches metrics.jsonl: a kill at a
+# known point (between the checkpoints of steps 4 and 8), where the test's own kill could land anywhere
+KILLED_AT_6 = """import os, signal, runpy, sys
+import train.loop
+write = train.loop.MetricsLog.write
+def write_then_die(self, record):
+    write(self, record)
+    if record.get("step") == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+train.loop.MetricsLog.write = write_then_die
+sys.argv[0] = "train"
+runpy.run_module("train", run_name="__main__", alter_sys=True)
+"""
+
+
+def hf_nf4_base(model):
+    """A copy of HF's `model` as a QLoRA run holds its base, written in numpy/torch on HF's (out, in) layout:
+    each projection row cut into blocks of 64, every value -> absmax * the nearest of bitsandbytes' NF4 values
+    (copied by hand); the embeddings, norms and output rounded to bfloat16 (lora.base_dtype's float part)."""
+    table = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                      -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                      0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                      0.7229568362236023, 1.0], np.float32)
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                w = p.detach().numpy()
+                blocks = w.reshape(w.shape[0], -1, 64)
+                absmax = np.abs(blocks).max(-1, keepdims=True)
+                rounded = table[np.abs((blocks / absmax)[..., None] - table).argmin(-1)] * absmax
+                p.copy_(torch.from_numpy(rounded.reshape(w.shape)))
+            else:
+                p.copy_(p.bfloat16().float())
+    return base
+
+
+def run_record(out):
+    """metrics.jsonl by step, without the timings (each step once: a resumed run drops the lines it repeats)."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = list(map(json.loads, f))
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1)), out
+    return {r["step"]: {k: v for k, v in r.items() if k not in ("step_time_s", "tokens_per_s", "mfu")} for r in records}
+
+
+def test_qlora_dpo_run_killed_and_resumed_equals_uninterrupted(tmp_path, models, saved, demo_pairs, capsys):
+    """QLoRA DPO by `python -m train` (init_from loaded as an nf4 base, rank-4 adapters with dropout) on
+    data=2 x fsdp=2 x tensor=2, killed with -9 after step 6 (checkpoint 4) and resumed with its
+    reference_logps.npz deleted: the resumed run scores the reference again from the frozen base, its adapters
+    (trained by now) off, and logs and saves exactly what an uninterrupted run does. That reference equals
+    HF's sums over the answer tokens on the base as nf4 holds it (from the unquantised base, or with the
+    adapters on, it is off by far more than the tolerance)."""
+    from train.__main__ import main as train_main
+
+    data = demo_pairs[0]
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    argv = lambda out: command(out, saved[0], data, "null", steps=8)[3:] + QLORA  # noqa: E731
+    assert train_main(argv(ref_dir)) == 0  # first: the killed run then reads its programs from the compilation cache
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_6, *argv(run_dir)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert max(run_record(run_dir)) == 6 and os.path.isdir(os.path.join(run_dir, "4"))
+    assert not os.path.exists(os.path.join(run_dir, "8"))
+    os.remove(os.path.join(run_dir, reference.FILE))
+    capsys.readouterr()
+    assert train_main(argv(run_dir)) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 4" in out and "reference log-probs of 24 pairs scored" in out, out
+    assert f"base {saved[0]} held as nf4, frozen" in out
+
+    want, got = run_record(ref_dir), run_record(run_dir)
+    assert sorted(got) == sorted(want) == list(range(1, 9))
+    assert got == want  # every metric of every step, exactly (steps 5 and 6 were logged twice)
+    assert want[1]["loss"] == pytest.approx(np.log(2), rel=1e-6)  # step 1: the policy is the reference
+    assert want[8]["loss"] < want[1]["loss"]
+    cfg = lj.checkpoint.read_config(ref_dir)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(lj.checkpoint.load_adapters(run_dir, cfg)),
+                 jax.device_get(lj.checkpoint.load_adapters(ref_dir, cfg)))
+
+    with np.load(os.path.join(ref_dir, reference.FILE)) as f:
+        scored = dict(f)
+    with np.load(os.path.join(run_dir, reference.FILE)) as f:
+        rescored = dict(f)
+    assert scored.keys() == rescored.keys() == {"train", "train_fingerprint"}
+    np.testing.assert_array_equal(rescored["train"], scored["train"])
+    rows = build_pair_rows([data], TOK, 40, template="alpaca")[0]
+    assert str(scored["train_fingerprint"]) == reference.fingerprint(rows)  # the same pairs, in the same order
+    with torch.no_grad():
+        hf = torch_logps(hf_nf4_base(models[0]), pair_batch(rows))[0].numpy()
+        f32 = torch_logps(models[0], pair_batch(rows))[0].numpy()
+    np.testing.assert_allclose(scored["train"], hf, rtol=1e-5)  # measured: 2e-7
+    assert np.abs(f32 - hf).max() > 100 * 1e-5 * np.abs(hf).max()  # the unquantised base's: 3.6e-2
