@@ -122,7 +122,7 @@ def merge(params: Any, cfg: LlamaConfig, dtype: Any = None) -> tuple[LlamaConfig
     @jax.jit
     def fold(w: Any, a: jax.Array, b: jax.Array) -> jax.Array:
         out_dtype = dtype or (jnp.float32 if quant.is_quantized(w) else w.dtype)
-        w32 = quant.dequantize(w) if quant.is_quantized(w) else w.astype(jnp.float32)
+        w32 = quant.dequantize_layers(w) if quant.is_quantized(w) else w.astype(jnp.float32)
         return (w32 + delta(w32.shape, a.astype(jnp.float32), b.astype(jnp.float32), cfg.lora_scale)).astype(out_dtype)
 
     merged = jax.tree.map(lambda x: x, base, is_leaf=quant.is_quantized)

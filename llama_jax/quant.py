@@ -188,6 +188,11 @@ def quantize_layers(w: Array, n_in: int, fmt: str, double_quant: bool = False) -
     return jax.vmap(quantize, in_axes=(0, None, None, None))(w, n_in, fmt, double_quant)
 
 
+def dequantize_layers(w: Int8Weight | NF4Weight, dtype: Any = jnp.float32) -> Array:
+    """`dequantize` of each layer of a stacked quantised weight (what `quantize_layers` returns)."""
+    return jax.vmap(dequantize, in_axes=(0, None))(w, dtype)
+
+
 def quantize_params(params: Any, cfg: LlamaConfig, fmt: str, double_quant: bool = False,
                     mesh: jax.sharding.Mesh | None = None) -> Any:
     """`params` with the seven projections quantised; embeddings, norms, output and adapters unchanged.

@@ -211,6 +211,12 @@ def test_step0_equals_base_and_merged_equals_unmerged(hf_base):
     merged_cfg, merged = lora.merge(trained, cfg)
     assert merged_cfg.lora_rank == 0 and jax.tree.structure(merged) == jax.tree.structure(base)
     assert rel(lj.forward(merged, TOKENS, merged_cfg), unmerged) <= 1e-6
+    # A QLoRA model merges into its nf4-rounded weights: the same adapters over the nf4 base, merged, give
+    # the unmerged QLoRA model's logits (the stacked nf4 layers dequantised layer by layer).
+    qlora = lora.combine(nf4, state["params"])
+    merged_cfg, merged = lora.merge(qlora, cfg)
+    assert not any(quant.is_quantized(w) for w in jax.tree.leaves(merged, is_leaf=quant.is_quantized))
+    assert rel(lj.forward(merged, TOKENS, merged_cfg), lj.forward(qlora, TOKENS, cfg)) <= 1e-6
 
     # Only adapters are trained: the state's params and every optimizer leaf are adapter-shaped.
     adapter_shapes = {tuple(s.shape) for s in jax.tree.leaves(lora.adapter_layout(cfg)[1])}
