@@ -4,6 +4,7 @@ a rerun finishes identically, rows follow stream_rows/pack_rows conventions, the
 function of (seed, step) across shard boundaries and epochs, mixtures hold their weights, reads
 stay bounded."""
 
+import functools
 import json
 import os
 import signal
@@ -28,9 +29,15 @@ SP = spm.SentencePieceProcessor(model_file=TOKENIZER)  # the independent referen
 TOK = lj.Tokenizer(TOKENIZER)
 
 
+@functools.cache
+def _words():
+    """The corpus' words as one array (rng.choice on the list converted it again for every document)."""
+    return np.array(open(os.path.join(ROOT, "data", "tokenizer_corpus.txt")).read().split())
+
+
 def _docs(n, seed=0):
     rng = np.random.default_rng(seed)
-    words = open(os.path.join(ROOT, "data", "tokenizer_corpus.txt")).read().split()
+    words = _words()
     return [" ".join(rng.choice(words, rng.integers(1, 120))) for _ in range(n)]
 
 
