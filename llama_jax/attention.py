@@ -111,7 +111,7 @@ def _attend_splash(q: Array, k: Array, v: Array, causal: bool, segment_ids: Arra
     mesh = active_mesh()
     q_names = ("act_batch", "act_seq" if context_shards > 1 else None, "act_heads", None)
     q_spec = P() if mesh is None else logical_to_spec(q_names, q.shape, mesh)
-    kv_spec = P() if mesh is None else logical_to_spec(("act_batch", None, "act_kv_heads", None), k.shape, mesh)
+    kv_spec = P() if mesh is None else logical_to_spec(KV_GATHERED, k.shape, mesh)
     head_axes = () if mesh is None or q_spec[2] is None else np.atleast_1d(q_spec[2])
     kernel = splash.make_splash_mha(masks.MultiHeadMask([full] * h), block_sizes=sizes,
                                     head_shards=int(np.prod([mesh.shape[a] for a in head_axes])),
