@@ -2,8 +2,9 @@
 
 Parameters and optimizer state use the parameter names (embed, vocab, heads, ...); activations
 use the act_* names. The `context` axis splits the sequence (act_seq, sharding/context.py) and, like
-fsdp, every parameter along `embed`: its devices would otherwise each hold a whole copy. A logical axis is left unsharded where its size does not divide the mesh
-axes it maps to (e.g. a 32001-token vocabulary), so odd shapes still run, just replicated.
+fsdp, every parameter along `embed`: its devices would otherwise each hold a whole copy. A logical
+axis is left unsharded where its size does not divide the mesh axes it maps to (e.g. a 32001-token
+vocabulary), so odd shapes still run, just replicated.
 
 This floor knows no model: a model library registers how to get its parameters' logical axes
 and shapes from its config (`param_layout.register`), and `param_shardings` / `shard_params`
